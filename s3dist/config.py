@@ -1,0 +1,441 @@
+"""Run configuration: one dataclass per component, composed into `RunConfig`.
+
+Precedence is defaults < `--config FILE.yaml` < dotted CLI overrides (`moe.num_experts=16`).
+Every field carries its documentation and its allowed range in `dataclasses.field(metadata=...)`
+(built by `_f`), so validation, `s3dist config --help`-style listings and the tests all read
+the same source. Validation happens here, before any process group starts: an unknown key, a
+wrong type or an out-of-range value raises `ConfigError` naming the key, the value and what is
+allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key, value or file is invalid; the message says which and how to fix it."""
+
+
+def _f(default: Any, doc: str, *, choices: tuple | None = None, ge: float | None = None,
+       gt: float | None = None, le: float | None = None, lt: float | None = None):
+    """A documented config field. `default` may be a list (copied per instance)."""
+    meta = {"doc": doc, "choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# --------------------------------------------------------------------------------------------
+# Components
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SynthConfig:
+    """The synthetic concept-structured data set (see `s3dist.data.synth` for the mechanism)."""
+
+    num_train: int = _f(4096, "Training samples generated.", ge=8)
+    num_val: int = _f(512, "Validation samples (probe regularisation is chosen on these).", ge=8)
+    num_test: int = _f(1024, "Test samples (probe accuracy is reported on these).", ge=8)
+    num_concepts: int = _f(8, "K latent concepts shared by all modalities.", ge=2, le=64)
+    concept_rate: float = _f(0.25, "Probability that a sample activates each concept.", gt=0.0, lt=1.0)
+    label_concepts: int = _f(2, "The label is 1 when any of the first `label_concepts` concepts is active.", ge=1)
+    seq_len: int = _f(16, "Time steps per sequence (padded at the front, as MultiBench does).", ge=1, le=512)
+    modality_dims: list = _f([24, 16, 12], "Feature width of each synthetic modality (one entry per modality).")
+    nuisance_dim: int = _f(4, "Modality-private nuisance factors per modality.", ge=0)
+    nuisance_scale: float = _f(1.0, "Amplitude of the nuisance factors relative to the concept signal.", ge=0.0)
+    noise_std: float = _f(0.3, "Std of i.i.d. Gaussian observation noise.", ge=0.0)
+    rows_per_shard: int = _f(1024, "Rows per Parquet shard written by the generator.", ge=1)
+    seed: int = _f(0, "Seed of the generator (mixing weights, samples, splits).")
+
+
+@dataclass
+class DataConfig:
+    path: str = _f("", "URL (any fsspec URL) of a data set folder holding manifest.json. Empty: the "
+                       "embedded synthetic default is generated into <output_dir>/data.")
+    modalities: list = _f([], "Modalities to use; empty means every modality in the manifest.")
+    batch_size: int = _f(64, "Per-rank batch size (the contrastive batch is this times the world size).", ge=1)
+    eval_batch_size: int = _f(256, "Per-rank batch size for representation extraction.", ge=1)
+    shuffle_buffer: int = _f(1024, "Rows in the streaming shuffle buffer (0 disables shuffling).", ge=0)
+    nonfinite: str = _f("error", "NaN / inf in features: 'error' stops with the count, 'zero' replaces them.",
+                        choices=("error", "zero"))
+    synth: SynthConfig = field(default_factory=SynthConfig, metadata={"doc": "Embedded synthetic data set."})
+
+
+@dataclass
+class ModelConfig:
+    d_model: int = _f(64, "Width of the latent space shared by all modalities (expert input and output).", ge=4)
+    temporal: str = _f("conv", "Per-modality temporal encoder before the MoE layers: 'conv' (causal depthwise "
+                               "conv + MLP), 'gru', or 'none'.", choices=("conv", "gru", "none"))
+    temporal_kernel: int = _f(3, "Kernel width of the 'conv' temporal encoder.", ge=1, le=31)
+    tokens: str = _f("step", "Token granularity fed to the MoE: 'step' (one token per time step, pooled after "
+                             "the MoE) or 'pooled' (one token per sample and modality).", choices=("step", "pooled"))
+    num_moe_layers: int = _f(1, "MoE layers per encoder (residual between layers; the representation is the "
+                                "pooled output of the last one).", ge=1, le=8)
+
+
+@dataclass
+class MoEConfig:
+    kind: str = _f("s3", "Encoder kind: 's3' (S3 router: keep-masks, compactness, global aux loss), 'topk' "
+                         "(DeepSpeed's own TopKGate, the plain-MoE baseline) or 'dense' (no MoE: an MLP with "
+                         "the active parameters of k experts).", choices=("s3", "topk", "dense"))
+    granularity: int = _f(2, "chi: granularity. With `num_experts`=0, N = chi * rho; with `top_k`=0, k = chi.", ge=1)
+    expansion: int = _f(2, "rho: expansion factor (see `granularity`).", ge=1)
+    num_experts: int = _f(0, "Experts per modality (N). 0 derives it as granularity * expansion.", ge=0)
+    top_k: int = _f(0, "Experts each token is routed to (k). 0 derives it as granularity.", ge=0)
+    expert_hidden: int = _f(128, "Hidden width of each expert MLP.", ge=1)
+    shared_experts: bool = _f(False, "True: all modalities route into one pool of N experts. False (default): "
+                                     "each modality owns N experts; all still map into the shared latent space. "
+                                     "The paper's exact choice is not public.")
+    capacity_factor: float = _f(1.25, "Training capacity factor: each expert takes at most "
+                                      "ceil(cf * k * tokens / N) tokens per rank.", gt=0.0)
+    eval_capacity_factor: float = _f(2.0, "Capacity factor in evaluation.", gt=0.0)
+    min_capacity: int = _f(4, "Lower bound on the per-expert capacity.", ge=0)
+    drop_tokens: bool = _f(True, "Drop tokens over capacity. False sizes capacity to the largest demand across "
+                                 "expert-parallel ranks (no drops, one extra tiny all-reduce).")
+    noisy_gate: str = _f("none", "Router noise in training: 'none' or 'jitter' (multiplicative input jitter).",
+                         choices=("none", "jitter"))
+    aux_loss_weight: float = _f(0.01, "Weight of the load-balancing loss.", ge=0.0)
+    z_loss_weight: float = _f(0.0, "Weight of the router z-loss (mean squared logsumexp of router logits).", ge=0.0)
+    init_seed: int = _f(1234, "Seed for expert weights; expert e's weights depend only on it and e, never on "
+                              "ep_size.")
+
+    def resolved_num_experts(self) -> int:
+        return self.num_experts or self.granularity * self.expansion
+
+    def resolved_top_k(self) -> int:
+        return self.top_k or self.granularity
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _f(2e-3, "Peak learning rate of Stage 1 (AdamW).", gt=0.0)
+    router_lr: float = _f(5e-3, "Peak learning rate of Stage 2 (routers only).", gt=0.0)
+    weight_decay: float = _f(0.01, "AdamW weight decay.", ge=0.0)
+    beta1: float = _f(0.9, "AdamW beta1.", ge=0.0, lt=1.0)
+    beta2: float = _f(0.98, "AdamW beta2.", ge=0.0, lt=1.0)
+    warmup_steps: int = _f(20, "Linear warm-up steps at the start of each training stage.", ge=0)
+    grad_clip: float = _f(1.0, "Global gradient-norm clip (0 disables).", ge=0.0)
+    nonfinite_loss: str = _f("skip", "Non-finite loss: 'skip' the step and count it, or 'stop' after saving "
+                                     "the offending batch for inspection.", choices=("skip", "stop"))
+
+
+@dataclass
+class StagesConfig:
+    run: list = _f(["specialize", "select", "sparsify"], "Stages to run, in order, from "
+                   "specialize / select / sparsify.")
+    specialize_steps: int = _f(150, "Stage 1 (Specialization) optimizer steps.", ge=0)
+    select_steps: int = _f(60, "Stage 2 (Selection, routers only) optimizer steps.", ge=0)
+    keep_fraction: float = _f(0.3, "Stage 3: fraction p of (sample, expert) routing pairs kept, ranked over the "
+                                    "global batch.", gt=0.0, le=1.0)
+    temperature: float = _f(0.1, "Temperature of the InfoNCE / SupCon losses.", gt=0.0)
+    intra_weight: float = _f(1.0, "Weight of intra-modal InfoNCE (two augmented views).", ge=0.0)
+    cross_weight: float = _f(1.0, "Weight of cross-modal InfoNCE.", ge=0.0)
+    supcon_weight: float = _f(1.0, "Stage 2: weight of the cross-modal supervised contrastive loss.", ge=0.0)
+    compact_weight: float = _f(0.1, "Stage 2: weight of the compactness loss (entropy of per-sample routing "
+                                     "mass).", ge=0.0)
+    time_mask: float = _f(0.2, "Augmentation: fraction of time steps masked in each view.", ge=0.0, lt=1.0)
+    feature_dropout: float = _f(0.1, "Augmentation: feature dropout probability.", ge=0.0, lt=1.0)
+    noise_std: float = _f(0.05, "Augmentation: Gaussian noise std.", ge=0.0)
+
+
+@dataclass
+class EvalConfig:
+    run_at_end: bool = _f(True, "Evaluate (probe + sparsity sweep) when training ends.")
+    keep_fractions: list = _f([0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0], "Keep fractions p of the sparsity sweep.")
+    probe_Cs: list = _f([0.01, 0.1, 1.0, 10.0], "Inverse regularisation strengths tried for the logistic-regression "
+                                                "probe; the best on the validation split is used.")
+    probe_max_iter: int = _f(2000, "Iterations of the probe's solver.", ge=10)
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = _f(50, "Save every N optimizer steps (0: only at stage ends).", ge=0)
+    every_minutes: float = _f(0.0, "Also save when this many minutes passed since the last save (0: off).", ge=0.0)
+    keep_last: int = _f(2, "Complete checkpoints kept; older ones are deleted after a new one is published.", ge=1)
+
+
+@dataclass
+class LoggingConfig:
+    every_steps: int = _f(10, "Log interval in optimizer steps. Counters are reduced across ranks once per "
+                              "interval.", ge=1)
+    tensorboard: bool = _f(True, "Write TensorBoard event files to <output_dir>/tb.")
+    progress: bool = _f(True, "Progress bar on rank 0 (only when stdout is a terminal).")
+    imbalance_threshold: float = _f(3.0, "Warn when an MoE layer's max/mean expert load stays above this...", gt=1.0)
+    imbalance_patience: int = _f(3, "...for this many consecutive log intervals.", ge=1)
+
+
+@dataclass
+class DistConfig:
+    ep_size: int = _f(0, "Expert-parallel size. 0: the world size (all ranks share the experts). Must divide "
+                         "the world size and the total number of experts.", ge=0)
+    zero_stage: int = _f(1, "DeepSpeed ZeRO stage (0, 1 or 2; stage 3 is not supported with DeepSpeed MoE).",
+                         ge=0, le=3)
+    backend: str = _f("auto", "Process-group backend: 'auto' (nccl on CUDA, gloo on CPU), 'nccl' or 'gloo'.",
+                      choices=("auto", "nccl", "gloo"))
+    dtype: str = _f("fp32", "Training precision: 'fp32' or 'bf16' (bf16 needs CUDA).", choices=("fp32", "bf16"))
+    timeout_s: int = _f(300, "Collective timeout: a rank that dies makes the others fail after this many seconds "
+                             "instead of hanging.", ge=10)
+
+
+@dataclass
+class RunConfig:
+    name: str = _f("s3", "Run name, used in the default output directory runs/<name>-<timestamp>.")
+    output_dir: str = _f("", "Run directory. Empty: runs/<name>-<timestamp>.")
+    seed: int = _f(0, "Global seed (data order, augmentations, non-expert init).")
+    resume: str = _f("", "'' (fresh run), 'auto' (continue from the newest complete checkpoint in output_dir, "
+                         "if any) or a checkpoint directory.")
+    overwrite: bool = _f(False, "Allow starting a fresh run in an output_dir that already holds a run.")
+    data: DataConfig = field(default_factory=DataConfig, metadata={"doc": "Data set and streaming."})
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"doc": "Encoders."})
+    moe: MoEConfig = field(default_factory=MoEConfig, metadata={"doc": "Mixture-of-Experts layers."})
+    optim: OptimConfig = field(default_factory=OptimConfig, metadata={"doc": "Optimizer and schedule."})
+    stages: StagesConfig = field(default_factory=StagesConfig, metadata={"doc": "S3 stages and losses."})
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"doc": "Linear probe and sparsity sweep."})
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig, metadata={"doc": "Checkpointing."})
+    logging: LoggingConfig = field(default_factory=LoggingConfig, metadata={"doc": "Metrics and progress."})
+    dist: DistConfig = field(default_factory=DistConfig, metadata={"doc": "Distributed setup."})
+
+
+STAGE_NAMES = ("specialize", "select", "sparsify")
+
+# --------------------------------------------------------------------------------------------
+# Building: defaults < YAML < dotted overrides
+# --------------------------------------------------------------------------------------------
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: (f, hints[f.name]) for f in dataclasses.fields(cls)}
+
+
+def _coerce(key: str, value: Any, typ: Any, from_cli: bool) -> Any:
+    """Convert `value` to `typ` or raise ConfigError naming `key`. CLI strings are parsed as YAML scalars."""
+    if from_cli and isinstance(value, str) and typ is not str:
+        value = yaml.safe_load(value) if value != "" else value
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif typ is str:
+        if isinstance(value, str):
+            return value
+        if from_cli and value is not None:
+            return str(value)
+    elif typ is list:
+        if from_cli and isinstance(value, str):
+            value = [yaml.safe_load(v) for v in value.split(",") if v != ""]
+        if isinstance(value, (list, tuple)):
+            return list(value)
+    else:  # pragma: no cover - every field type is one of the above
+        raise TypeError(f"unsupported config type {typ} for {key}")
+    raise ConfigError(f"config key '{key}': expected {typ.__name__}, got {value!r} ({type(value).__name__})")
+
+
+def _apply(obj: Any, key_prefix: str, updates: dict, from_cli: bool) -> None:
+    fields = _field_types(type(obj))
+    for name, value in updates.items():
+        key = f"{key_prefix}{name}"
+        if name not in fields:
+            close = [n for n in fields if n.startswith(name[:3])]
+            hint = f" Did you mean: {', '.join(key_prefix + c for c in close)}?" if close else ""
+            raise ConfigError(f"unknown config key '{key}'.{hint} Valid keys here: "
+                              f"{', '.join(key_prefix + n for n in fields)}")
+        f, typ = fields[name]
+        if dataclasses.is_dataclass(typ):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{key}' is a section: give a mapping, not {value!r}")
+            _apply(getattr(obj, name), f"{key}.", value, from_cli)
+        else:
+            setattr(obj, name, _coerce(key, value, typ, from_cli))
+
+
+def _nest(dotted: dict[str, Any]) -> dict:
+    out: dict = {}
+    for key, value in dotted.items():
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"config key '{key}' overrides a value and a section at once")
+        node[parts[-1]] = value
+    return out
+
+
+def parse_overrides(args: list[str]) -> dict[str, str]:
+    """`['moe.num_experts=16', 'run.seed=3']` -> {'moe.num_experts': '16', ...}."""
+    out = {}
+    for a in args:
+        if "=" not in a or a.startswith("="):
+            raise ConfigError(f"override '{a}' is not of the form key=value (e.g. moe.num_experts=16)")
+        k, v = a.split("=", 1)
+        out[k.strip()] = v
+    return out
+
+
+def load_config(config_file: str | None = None, overrides: dict[str, Any] | list[str] | None = None) -> RunConfig:
+    """Defaults < YAML file < dotted overrides, then validated. Raises ConfigError on any problem."""
+    cfg = RunConfig()
+    if config_file:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"config file '{config_file}' does not exist")
+        try:
+            doc = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file '{config_file}' is not valid YAML: {e}") from e
+        if not isinstance(doc, dict):
+            raise ConfigError(f"config file '{config_file}' must hold a mapping of sections, got {type(doc).__name__}")
+        try:
+            _apply(cfg, "", doc, from_cli=False)
+        except ConfigError as e:
+            raise ConfigError(f"{config_file}: {e}") from e
+    if overrides:
+        if isinstance(overrides, list):
+            overrides = parse_overrides(overrides)
+        _apply(cfg, "", _nest(overrides), from_cli=True)
+    validate(cfg)
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------
+
+
+def iter_fields(obj: Any, prefix: str = ""):
+    """Yield (dotted_key, dataclass_field, value) for every leaf field."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from iter_fields(value, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", f, value
+
+
+def _check_range(key: str, value: Any, meta: dict) -> None:
+    if meta.get("choices") is not None and value not in meta["choices"]:
+        raise ConfigError(f"config key '{key}' = {value!r} is not allowed; choose one of {list(meta['choices'])}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"config key '{key}' = {value!r} must be finite")
+        bounds = [("ge", ">=", lambda v, b: v >= b), ("gt", ">", lambda v, b: v > b),
+                  ("le", "<=", lambda v, b: v <= b), ("lt", "<", lambda v, b: v < b)]
+        for name, sym, ok in bounds:
+            b = meta.get(name)
+            if b is not None and not ok(value, b):
+                allowed = " and ".join(f"{s} {meta[n]}" for n, s, _ in bounds if meta.get(n) is not None)
+                raise ConfigError(f"config key '{key}' = {value!r} is out of range; allowed: {allowed}")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Field ranges plus the cross-field rules that do not need a process group."""
+    for key, f, value in iter_fields(cfg):
+        _check_range(key, value, f.metadata)
+    for s in cfg.stages.run:
+        if s not in STAGE_NAMES:
+            raise ConfigError(f"config key 'stages.run' names unknown stage {s!r}; allowed: {list(STAGE_NAMES)}")
+    order = [STAGE_NAMES.index(s) for s in cfg.stages.run]
+    if order != sorted(order) or len(set(order)) != len(order):
+        raise ConfigError(f"config key 'stages.run' = {cfg.stages.run} must list stages once each, in the order "
+                          f"{list(STAGE_NAMES)}")
+    for p in cfg.eval.keep_fractions:
+        if not isinstance(p, (int, float)) or not 0.0 < float(p) <= 1.0:
+            raise ConfigError(f"config key 'eval.keep_fractions' holds {p!r}; each must be in (0, 1]")
+    for c in cfg.eval.probe_Cs:
+        if not isinstance(c, (int, float)) or float(c) <= 0:
+            raise ConfigError(f"config key 'eval.probe_Cs' holds {c!r}; each must be > 0")
+    for d in cfg.data.synth.modality_dims:
+        if not isinstance(d, int) or isinstance(d, bool) or d < 1:
+            raise ConfigError(f"config key 'data.synth.modality_dims' holds {d!r}; each must be an int >= 1")
+    if len(cfg.data.synth.modality_dims) < 1:
+        raise ConfigError("config key 'data.synth.modality_dims' is empty; give at least one width")
+    if cfg.data.synth.label_concepts > cfg.data.synth.num_concepts:
+        raise ConfigError(f"config key 'data.synth.label_concepts' = {cfg.data.synth.label_concepts} exceeds "
+                          f"data.synth.num_concepts = {cfg.data.synth.num_concepts}")
+    if cfg.moe.kind != "dense":
+        n, k = cfg.moe.resolved_num_experts(), cfg.moe.resolved_top_k()
+        if k > n:
+            raise ConfigError(f"config key 'moe.top_k' resolves to k={k}, more than the {n} experts per modality; "
+                              f"lower moe.top_k / moe.granularity or raise moe.num_experts")
+    if cfg.dist.zero_stage == 3:
+        raise ConfigError("config key 'dist.zero_stage' = 3 is not supported: DeepSpeed MoE works with ZeRO "
+                          "stages 0, 1 and 2 only; use dist.zero_stage=2 to shard optimizer state and gradients")
+    if cfg.moe.kind == "topk" and "select" in cfg.stages.run:
+        raise ConfigError("moe.kind='topk' is the plain-MoE baseline and has no S3 router to tune: drop 'select' "
+                          "and 'sparsify' from stages.run or use moe.kind='s3'")
+    if cfg.moe.kind == "dense" and ("select" in cfg.stages.run or "sparsify" in cfg.stages.run):
+        raise ConfigError("moe.kind='dense' has no routers: set stages.run=[specialize] for the dense baseline")
+    check_safe_name("name", cfg.name)
+
+
+def check_safe_name(key: str, value: str) -> None:
+    """Names that become path components: no separators, no '..', no control characters."""
+    if (not value or value in (".", "..") or "/" in value or "\\" in value or ".." in value
+            or any(ord(c) < 32 or ord(c) == 127 for c in value)):
+        raise ConfigError(f"{key} = {value!r} is not a safe name: use letters, digits, spaces, '-', '_' or '.', "
+                          f"with no '/', '\\', '..' or control characters")
+
+
+def validate_world(cfg: RunConfig, world_size: int, num_modalities: int) -> int:
+    """Rules that need the world size and the data set's modalities. Returns the resolved ep_size."""
+    ep = cfg.dist.ep_size or world_size
+    if world_size % ep:
+        raise ConfigError(f"config key 'dist.ep_size' = {ep} must divide the world size {world_size}; "
+                          f"choose one of {[d for d in range(1, world_size + 1) if world_size % d == 0]}")
+    if cfg.moe.kind != "dense":
+        per = cfg.moe.resolved_num_experts()
+        total = per if cfg.moe.shared_experts else per * num_modalities
+        if total % ep:
+            raise ConfigError(f"config key 'dist.ep_size' = {ep} must divide the total number of experts {total} "
+                              f"({per} per modality x {1 if cfg.moe.shared_experts else num_modalities} "
+                              f"modalit{'y' if cfg.moe.shared_experts else 'ies'}); change dist.ep_size or "
+                              f"moe.num_experts")
+    return ep
+
+
+# --------------------------------------------------------------------------------------------
+# Serialisation
+# --------------------------------------------------------------------------------------------
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def from_dict(doc: dict) -> RunConfig:
+    cfg = RunConfig()
+    _apply(cfg, "", doc, from_cli=False)
+    validate(cfg)
+    return cfg
+
+
+def describe(cls=RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, doc) for every field: the reference table in the README is made from this."""
+    rows = []
+    for f, typ in _field_types(cls).values():
+        if dataclasses.is_dataclass(typ):
+            rows.extend(describe(typ, f"{prefix}{f.name}."))
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append((f"{prefix}{f.name}", repr(default), f.metadata["doc"]))
+    return rows
+
