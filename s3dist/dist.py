@@ -1,0 +1,154 @@
+"""Distributed setup, in one place: process group, parallel sizes, expert groups, DeepSpeed engines.
+
+Everything that knows about ranks, backends or DeepSpeed's engine lives here; the model takes only
+(ep_size, ep_rank) and the training loop only a `ParallelDims` and an engine.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from s3dist.config import ConfigError, DistConfig, OptimConfig
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    """Who this process is. world = ep_size x expert_dp_size; every rank reads its own data."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    ep_size: int
+    device: torch.device
+    backend: str
+
+    @property
+    def expert_dp_size(self) -> int:
+        """Replicas of each expert (DeepSpeed's expert-data-parallel group size)."""
+        return self.world_size // self.ep_size
+
+    @property
+    def ep_rank(self) -> int:
+        # DeepSpeed's expert-parallel groups are consecutive ranks ([0,1], [2,3], ...).
+        return self.rank % self.ep_size
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(cfg: DistConfig) -> tuple[int, int, int, torch.device, str]:
+    """Start (or join) the default process group. Returns (rank, local_rank, world, device, backend).
+
+    Launched by `accelerate launch` / torchrun, RANK / WORLD_SIZE / LOCAL_RANK / MASTER_* are set;
+    a plain `python -m s3dist.train` runs as a world of one on a free loopback port.
+    """
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if cuda else "gloo")
+    if backend == "nccl" and not cuda:
+        raise ConfigError("config key 'dist.backend' = 'nccl' needs CUDA; use dist.backend=gloo (or auto) on CPU")
+    if cfg.dtype == "bf16" and not cuda:
+        raise ConfigError("config key 'dist.dtype' = 'bf16' needs CUDA here; use dist.dtype=fp32 on CPU")
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if cuda else "cpu")
+    if not dist.is_initialized():
+        import deepspeed
+
+        # The timeout bounds how long survivors wait in a collective when a rank dies.
+        deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=cfg.timeout_s),
+                                   verbose=False)
+    return rank, local_rank, world, device, backend
+
+
+def make_dims(rank: int, local_rank: int, world: int, device: torch.device, backend: str, ep_size: int) -> ParallelDims:
+    return ParallelDims(rank, local_rank, world, ep_size, device, backend)
+
+
+def attach_expert_groups(model: nn.Module, dims: ParallelDims) -> None:
+    """Create DeepSpeed's expert / expert-data-parallel groups and hand them to every MoE layer.
+
+    The DeepSpeed engine does this itself at `initialize`; evaluation, export and the tests use the
+    model without an engine and call this instead.
+    """
+    from deepspeed.moe.layer import MoE
+    from deepspeed.utils import groups
+
+    for module in model.modules():
+        if isinstance(module, MoE):
+            module.set_deepspeed_parallelism()
+            got = groups._get_expert_parallel_rank(module.expert_group_name)
+            if got != dims.ep_rank:  # our expert seeding assumed DeepSpeed's consecutive layout
+                raise RuntimeError(f"DeepSpeed placed rank {dims.rank} at expert-parallel rank {got}, "
+                                   f"expected {dims.ep_rank}; this DeepSpeed version changed its group layout")
+
+
+def optimizer_param_groups(params: list[nn.Parameter], weight_decay: float) -> list[dict]:
+    """AdamW groups, split by DeepSpeed so expert params reduce over the expert-data-parallel group."""
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [g for g in ({"params": decay, "weight_decay": weight_decay, "name": "decay"},
+                          {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}) if g["params"]]
+    return split_params_into_different_moe_groups_for_optimizer(groups)
+
+
+def build_engine(model: nn.Module, params: list[nn.Parameter], *, lr: float, total_steps: int,
+                 optim: OptimConfig, dist_cfg: DistConfig, micro_batch: int):
+    """A DeepSpeed engine over `params` (all of the model, or only the routers in Stage 2).
+
+    Parameters not in `params` are frozen first, so the engine neither stores optimizer state for
+    them nor reduces their gradients.
+    """
+    import deepspeed
+
+    if dist_cfg.zero_stage == 3:
+        raise ConfigError("ZeRO stage 3 is not supported with DeepSpeed MoE; use dist.zero_stage in 0..2")
+    chosen = {id(p) for p in params}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in chosen)
+    optimizer = torch.optim.AdamW(optimizer_param_groups(params, optim.weight_decay), lr=lr,
+                                  betas=(optim.beta1, optim.beta2))
+    warmup = max(1, optim.warmup_steps)
+
+    def schedule(step: int) -> float:
+        # Linear warm-up, then cosine decay to 10% of the peak over the stage.
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return 0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(progress * torch.pi)).item())
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    ds_config = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": optim.grad_clip,
+        "zero_optimization": {"stage": dist_cfg.zero_stage},
+        "bf16": {"enabled": dist_cfg.dtype == "bf16"},
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+    }
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=ds_config, dist_init_required=False)
+    return engine

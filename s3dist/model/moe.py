@@ -1,0 +1,168 @@
+"""Expert-parallel MoE layers built on `deepspeed.moe.layer.MoE`.
+
+`ExpertParallelMoE` owns one DeepSpeed MoE per *routing group*: for the S3 router all modalities
+form one group (one fused expert pool, one all-to-all pair per layer); for the plain top-k baseline
+each modality is its own group with DeepSpeed's own `TopKGate`. The module takes and returns
+per-modality token tensors, so the encoder never sees how tokens were packed.
+
+This module knows the expert-parallel *size and rank* (to build only this rank's experts and to
+seed them by global index) but creates no process group: `s3dist.dist` attaches groups.
+"""
+
+from __future__ import annotations
+
+import torch
+from deepspeed.moe.layer import MoE
+from deepspeed.moe.sharded_moe import TopKGate
+from torch import nn
+
+from s3dist.config import MoEConfig
+from s3dist.model.router import RoutingPlan, S3Router, Segment
+
+
+class ExpertMLP(nn.Module):
+    """One expert: d_model -> hidden -> d_model, mapping into the shared latent space."""
+
+    def __init__(self, d_model: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d_model, hidden)
+        self.fc2 = nn.Linear(hidden, d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.nn.functional.gelu(self.fc1(x)))
+
+
+def init_expert_(expert: ExpertMLP, seed: int) -> None:
+    """Initialise one expert from its own generator (nn.Linear's default distribution).
+
+    DeepSpeed deep-copies a single prototype, so all experts would start identical; seeding by the
+    expert's *global* index makes the weights independent of ep_size and of which rank builds them.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for lin in (expert.fc1, expert.fc2):
+            bound = lin.in_features ** -0.5
+            lin.weight.copy_(torch.empty_like(lin.weight).uniform_(-bound, bound, generator=gen))
+            lin.bias.copy_(torch.empty_like(lin.bias).uniform_(-bound, bound, generator=gen))
+
+
+class DeepSpeedTopKGate(TopKGate):
+    """DeepSpeed's own TopKGate for the plain-MoE baseline, with three small adaptations.
+
+    * the expert-parallel group may be attached more than once (eval and the engine both attach);
+    * in eval it never drops tokens: DeepSpeed's dropping capacity is computed from the local token
+      count, and uneven evaluation batches across ranks would give unequal all-to-all buffers;
+    * it keeps the same on-device load counters as S3Router for the metrics.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.num_experts = self.wg.out_features
+        self.register_buffer("_counters", torch.zeros(2 * self.num_experts + 2), persistent=False)
+        self.sample_scores: dict[str, torch.Tensor] = {}
+        self.z_loss = None
+
+    def _set_ep_group(self, ep_group) -> None:
+        self.ep_group = ep_group
+
+    def forward(self, input, used_token=None, sparse_routes=False, use_tutel=False):
+        drop = self.drop_tokens
+        self.drop_tokens = drop and self.training
+        try:
+            out = super().forward(input, used_token, sparse_routes, use_tutel)
+        finally:
+            self.drop_tokens = drop
+        if self.training and sparse_routes:
+            with torch.no_grad():
+                indices, demand = out[3], out[6].float()
+                kept = torch.bincount(indices[indices >= 0].long(), minlength=self.num_experts).float()
+                self._counters += torch.cat([demand, kept, demand.new_zeros(1),
+                                             demand.new_tensor([float(input.shape[0])])])
+        return out
+
+    def pop_load_counters(self) -> torch.Tensor:
+        out = self._counters.clone()
+        self._counters.zero_()
+        return out
+
+
+class ExpertParallelMoE(nn.Module):
+    """One MoE layer for all modalities, experts sharded over `ep_size` ranks by DeepSpeed."""
+
+    def __init__(self, d_model: int, modalities: list[str], cfg: MoEConfig, *, ep_size: int, ep_rank: int,
+                 layer_index: int) -> None:
+        super().__init__()
+        self.modalities = list(modalities)
+        self.kind = cfg.kind
+        self.n = cfg.resolved_num_experts()
+        self.k = cfg.resolved_top_k()
+        if cfg.kind == "s3":
+            self.groups = [self.modalities]
+            group_experts = self.n if cfg.shared_experts else self.n * len(self.modalities)
+        elif cfg.kind == "topk":
+            self.groups = [[m] for m in self.modalities]
+            group_experts = self.n
+        else:
+            raise ValueError(f"ExpertParallelMoE does not build moe.kind={cfg.kind!r}")
+        self.moes = nn.ModuleList()
+        for g, group in enumerate(self.groups):
+            moe = MoE(hidden_size=d_model, expert=ExpertMLP(d_model, cfg.expert_hidden), num_experts=group_experts,
+                      ep_size=ep_size, k=self.k, capacity_factor=cfg.capacity_factor,
+                      eval_capacity_factor=cfg.eval_capacity_factor, min_capacity=cfg.min_capacity,
+                      noisy_gate_policy="Jitter" if cfg.noisy_gate == "jitter" else None,
+                      drop_tokens=cfg.drop_tokens, use_rts=False)
+            if cfg.kind == "s3":
+                gate = S3Router(d_model, group, self.n, self.k, shared_experts=cfg.shared_experts,
+                                capacity_factor=cfg.capacity_factor, eval_capacity_factor=cfg.eval_capacity_factor,
+                                min_capacity=cfg.min_capacity, drop_tokens=cfg.drop_tokens,
+                                noisy_gate=cfg.noisy_gate)
+            else:
+                gate = DeepSpeedTopKGate(d_model, group_experts, self.k, cfg.capacity_factor,
+                                         cfg.eval_capacity_factor, cfg.min_capacity,
+                                         "Jitter" if cfg.noisy_gate == "jitter" else None, cfg.drop_tokens, False)
+            moe.deepspeed_moe.gate = gate
+            local = moe.num_local_experts
+            for i, expert in enumerate(moe.deepspeed_moe.experts.deepspeed_experts):
+                global_index = ep_rank * local + i
+                init_expert_(expert, cfg.init_seed * 1_000_003 + layer_index * 10_007 + g * 1_009 + global_index)
+            self.moes.append(moe)
+
+    @property
+    def routers(self) -> list[nn.Module]:
+        return [moe.deepspeed_moe.gate for moe in self.moes]
+
+    def forward(self, tokens: dict[str, torch.Tensor], valid: dict[str, torch.Tensor],
+                keep_masks: dict[str, torch.Tensor] | None = None):
+        """tokens[m]: [B, T, d]; valid[m]: bool [B, T]. Returns (outputs {m: [B, T, d]}, l_aux, z_loss)."""
+        outputs: dict[str, torch.Tensor] = {}
+        l_aux = z_loss = None
+        for group, moe in zip(self.groups, self.moes):
+            segs = [Segment(m, tokens[m].shape[0], tokens[m].shape[1]) for m in group]
+            d = tokens[group[0]].shape[-1]
+            flat = torch.cat([tokens[m].reshape(-1, d) for m in group])
+            used = torch.cat([valid[m].reshape(-1) for m in group]).to(flat.dtype)
+            gate = moe.deepspeed_moe.gate
+            if isinstance(gate, S3Router):
+                gate.plan = RoutingPlan(segs, keep_masks)
+            elif keep_masks:
+                raise ValueError("keep-masks (Stage 3) need moe.kind='s3'")
+            try:
+                out, aux, _ = moe(flat, used)
+            finally:
+                if isinstance(gate, S3Router):
+                    gate.plan = None
+            start = 0
+            for s in segs:
+                outputs[s.modality] = out[start:start + s.tokens].view(s.batch, s.steps, d)
+                start += s.tokens
+            l_aux = aux if l_aux is None else l_aux + aux
+            if gate.z_loss is not None:
+                z_loss = gate.z_loss if z_loss is None else z_loss + gate.z_loss
+        return outputs, l_aux, z_loss
+
+    def sample_scores(self) -> dict[str, torch.Tensor]:
+        """Per (sample, expert) mean gate probability of the last forward, per modality."""
+        out = {}
+        for gate in self.routers:
+            out.update(getattr(gate, "sample_scores", {}))
+        return out

@@ -1,0 +1,242 @@
+"""The S3 router: a gate that DeepSpeed's `MOELayer` calls in place of its `TopKGate`.
+
+DeepSpeed 0.19's `MOELayer.forward` calls `gate(tokens, used_token, True, use_tutel)` and expects
+sparse routes back: `(l_aux, capacity, num_experts, indices[k,S], locations[k,S], gates[k,S],
+exp_counts)`. Everything about *where* tokens go is decided here; dispatch, the all-to-all pair and
+the combine stay DeepSpeed's. What this gate adds over `TopKGate`:
+
+* one router per modality over one fused expert pool, so all modalities share a single all-to-all
+  pair per layer (each modality owns a block of N experts, or all share N with `shared_experts`);
+* padded time steps (and tokens outside `used_token`) route nowhere and never count as load;
+* a keep-mask of (sample, expert) paths from Stage 3 that zeroes pruned routes before combine,
+  renormalising the rest (a sample with nothing kept gets a zero expert output, never NaN);
+* a capacity that is identical on every expert-parallel rank whatever each rank's token count
+  (the all-to-all buffer is [experts, capacity, d]; unequal capacities hang or crash it), so an
+  uneven last batch or an empty batch on one rank is safe;
+* a load-balancing loss computed on *global* routing fractions (all-reduced over the data-parallel
+  world), so the loss and its gradients do not depend on how the batch is split across ranks;
+* an optional router z-loss, per-sample routing scores for the compactness loss and Stage 3, and
+  load counters accumulated on device and reduced only once per log interval.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class Segment:
+    """`batch * steps` consecutive tokens of one modality inside the layer's token matrix."""
+
+    modality: str
+    batch: int
+    steps: int
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.steps
+
+
+@dataclass
+class RoutingPlan:
+    """What the router needs to know about the tokens of one forward call.
+
+    DeepSpeed's `MOELayer` passes only (tokens, used_token) to the gate, so the layer sets the plan
+    on the router right before calling DeepSpeed and clears it after.
+    """
+
+    segments: list[Segment]
+    keep_masks: dict[str, torch.Tensor] | None = None  # modality -> [batch, N] (1 keep, 0 prune)
+
+
+class S3Router(nn.Module):
+    """Softmax top-k router per modality with global load balancing, keep-masks and load counters."""
+
+    def __init__(self, d_model: int, modalities: list[str], experts_per_modality: int, k: int, *,
+                 shared_experts: bool, capacity_factor: float, eval_capacity_factor: float,
+                 min_capacity: int, drop_tokens: bool, noisy_gate: str = "none") -> None:
+        super().__init__()
+        self.modalities = list(modalities)
+        self.n = experts_per_modality
+        self.k = k
+        self.shared = shared_experts
+        self.num_experts = self.n if shared_experts else self.n * len(self.modalities)
+        self.capacity_factor = capacity_factor
+        self.eval_capacity_factor = eval_capacity_factor
+        self.min_capacity = min_capacity
+        self.drop_tokens = drop_tokens
+        self.noisy_gate = noisy_gate
+        # One linear router per modality: these are the only parameters Stage 2 trains.
+        self.proj = nn.ModuleDict({m: nn.Linear(d_model, self.n, bias=False) for m in self.modalities})
+        for lin in self.proj.values():
+            nn.init.normal_(lin.weight, std=d_model ** -0.5)
+        self.ep_group: dist.ProcessGroup | None = None
+        self.plan: RoutingPlan | None = None
+        # Filled on every forward for the model's losses and Stage 3 (not part of the state dict).
+        self.sample_scores: dict[str, torch.Tensor] = {}
+        self.z_loss: torch.Tensor | None = None
+        # Load counters on device, summed over forwards since the last `pop_load_counters`:
+        # [routes demanded per expert (before capacity) | routes kept per expert | entropy sum | tokens]
+        self.register_buffer("_counters", torch.zeros(2 * self.num_experts + 2), persistent=False)
+
+    # DeepSpeed sets the expert-parallel group once the process groups exist; allow re-setting
+    # (unlike TopKGate) because eval, export and the engine may each attach the same module.
+    def _set_ep_group(self, ep_group) -> None:
+        self.ep_group = ep_group
+
+    def offset(self, modality: str) -> int:
+        return 0 if self.shared else self.modalities.index(modality) * self.n
+
+    def logits(self, modality: str, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        if self.noisy_gate == "jitter" and self.training:
+            x = x * torch.empty_like(x).uniform_(1.0 - 1e-2, 1.0 + 1e-2)
+        return F.linear(x, self.proj[modality].weight.float())
+
+    # ------------------------------------------------------------------------------------------
+    def forward(self, tokens: torch.Tensor, used_token: torch.Tensor | None = None,
+                sparse_routes: bool = True, use_tutel: bool = False):
+        if not sparse_routes or use_tutel:
+            raise RuntimeError("S3Router only serves DeepSpeed's sparse-route dispatch (deepspeed>=0.19,<0.20)")
+        plan = self.plan
+        if plan is None:
+            raise RuntimeError("S3Router called without a RoutingPlan: call it through ExpertParallelMoE")
+        total = sum(s.tokens for s in plan.segments)
+        if total != tokens.shape[0]:
+            raise RuntimeError(f"RoutingPlan covers {total} tokens but the layer got {tokens.shape[0]}")
+        valid_all = (torch.ones(total, dtype=torch.bool, device=tokens.device) if used_token is None
+                     else used_token.reshape(-1).bool())
+
+        idx_parts, gate_parts, on_parts, prob_sums, valid_counts, z_parts, ent_parts = [], [], [], [], [], [], []
+        seg_demand = []
+        self.sample_scores = {}
+        start = 0
+        for seg in plan.segments:
+            x = tokens[start:start + seg.tokens]
+            valid = valid_all[start:start + seg.tokens]
+            start += seg.tokens
+            logits = self.logits(seg.modality, x)                       # [S_m, N]
+            probs = logits.softmax(dim=-1)
+            top_p, top_i = probs.topk(self.k, dim=-1)                   # [S_m, k]
+            route_on = valid.unsqueeze(1).expand_as(top_i).clone()
+            if plan.keep_masks is not None and seg.modality in plan.keep_masks:
+                keep = plan.keep_masks[seg.modality].to(torch.bool)     # [B, N]
+                keep_tok = keep.repeat_interleave(seg.steps, dim=0)      # [S_m, N]
+                route_on &= keep_tok.gather(1, top_i)
+            vf = valid.unsqueeze(1).to(probs.dtype)
+            scores = (probs * vf).view(seg.batch, seg.steps, self.n).sum(1)
+            steps = vf.view(seg.batch, seg.steps).sum(1, keepdim=True).clamp_min(1.0)
+            self.sample_scores[seg.modality] = scores / steps            # mean gate prob per (sample, expert)
+            prob_sums.append((probs * vf).sum(0))
+            valid_counts.append(valid.sum())
+            z_parts.append((torch.logsumexp(logits, dim=-1) ** 2 * vf.squeeze(1)).sum())
+            ent_parts.append((-(probs * probs.clamp_min(1e-9).log()).sum(-1) * vf.squeeze(1)).sum())
+            seg_demand.append(torch.bincount(top_i[route_on], minlength=self.n).to(torch.float32))
+            idx_parts.append(top_i + self.offset(seg.modality))
+            gate_parts.append(top_p)
+            on_parts.append(route_on)
+
+        if idx_parts:
+            idx, gates, route_on = torch.cat(idx_parts), torch.cat(gate_parts), torch.cat(on_parts)
+        else:  # no modality segments at all (cannot happen through the encoder; keep shapes sane)
+            idx = tokens.new_zeros((0, self.k), dtype=torch.long)
+            gates, route_on = tokens.new_zeros((0, self.k)), idx.bool()
+
+        # Demand before capacity, counted only for routes that are really taken.
+        demand = torch.zeros(self.num_experts, device=tokens.device)
+        for seg, d in zip(plan.segments, seg_demand):
+            off = self.offset(seg.modality)
+            demand[off:off + self.n] += d
+        capacity = self._capacity(plan, demand)
+        locations = self._locations(idx, route_on)
+        route_on = route_on & (locations < capacity)
+        gates = gates * route_on
+        # Renormalise what survives pruning and capacity; a token with nothing left gets zeros.
+        gates = gates / gates.sum(-1, keepdim=True).clamp_min(torch.finfo(gates.dtype).eps)
+        kept = torch.bincount(idx[route_on], minlength=self.num_experts).to(torch.float32)
+
+        l_aux = self._balance_loss(prob_sums, valid_counts, seg_demand) if self.training else demand.new_zeros(())
+        n_valid = torch.stack(valid_counts).sum() if valid_counts else tokens.new_zeros(())
+        self.z_loss = (torch.stack(z_parts).sum() / n_valid.clamp_min(1)) if z_parts else tokens.new_zeros(())
+        if self.training:
+            with torch.no_grad():
+                ent = torch.stack(ent_parts).sum() if ent_parts else tokens.new_zeros(())
+                self._counters += torch.cat([demand, kept, ent.reshape(1), n_valid.float().reshape(1)])
+
+        neg = torch.full_like(idx, -1)
+        indices = torch.where(route_on, idx, neg).t().contiguous().to(torch.int32)
+        locs = (locations * route_on).t().contiguous().to(torch.int32)
+        return l_aux, capacity, self.num_experts, indices, locs, gates.t().contiguous(), demand
+
+    # ------------------------------------------------------------------------------------------
+    def _capacity(self, plan: RoutingPlan, demand: torch.Tensor) -> int:
+        """Per-expert slots; the same number on every expert-parallel rank (one tiny all-reduce)."""
+        if self.drop_tokens:
+            # Sized from the largest per-modality token count across EP ranks, so a rank holding a
+            # short or empty batch still sends buffers of the agreed shape.
+            local = [0] * len(self.modalities)
+            for seg in plan.segments:
+                local[self.modalities.index(seg.modality)] += seg.tokens
+            stat = torch.tensor(local, dtype=torch.float32, device=demand.device)
+        else:
+            stat = demand.max().reshape(1) if demand.numel() else demand.new_zeros(1)
+        if self.ep_group is not None and dist.get_world_size(self.ep_group) > 1:
+            dist.all_reduce(stat, op=dist.ReduceOp.MAX, group=self.ep_group)
+        if self.drop_tokens:
+            cf = self.capacity_factor if self.training else self.eval_capacity_factor
+            per_mod = [math.ceil(cf * self.k * s / self.n) for s in stat.tolist()]
+            cap = max(per_mod) if per_mod else 0
+        else:
+            cap = int(stat.item())
+        return max(cap, self.min_capacity, 1)
+
+    def _locations(self, idx: torch.Tensor, route_on: torch.Tensor) -> torch.Tensor:
+        """Each route's slot in its expert's queue: first choices first, then second choices, ...
+
+        A stable sort by expert gives queue positions in O(S*k) memory (a one-hot cumsum would be
+        O(S*k*E)).
+        """
+        s, k = idx.shape
+        flat = torch.where(route_on, idx, torch.full_like(idx, self.num_experts)).t().reshape(-1)  # k-major
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.num_experts + 1)
+        starts = torch.cumsum(counts, 0) - counts
+        pos_sorted = torch.arange(flat.numel(), device=idx.device) - starts[flat[order]]
+        pos = torch.empty_like(pos_sorted).scatter_(0, order, pos_sorted)
+        return pos.view(k, s).t()
+
+    def _balance_loss(self, prob_sums, valid_counts, seg_demand) -> torch.Tensor:
+        """Switch-style balance loss per modality on global fractions, scaled so that its mean over
+        data-parallel ranks is the loss of the whole global batch (DeepSpeed averages gradients).
+
+        One all-reduce of (per-segment demand, per-segment token counts) over the whole world; the
+        routing fractions it gives are exact for the global batch, not a per-rank estimate.
+        """
+        if not prob_sums:
+            return torch.zeros((), device=self._counters.device)
+        stat = torch.cat([torch.cat(seg_demand), torch.stack(valid_counts).float()])
+        world = 1
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            world = dist.get_world_size()
+            dist.all_reduce(stat)
+        nseg = len(prob_sums)
+        g_demand, g_counts = stat[:nseg * self.n].view(nseg, self.n), stat[nseg * self.n:]
+        loss = stat.new_zeros(())
+        for j, seg_sum in enumerate(prob_sums):
+            n_tok = g_counts[j].clamp_min(1.0)
+            me = seg_sum / n_tok                                          # this rank's share of the global mean
+            ce = g_demand[j] / (n_tok * self.k)
+            loss = loss + world * self.n * (me * ce).sum()
+        return loss
+
+    def pop_load_counters(self) -> torch.Tensor:
+        """Counters since the last call (local to this rank; the logger reduces them once)."""
+        out = self._counters.clone()
+        self._counters.zero_()
+        return out

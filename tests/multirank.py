@@ -1,0 +1,47 @@
+"""Run a function on N real processes joined by a gloo process group (no mocked collectives).
+
+`run_ranks(fn, world, tmp_path, *args)` spawns `world` processes; each sets the torchrun-style
+environment, calls `fn(rank, world, out_dir, *args)`, and may `torch.save` results into
+`out_dir / f"rank{rank}.pt"`. Returns the list of per-rank results. A rank that raises fails the
+test with its traceback; a hang is bounded by pytest-timeout and the group's own timeout.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank, world, port, out_dir, fn, args):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    try:
+        result = fn(rank, world, Path(out_dir), *args)
+        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    except BaseException:
+        (Path(out_dir) / f"rank{rank}.err").write_text(traceback.format_exc())
+        raise
+
+
+def run_ranks(fn, world: int, out_dir: Path, *args):
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    try:
+        mp.spawn(_entry, args=(world, port, str(out_dir), fn, args), nprocs=world, join=True)
+    except Exception as e:
+        errs = "\n".join(p.read_text() for p in sorted(out_dir.glob("rank*.err")))
+        raise AssertionError(f"a rank failed:\n{errs or e}") from e
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]

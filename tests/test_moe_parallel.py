@@ -1,0 +1,154 @@
+"""Expert-parallel correctness of the S3 encoder on DeepSpeed MoE, with 2 real gloo processes.
+
+The reference is always the same model run as ep_size=1 on one rank over the whole batch; the
+2-rank runs split the batch in halves. Capacity is set high (no drops) so routing decisions are the
+same however the batch is split: then outputs, the global balance loss and every gradient must match.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.multirank import run_ranks
+
+MODS = {"text": 5, "audio": 3}
+B, T = 8, 6
+
+
+def _cfg(kind="s3", drop_tokens=False):
+    from s3dist.config import RunConfig
+
+    cfg = RunConfig()
+    cfg.model.d_model = 16
+    cfg.moe.kind = kind
+    cfg.moe.num_experts = 4
+    cfg.moe.top_k = 2
+    cfg.moe.expert_hidden = 8
+    cfg.moe.drop_tokens = drop_tokens
+    cfg.moe.capacity_factor = 8.0
+    return cfg
+
+
+def _batch():
+    g = torch.Generator().manual_seed(7)
+    feats = {m: torch.randn(B, T, d, generator=g) for m, d in MODS.items()}
+    masks = {m: torch.ones(B, T, dtype=torch.bool) for m in MODS}
+    masks["text"][1, :2] = False  # front padding, as MultiBench pads
+    masks["audio"][6, :4] = False
+    w = {m: torch.randn(16, generator=g) for m in MODS}
+    return feats, masks, w
+
+
+def _build(rank, world, ep, kind="s3", drop_tokens=False):
+    from s3dist.dist import attach_expert_groups, init_distributed, make_dims
+    from s3dist.model.encoder import S3Encoder
+
+    cfg = _cfg(kind, drop_tokens)
+    dims = make_dims(*init_distributed(cfg.dist), ep)
+    torch.manual_seed(0)  # dense params identical on every rank and for every ep size
+    model = S3Encoder(MODS, cfg.model, cfg.moe, ep_size=ep, ep_rank=dims.ep_rank)
+    attach_expert_groups(model, dims)
+    return model, dims
+
+
+def _fwd_bwd(rank, world, out_dir, ep):
+    """Each rank takes its slice of the batch; returns outputs, aux loss and grads by global name."""
+    import torch.distributed as dist
+
+    model, dims = _build(rank, world, ep)
+    feats, masks, w = _batch()
+    per = B // world
+    sl = slice(rank * per, (rank + 1) * per)
+    out = model({m: f[sl] for m, f in feats.items()}, {m: k[sl] for m, k in masks.items()})
+    # Objective whose mean over ranks is the full-batch objective (DeepSpeed averages gradients).
+    loss = world * sum((out.embeddings[m] @ w[m]).sum() for m in MODS) / B + out.aux_loss
+    loss.backward()
+    aux = out.aux_loss.detach().clone()
+    dist.all_reduce(aux)
+    grads = {}
+    for name, p in model.named_parameters():
+        g = p.grad.clone()
+        if getattr(p, "allreduce", True):  # dense param: average over data-parallel ranks
+            dist.all_reduce(g)
+            g /= world
+        else:                               # expert: DeepSpeed divides by the whole dp world too
+            g /= world
+        grads[_global_name(name, dims, model)] = g
+    return {"emb": {m: out.embeddings[m].detach() for m in MODS}, "aux": aux / world, "grads": grads}
+
+
+def _global_name(name, dims, model):
+    """Rename 'deepspeed_experts.{local}' to the expert's global index so ep sizes compare."""
+    parts = name.split(".")
+    if "deepspeed_experts" in parts:
+        i = parts.index("deepspeed_experts")
+        local = int(parts[i + 1])
+        n_local = len(model.layers[0].moes[0].deepspeed_moe.experts.deepspeed_experts)
+        parts[i + 1] = str(dims.ep_rank * n_local + local)
+    return ".".join(parts)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world,ep", [(2, 2), (2, 1)])
+def test_parallel_matches_single_rank(tmp_path, world, ep):
+    """ep=2 (experts split across ranks) and dp=2/ep=1 both equal ep=1 on one rank: outputs, aux, grads."""
+    ref = run_ranks(_fwd_bwd, 1, tmp_path / "ref", 1)[0]
+    res = run_ranks(_fwd_bwd, world, tmp_path / "par", ep)
+    per = B // world
+    for m in MODS:
+        got = torch.cat([r["emb"][m] for r in res])
+        torch.testing.assert_close(got, ref["emb"][m], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(res[0]["aux"], ref["aux"], atol=1e-5, rtol=1e-5)
+    merged = {}
+    for r in res:
+        for k, g in r["grads"].items():
+            if k in merged and "deepspeed_experts" not in k:
+                torch.testing.assert_close(g, merged[k])  # dense grads identical after all-reduce
+            # an expert replicated over the expert-dp group: its grads are reduced across the group
+            merged[k] = merged[k] + g if (k in merged and "deepspeed_experts" in k) else g
+    assert set(merged) == set(ref["grads"])
+    for k, g in ref["grads"].items():
+        torch.testing.assert_close(merged[k], g, atol=1e-5, rtol=1e-5, msg=lambda s: f"{k}: {s}")
+    assert per * world == B
+
+
+def _ownership(rank, world, out_dir, ep):
+    model, dims = _build(rank, world, ep)
+    experts = model.layers[0].moes[0].deepspeed_moe.experts.deepspeed_experts
+    n_expert = sum(p.numel() for p in experts.parameters())
+    n_total = sum(p.numel() for p in model.parameters())
+    first = experts[0].fc1.weight.detach().clone()
+    return {"local": len(experts), "expert_params": n_expert, "total": n_total, "first": first}
+
+
+@pytest.mark.slow
+def test_each_rank_builds_only_its_experts(tmp_path):
+    """With ep=2 each rank holds N_total/2 experts, and its parameters are shared + its own experts."""
+    ref = run_ranks(_ownership, 1, tmp_path / "ref", 1)[0]
+    res = run_ranks(_ownership, 2, tmp_path / "par", 2)
+    n_total_experts = ref["local"]
+    assert all(r["local"] == n_total_experts // 2 for r in res)
+    shared = ref["total"] - ref["expert_params"]
+    for r in res:
+        assert r["total"] == shared + ref["expert_params"] // 2
+    assert not torch.equal(res[0]["first"], res[1]["first"])  # rank 1 built experts 4.., not copies of 0..
+
+
+def _uneven(rank, world, out_dir):
+    model, dims = _build(rank, world, 2, drop_tokens=True)
+    feats, masks, _ = _batch()
+    sizes = [5, 0]  # rank 1 holds an empty batch
+    n = sizes[rank]
+    out = model({m: f[:n] for m, f in feats.items()}, {m: k[:n] for m, k in masks.items()})
+    loss = sum(e.sum() for e in out.embeddings.values()) + out.aux_loss
+    loss.backward()
+    return {m: out.embeddings[m].shape[0] for m in MODS} | {"finite": bool(torch.isfinite(loss))}
+
+
+@pytest.mark.slow
+def test_uneven_and_empty_batches_do_not_hang(tmp_path):
+    """5 samples on rank 0 and none on rank 1, with token dropping on: forward+backward complete."""
+    res = run_ranks(_uneven, 2, tmp_path)
+    assert res[0]["text"] == 5 and res[1]["text"] == 0
+    assert res[0]["finite"] and res[1]["finite"]
