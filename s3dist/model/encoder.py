@@ -64,6 +64,14 @@ class DenseBlock(nn.Module):
 
 
 @dataclass
+class Prelude:
+    x: dict[str, torch.Tensor]        # normed input of the last MoE layer, [B, T, d] per modality
+    valid: dict[str, torch.Tensor]    # bool [B, T]
+    aux: torch.Tensor | None
+    z: torch.Tensor | None
+
+
+@dataclass
 class EncoderOutput:
     embeddings: dict[str, torch.Tensor]           # modality -> [B, d] pooled last-layer expert output
     aux_loss: torch.Tensor | None                  # load-balancing loss summed over layers
@@ -101,6 +109,11 @@ class S3Encoder(nn.Module):
     def forward(self, features: dict[str, torch.Tensor], masks: dict[str, torch.Tensor],
                 keep_fraction: float = 1.0, keep_mask_builder: KeepMaskBuilder | None = None) -> EncoderOutput:
         """features[m]: [B, T, D_m]; masks[m]: bool [B, T]. Every modality must be present, also with B=0."""
+        pre = self.prelude(features, masks)
+        return self.last_layer(pre, keep_fraction, keep_mask_builder)
+
+    def prelude(self, features, masks) -> "Prelude":
+        """Stems and every MoE layer but the last; returns the normed input of the last layer."""
         h, valid = {}, {}
         for m in self.modalities:
             x = self.stems[m](features[m], masks[m])
@@ -110,23 +123,25 @@ class S3Encoder(nn.Module):
                 v = v.any(dim=1, keepdim=True)
             h[m], valid[m] = x, v
         aux = z = None
+        for norm, layer in zip(self.norms[:-1], self.layers[:-1]):
+            out, a, zl = layer({m: norm(t) for m, t in h.items()}, valid)
+            aux, z = _add(aux, a), _add(z, zl)
+            h = {m: h[m] + out[m] for m in h}
+        return Prelude({m: self.norms[-1](t) for m, t in h.items()}, valid, aux, z)
+
+    def last_layer(self, pre: "Prelude", keep_fraction: float = 1.0,
+                   keep_mask_builder: KeepMaskBuilder | None = None) -> EncoderOutput:
+        """The last MoE layer (optionally with a Stage-3 keep-mask) and pooling into embeddings."""
         keep_masks = None
-        out = h
-        for i, (norm, layer) in enumerate(zip(self.norms, self.layers)):
-            x = {m: norm(t) for m, t in h.items()}
-            last = i == len(self.layers) - 1
-            if last and keep_fraction < 1.0:
-                if keep_mask_builder is None:
-                    raise ValueError("keep_fraction < 1 needs a keep_mask_builder (s3dist.sparsify)")
-                keep_masks = keep_mask_builder(self.routing_scores(i, x, valid), keep_fraction)
-            out, a, zl = layer(x, valid, keep_masks if last else None)
-            aux = a if aux is None else (aux if a is None else aux + a)
-            z = zl if z is None else (z if zl is None else z + zl)
-            if not last:
-                h = {m: h[m] + out[m] for m in h}
-        scores = self.layers[-1].sample_scores() if isinstance(self.layers[-1], ExpertParallelMoE) else {}
-        emb = {m: _masked_mean(out[m], valid[m]) for m in self.modalities}
-        return EncoderOutput(emb, aux, z, scores, keep_masks)
+        if keep_fraction < 1.0:
+            if keep_mask_builder is None:
+                raise ValueError("keep_fraction < 1 needs a keep_mask_builder (s3dist.sparsify)")
+            keep_masks = keep_mask_builder(self.routing_scores(len(self.layers) - 1, pre.x, pre.valid), keep_fraction)
+        out, a, zl = self.layers[-1](pre.x, pre.valid, keep_masks)
+        last = self.layers[-1]
+        scores = last.sample_scores() if isinstance(last, ExpertParallelMoE) else {}
+        emb = {m: _masked_mean(out[m], pre.valid[m]) for m in self.modalities}
+        return EncoderOutput(emb, _add(pre.aux, a), _add(pre.z, zl), scores, keep_masks)
 
     @torch.no_grad()
     def routing_scores(self, layer: int, x: dict[str, torch.Tensor], valid: dict[str, torch.Tensor]):
@@ -144,3 +159,7 @@ class S3Encoder(nn.Module):
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     m = mask.unsqueeze(-1).to(x.dtype)
     return (x * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+def _add(a, b):
+    return b if a is None else (a if b is None else a + b)

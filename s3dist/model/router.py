@@ -82,8 +82,10 @@ class S3Router(nn.Module):
         self.sample_scores: dict[str, torch.Tensor] = {}
         self.z_loss: torch.Tensor | None = None
         # Load counters on device, summed over forwards since the last `pop_load_counters`:
-        # [routes demanded per expert (before capacity) | routes kept per expert | entropy sum | tokens]
-        self.register_buffer("_counters", torch.zeros(2 * self.num_experts + 2), persistent=False)
+        # [routes demanded per expert (before capacity) | routes kept per expert |
+        #  router-entropy sum per modality | valid tokens per modality]
+        self.register_buffer("_counters", torch.zeros(2 * self.num_experts + 2 * len(self.modalities)),
+                             persistent=False)
 
     # DeepSpeed sets the expert-parallel group once the process groups exist; allow re-setting
     # (unlike TopKGate) because eval, export and the engine may each attach the same module.
@@ -166,8 +168,13 @@ class S3Router(nn.Module):
         self.z_loss = (torch.stack(z_parts).sum() / n_valid.clamp_min(1)) if z_parts else tokens.new_zeros(())
         if self.training:
             with torch.no_grad():
-                ent = torch.stack(ent_parts).sum() if ent_parts else tokens.new_zeros(())
-                self._counters += torch.cat([demand, kept, ent.reshape(1), n_valid.float().reshape(1)])
+                ent = torch.zeros(len(self.modalities), device=tokens.device)
+                cnt = torch.zeros(len(self.modalities), device=tokens.device)
+                for seg, e, c in zip(plan.segments, ent_parts, valid_counts):
+                    j = self.modalities.index(seg.modality)
+                    ent[j] += e
+                    cnt[j] += c
+                self._counters += torch.cat([demand, kept, ent, cnt])
 
         neg = torch.full_like(idx, -1)
         indices = torch.where(route_on, idx, neg).t().contiguous().to(torch.int32)

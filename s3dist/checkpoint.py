@@ -1,0 +1,253 @@
+"""Checkpoint I/O: atomic DeepSpeed checkpoints plus s3dist's own state, resume lookup, export.
+
+Layout under `<run>/checkpoints/`:
+    step-00000050/                    one complete checkpoint (DeepSpeed files, one per expert, +):
+        s3dist_rank{r}.pt             per-rank state: RNG states, data-stream position (weights-only)
+        s3dist_meta.json              stage, steps, config, version, sha256 of every file
+    latest                            name of the newest complete checkpoint (moved last, atomically)
+
+A checkpoint is written under `.tmp-<tag>` and renamed to `<tag>` only after every rank finished
+and the checksums are recorded, so a crash mid-save (or a full disk) leaves the previous checkpoint
+and `latest` untouched. The directory must be on a file system every rank sees (as DeepSpeed's own
+multi-node checkpointing requires).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import s3dist
+from s3dist.config import check_safe_name
+
+META = "s3dist_meta.json"
+LATEST = "latest"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete, corrupt or incompatible; the message says which file."""
+
+
+@dataclass
+class TrainState:
+    """Where training is: restored on resume."""
+
+    stage: str            # stage being trained
+    stage_step: int       # optimizer steps done in that stage
+    global_step: int      # optimizer steps done over all stages
+    stage_done: bool      # the stage finished (resume starts the next one)
+    skipped_steps: int = 0
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return {"torch": state["torch"], "cuda": state.get("cuda"),
+            # numpy / python states as plain lists so weights_only loading accepts them
+            "numpy": [state["numpy"][0], torch.from_numpy(state["numpy"][1].astype(np.int64)), *state["numpy"][2:]],
+            "python": [state["python"][0], list(state["python"][1]), state["python"][2]]}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
+    p = state["python"]
+    random.setstate((p[0], tuple(p[1]), p[2]))
+
+
+def tag_for(global_step: int, stage: str) -> str:
+    return f"step-{global_step:08d}-{stage}"
+
+
+def save(engine, run_dir: Path, state: TrainState, config: dict, stream_state: dict, keep_last: int) -> Path:
+    """Write a checkpoint collectively (every rank calls this). Returns the published directory."""
+    root = run_dir / "checkpoints"
+    tag = tag_for(state.global_step, state.stage)
+    check_safe_name("checkpoint tag", tag)
+    tmp_tag = f".tmp-{tag}"
+    if _rank() == 0:
+        shutil.rmtree(root / tmp_tag, ignore_errors=True)
+        root.mkdir(parents=True, exist_ok=True)
+    _barrier()
+    client = {"s3dist_state": vars(state)}
+    engine.save_checkpoint(str(root), tag=tmp_tag, client_state=client, save_latest=False)
+    torch.save({"rng": rng_state(), "stream": stream_state, "state": vars(state)},
+               root / tmp_tag / f"s3dist_rank{_rank()}.pt")
+    _barrier()  # every rank's files are on disk
+    if _rank() == 0:
+        files = sorted(p for p in (root / tmp_tag).rglob("*") if p.is_file())
+        meta = {"version": s3dist.__version__, "tag": tag, "state": vars(state), "config": config,
+                "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+                "checksums": {str(p.relative_to(root / tmp_tag)): _sha256(p) for p in files}}
+        _fsync_write(root / tmp_tag / META, json.dumps(meta, indent=1))
+        final = root / tag
+        if final.exists():  # a re-run of the same step (after a resume) replaces it
+            shutil.rmtree(final)
+        os.replace(root / tmp_tag, final)
+        _fsync_write(root / LATEST, tag)
+        _prune(root, keep_last)
+    _barrier()
+    return root / tag
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    complete = sorted(p for p in root.iterdir() if p.is_dir() and (p / META).exists() and not p.name.startswith("."))
+    for old in complete[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def read_meta(ckpt: Path, verify: bool = True) -> dict:
+    """Meta of a complete checkpoint; with `verify`, every recorded checksum is checked."""
+    meta_path = ckpt / META
+    if not meta_path.exists():
+        raise CheckpointError(f"checkpoint '{ckpt}' is incomplete: {META} is missing (a save was interrupted?); "
+                              f"resume from an older checkpoint or remove this directory")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"checkpoint '{meta_path}' is not valid JSON: {e}") from e
+    if verify:
+        for rel, digest in meta["checksums"].items():
+            f = ckpt / rel
+            if not f.exists():
+                raise CheckpointError(f"checkpoint file '{f}' is missing; the checkpoint is unusable")
+            if _sha256(f) != digest:
+                raise CheckpointError(f"checkpoint file '{f}' does not match its recorded sha256 (truncated or "
+                                      f"corrupted); resume from an older checkpoint")
+    return meta
+
+
+def find_latest(run_dir: Path) -> Path | None:
+    """Newest complete checkpoint: the one `latest` names, else the newest directory with a meta file."""
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return None
+    latest = root / LATEST
+    if latest.exists():
+        name = latest.read_text().strip()
+        check_safe_name("checkpoint tag in 'latest'", name)
+        if (root / name / META).exists():
+            return root / name
+    complete = sorted(p for p in root.iterdir() if p.is_dir() and (p / META).exists() and not p.name.startswith("."))
+    return complete[-1] if complete else None
+
+
+def load_rank_state(ckpt: Path, rank: int) -> dict:
+    path = ckpt / f"s3dist_rank{rank}.pt"
+    if not path.exists():
+        raise CheckpointError(f"checkpoint '{ckpt}' has no state for rank {rank} ({path.name}); it was written by a "
+                              f"run with fewer ranks — data position and RNG cannot be restored for this rank")
+    return torch.load(path, weights_only=True)
+
+
+def check_compatible(meta: dict, config: dict, ckpt: Path) -> None:
+    """Refuse a resume whose model shape differs from the checkpoint's."""
+    old = meta["config"]
+    keys = [("moe", "kind"), ("moe", "num_experts"), ("moe", "granularity"), ("moe", "expansion"), ("moe", "top_k"),
+            ("moe", "expert_hidden"), ("moe", "shared_experts"), ("model", "d_model"), ("model", "num_moe_layers"),
+            ("model", "temporal"), ("model", "tokens"), ("data", "modalities"), ("data", "path")]
+    for sec, key in keys:
+        if old[sec][key] != config[sec][key]:
+            raise CheckpointError(f"cannot resume from '{ckpt}': {sec}.{key} was {old[sec][key]!r} there but is "
+                                  f"{config[sec][key]!r} now; use the same value or start a new output_dir")
+
+
+# --------------------------------------------------------------------------------------------
+# Export
+# --------------------------------------------------------------------------------------------
+
+
+def export(run_dir: Path, out_file: Path) -> Path:
+    """One safetensors file with every expert and the config: loadable without DeepSpeed or ranks."""
+    from safetensors.torch import save_file
+
+    ckpt = find_latest(run_dir)
+    if ckpt is None:
+        raise CheckpointError(f"no complete checkpoint under '{run_dir / 'checkpoints'}'")
+    meta = read_meta(ckpt)
+    tensors = consolidated_state_dict(ckpt)
+    tmp = out_file.with_name(out_file.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"s3dist_config": json.dumps(meta["config"]),
+                                           "s3dist_version": s3dist.__version__, "checkpoint": ckpt.name})
+    os.replace(tmp, out_file)
+    return out_file
+
+
+def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
+    """Module weights from DeepSpeed's files with experts renamed to their global index (ep-size free).
+
+    DeepSpeed stores the non-expert module in `mp_rank_00_model_states.pt` and each expert in
+    `layer_{L}_expert_{E}_mp_rank_00_model_states.pt` keyed by its local name; both are pickles
+    written by DeepSpeed, checked against recorded sha256 sums (`read_meta`) before loading.
+    """
+    model_file = ckpt / "mp_rank_00_model_states.pt"
+    if not model_file.exists():
+        raise CheckpointError(f"checkpoint file '{model_file}' is missing")
+    # DeepSpeed's model-state file holds non-tensor objects (its own config), so it cannot be read
+    # with weights_only=True; its sha256 was verified by read_meta before we get here.
+    state = torch.load(model_file, map_location="cpu", weights_only=False)["module"]
+    out = {k: v for k, v in state.items() if ".deepspeed_experts." not in k}
+    for f in sorted(ckpt.glob("layer_*_expert_*_mp_rank_00_model_states.pt")):
+        expert_state = torch.load(f, map_location="cpu", weights_only=True)
+        for k, v in expert_state.items():
+            out[k] = v  # DeepSpeed already names experts by global index in these files
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def load_export(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    if not meta or "s3dist_config" not in meta:
+        raise CheckpointError(f"'{path}' is not an s3dist export (no s3dist_config metadata)")
+    return json.loads(meta["s3dist_config"]), load_file(str(path))
+
+
+def add_subcommands(sub, name: str, help_text: str) -> None:
+    p = sub.add_parser(name, help=help_text)
+    p.add_argument("--run", required=True, type=Path, help="run directory")
+    p.add_argument("--out", required=True, type=Path, help="output .safetensors file")
+    p.set_defaults(func=lambda a: print(export(a.run, a.out)) or 0)
+
+

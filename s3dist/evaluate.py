@@ -1,0 +1,388 @@
+"""Evaluation: frozen encoder -> representations -> logistic-regression probe; Stage 3 sweep.
+
+For every keep fraction p the last MoE layer runs with the global Stage-3 keep-mask (everything
+before it runs once per batch). All ranks extract their part of each split; results are gathered
+to rank 0 once per split, which fits scikit-learn probes (regularisation chosen on validation) and
+writes `eval.json`, `sweep.csv`, `sweep.png` and TensorBoard curves / routing heatmaps.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import statistics
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from s3dist.config import RunConfig
+from s3dist.sparsify import global_keep_masks
+
+log = logging.getLogger("s3dist")
+
+
+# ---------------------------------------------------------------------------------------------
+# Extraction
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def extract(model, stream, keep_fractions: list[float], device) -> dict:
+    """{p: embeddings [n, M*d]} plus labels, ids, concepts and p=1 routing scores, for this rank."""
+    model.eval()
+    use_mask = any(p < 1.0 for p in keep_fractions)
+    emb = {p: [] for p in keep_fractions}
+    labels, ids, concepts, scores = [], [], [], {m: [] for m in model.modalities}
+    for batch in stream:
+        feats = {m: batch.features[m].to(device) for m in model.modalities}
+        masks = {m: batch.masks[m].to(device) for m in model.modalities}
+        pre = model.prelude(feats, masks)
+        for p in keep_fractions:
+            out = model.last_layer(pre, p, global_keep_masks if (use_mask and p < 1.0) else None)
+            emb[p].append(torch.cat([out.embeddings[m] for m in model.modalities], dim=1).cpu())
+            if p == 1.0:
+                for m, s in out.sample_scores.items():
+                    scores[m].append(s.cpu())
+        labels.append(batch.labels.cpu())
+        ids.append(batch.ids.cpu())
+        if batch.concepts is not None:
+            concepts.append(batch.concepts.cpu())
+    res = {"emb": {p: torch.cat(v).numpy() for p, v in emb.items()},
+           "labels": torch.cat(labels).numpy(), "ids": torch.cat(ids).numpy(),
+           "concepts": torch.cat(concepts).numpy() if concepts else None,
+           "scores": {m: torch.cat(v).numpy() for m, v in scores.items() if v}}
+    model.train()
+    return res
+
+
+def _gather_to_main(local: dict) -> dict | None:
+    """One object gather per split; rank 0 gets the concatenation in rank order, others None."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return local
+    parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(local, parts, dst=0)
+    if dist.get_rank() != 0:
+        return None
+    cat = lambda xs: np.concatenate(xs) if xs and xs[0] is not None else None  # noqa: E731
+    return {"emb": {p: cat([x["emb"][p] for x in parts]) for p in local["emb"]},
+            "labels": cat([x["labels"] for x in parts]), "ids": cat([x["ids"] for x in parts]),
+            "concepts": cat([x["concepts"] for x in parts]),
+            "scores": {m: cat([x["scores"][m] for x in parts]) for m in local["scores"]}}
+
+
+# ---------------------------------------------------------------------------------------------
+# Probe
+# ---------------------------------------------------------------------------------------------
+
+
+def fit_probe(train_x, train_y, val_x, val_y, test_x, test_y, Cs: list[float], max_iter: int) -> dict:
+    """Standardise, fit logistic regression for each C, keep the best on validation, report test."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    best = None
+    for C in Cs:
+        clf = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=max_iter))
+        clf.fit(train_x, train_y)
+        val = float(clf.score(val_x, val_y))
+        if best is None or val > best[0]:
+            best = (val, C, clf)
+    val, C, clf = best
+    return {"accuracy": float(clf.score(test_x, test_y)), "val_accuracy": val, "C": C}
+
+
+def mutual_information(choice: np.ndarray, concepts: np.ndarray, num_experts: int) -> float:
+    """Mean over concepts of I(argmax expert ; concept active), in nats (plug-in estimate)."""
+    mis = []
+    for k in range(concepts.shape[1]):
+        c = concepts[:, k].astype(int)
+        joint = np.zeros((num_experts, 2))
+        np.add.at(joint, (choice, c), 1)
+        joint /= joint.sum()
+        pe, pc = joint.sum(1, keepdims=True), joint.sum(0, keepdims=True)
+        nz = joint > 0
+        mis.append(float((joint[nz] * np.log(joint[nz] / (pe @ pc)[nz])).sum()))
+    return float(np.mean(mis))
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole-run evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+def _streams(cfg: RunConfig, data_url: str, rank: int, world: int):
+    from s3dist.data.stream import ShardStream
+
+    mk = lambda split: ShardStream(data_url, split, batch_size=cfg.data.eval_batch_size, rank=rank,  # noqa: E731
+                                   world_size=world, modalities=cfg.data.modalities or None, seed=cfg.seed,
+                                   shuffle_buffer=0, drop_last=False, nonfinite=cfg.data.nonfinite)
+    return {s: mk(s) for s in ("train", "val", "test")}
+
+
+def keep_fraction_list(cfg: RunConfig, extra: list[float] | None = None) -> list[float]:
+    ps = set(float(p) for p in (extra or cfg.eval.keep_fractions)) | {1.0}
+    if "sparsify" in cfg.stages.run and cfg.moe.kind == "s3":
+        ps.add(float(cfg.stages.keep_fraction))
+    if cfg.moe.kind != "s3":
+        ps = {1.0}  # no S3 router: nothing to sparsify
+    return sorted(ps)
+
+
+def evaluate_run(cfg: RunConfig, dims, run_dir: Path, model, data_url: str, logger=None, step: int = 0,
+                 keep_fractions: list[float] | None = None) -> dict | None:
+    """Extract, probe and sweep; rank 0 writes the outputs and returns the result dict."""
+    ps = keep_fraction_list(cfg, keep_fractions)
+    streams = _streams(cfg, data_url, dims.rank, dims.world_size)
+    data = {s: _gather_to_main(extract(model, st, ps, dims.device)) for s, st in streams.items()}
+    random_mi = _random_router_mi(model, streams["test"], dims) if streams["test"].manifest.num_concepts else None
+    if dims.rank != 0:
+        return None
+    tr, va, te = data["train"], data["val"], data["test"]
+    sweep = []
+    for p in ps:
+        r = fit_probe(tr["emb"][p], tr["labels"], va["emb"][p], va["labels"], te["emb"][p], te["labels"],
+                      cfg.eval.probe_Cs, cfg.eval.probe_max_iter)
+        sweep.append({"keep_fraction": p, **r})
+        log.info("probe: keep_fraction %.2f -> test accuracy %.4f (val %.4f, C=%g)", p, r["accuracy"],
+                 r["val_accuracy"], r["C"])
+    best = max(sweep, key=lambda r: r["val_accuracy"])  # chosen on validation, reported on test
+    result = {
+        "probe_accuracy": next(r["accuracy"] for r in sweep if r["keep_fraction"] == 1.0),
+        "sweep": [{"keep_fraction": r["keep_fraction"], "accuracy": r["accuracy"],
+                   "val_accuracy": r["val_accuracy"], "C": r["C"]} for r in sweep],
+        "best_keep_fraction": best["keep_fraction"],
+        "best_accuracy": best["accuracy"],
+        "best_test_keep_fraction": max(sweep, key=lambda r: r["accuracy"])["keep_fraction"],
+        "modalities": list(model.modalities),
+        "moe_kind": cfg.moe.kind,
+        "run_keep_fraction": cfg.stages.keep_fraction if "sparsify" in cfg.stages.run else 1.0,
+        "step": step,
+    }
+    if "sparsify" in cfg.stages.run and cfg.moe.kind == "s3":
+        result["run_keep_fraction_accuracy"] = next(r["accuracy"] for r in sweep
+                                                    if r["keep_fraction"] == float(cfg.stages.keep_fraction))
+    if te["scores"] and te["concepts"] is not None:
+        result["specialization"] = _specialization(te, random_mi)
+    write_outputs(run_dir, result, te, logger, step)
+    return result
+
+
+def _specialization(te: dict, random_mi: dict | None) -> dict:
+    out = {}
+    for m, s in te["scores"].items():
+        out[m] = {"mi_expert_concept": mutual_information(s.argmax(1), te["concepts"], s.shape[1])}
+        if random_mi and m in random_mi:
+            out[m]["mi_random_router"] = random_mi[m]
+    return out
+
+
+@torch.no_grad()
+def _random_router_mi(model, stream, dims) -> dict | None:
+    """The same MI with freshly initialised routers: the 'no specialisation' reference."""
+    routers = model.routers()
+    if not routers or not hasattr(routers[0], "proj"):
+        return None
+    saved = [{k: v.clone() for k, v in r.state_dict().items()} for r in routers]
+    gen = torch.Generator().manual_seed(12345)
+    for r in routers:
+        for lin in r.proj.values():
+            lin.weight.copy_(torch.randn(lin.weight.shape, generator=gen) * lin.weight.shape[1] ** -0.5)
+    local = extract(model, stream, [1.0], dims.device)
+    for r, s in zip(routers, saved):
+        r.load_state_dict(s)
+    got = _gather_to_main(local)
+    if got is None or got["concepts"] is None:
+        return None
+    return {m: mutual_information(s.argmax(1), got["concepts"], s.shape[1]) for m, s in got["scores"].items()}
+
+
+def write_outputs(run_dir: Path, result: dict, test: dict, logger, step: int) -> None:
+    tmp = run_dir / "eval.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(run_dir / "eval.json")
+    with open(run_dir / "sweep.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["keep_fraction", "accuracy", "val_accuracy", "C"])
+        for r in result["sweep"]:
+            w.writerow([r["keep_fraction"], r["accuracy"], r["val_accuracy"], r["C"]])
+    rgb = plot_sweep({"this run": result["sweep"]}, run_dir / "sweep.png")
+    if logger is not None:
+        for r in result["sweep"]:
+            logger.log(int(round(r["keep_fraction"] * 1000)), "sparsify",
+                       {"sweep/accuracy_vs_keep_permille": r["accuracy"]})
+        logger.log(step, "eval", {"eval/probe_accuracy": result["probe_accuracy"],
+                                  "eval/best_accuracy": result["best_accuracy"],
+                                  "eval/best_keep_fraction": result["best_keep_fraction"]})
+        logger.image(step, "eval/sweep", rgb)
+        for m, s in test["scores"].items():
+            logger.image(step, f"routing/{m}/expert_x_class", _heatmap(s, test["labels"], "class"))
+            if test["concepts"] is not None:
+                logger.image(step, f"routing/{m}/expert_x_concept", _concept_heatmap(s, test["concepts"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots (matplotlib, Agg)
+# ---------------------------------------------------------------------------------------------
+
+
+def _fig_to_rgb(fig) -> np.ndarray:
+    fig.canvas.draw()
+    rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return rgb
+
+
+def plot_sweep(curves: dict[str, list[dict]], path: Path, std: dict[str, list[float]] | None = None) -> np.ndarray:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for name, rows in curves.items():
+        xs = [r["keep_fraction"] for r in rows]
+        ys = [100 * r["accuracy"] for r in rows]
+        ax.plot(xs, ys, marker="o", label=name)
+        if std and name in std:
+            s = 100 * np.asarray(std[name])
+            ax.fill_between(xs, np.asarray(ys) - s, np.asarray(ys) + s, alpha=0.2)
+        full = [100 * r["accuracy"] for r in rows if r["keep_fraction"] == 1.0]
+        if full:
+            ax.axhline(full[0], linestyle="--", linewidth=1, color=ax.lines[-1].get_color(), alpha=0.6)
+    ax.set_xlabel("kept fraction p of (sample, expert) routing pairs")
+    ax.set_ylabel("linear-probe test accuracy (%)")
+    ax.set_title("S3 sparsity sweep (dashed: p = 1.0)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    return _fig_to_rgb(fig)
+
+
+def _heatmap(scores: np.ndarray, labels: np.ndarray, what: str) -> np.ndarray:
+    classes = np.unique(labels)
+    mat = np.stack([scores[labels == c].mean(0) for c in classes])
+    return _draw(mat, [f"{what} {c}" for c in classes])
+
+
+def _concept_heatmap(scores: np.ndarray, concepts: np.ndarray) -> np.ndarray:
+    mat = np.stack([scores[concepts[:, k] > 0].mean(0) if (concepts[:, k] > 0).any() else np.zeros(scores.shape[1])
+                    for k in range(concepts.shape[1])])
+    return _draw(mat, [f"concept {k}" for k in range(concepts.shape[1])])
+
+
+def _draw(mat: np.ndarray, rows: list[str]) -> np.ndarray:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1 + 0.5 * mat.shape[1], 1 + 0.35 * mat.shape[0]), dpi=100)
+    im = ax.imshow(mat, aspect="auto", cmap="viridis")
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set_xticks(range(mat.shape[1]), [f"e{e}" for e in range(mat.shape[1])])
+    ax.set_xlabel("expert")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    return _fig_to_rgb(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI: s3dist eval / s3dist sweep (single process; loads a checkpoint or an export, ep_size=1)
+# ---------------------------------------------------------------------------------------------
+
+
+def load_for_eval(run: Path | None, model_file: Path | None, data_path: str | None = None):
+    """(cfg, model, data_url) from a run's newest checkpoint or from an exported safetensors file."""
+    from s3dist import checkpoint as ckpt_io
+    from s3dist.config import from_dict
+    from s3dist.data.manifest import read_manifest
+    from s3dist.model.encoder import S3Encoder
+
+    if model_file is not None:
+        cfg_dict, state = ckpt_io.load_export(model_file)
+    else:
+        ck = ckpt_io.find_latest(run)
+        if ck is None:
+            raise ckpt_io.CheckpointError(f"no complete checkpoint in '{run}/checkpoints'; train first or pass --model")
+        cfg_dict = ckpt_io.read_meta(ck)["config"]
+        state = ckpt_io.consolidated_state_dict(ck)
+    cfg = from_dict(cfg_dict)
+    data_url = data_path or cfg.data.path or str(run / "data")
+    manifest = read_manifest(data_url)
+    mods = cfg.data.modalities or list(manifest.modalities)
+    model = S3Encoder({m: manifest.modalities[m].shape[-1] for m in mods}, cfg.model, cfg.moe, ep_size=1, ep_rank=0)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ckpt_io.CheckpointError(f"weights do not fit the model built from the saved config: missing "
+                                      f"{missing[:5]}, unexpected {unexpected[:5]}")
+    return cfg, model, data_url
+
+
+def _cli_eval(args) -> int:
+    from s3dist.dist import attach_expert_groups, init_distributed, make_dims
+
+    cfg, model, data_url = load_for_eval(args.run, args.model, args.data)
+    dims = make_dims(*init_distributed(cfg.dist), 1)
+    attach_expert_groups(model, dims)
+    out_dir = args.run or args.model.parent
+    ps = [args.keep_fraction] if getattr(args, "keep_fraction", None) else None
+    if getattr(args, "keep_fractions", None):
+        ps = [float(x) for x in args.keep_fractions.split(",")]
+    res = evaluate_run(cfg, dims, out_dir, model, data_url, None, keep_fractions=ps)
+    print(json.dumps({k: res[k] for k in ("probe_accuracy", "best_keep_fraction", "best_accuracy")}, indent=1))
+    return 0
+
+
+def aggregate_seeds(runs: list[Path], out_dir: Path) -> dict:
+    """Mean and std per keep fraction over several runs' eval.json (e.g. seeds)."""
+    tables = []
+    for r in runs:
+        f = r / "eval.json"
+        if not f.exists():
+            raise FileNotFoundError(f"'{f}' is missing: evaluate that run first (s3dist sweep --run {r})")
+        tables.append({row["keep_fraction"]: row["accuracy"] for row in json.loads(f.read_text())["sweep"]})
+    common = sorted(set.intersection(*(set(t) for t in tables)))
+    rows = [{"keep_fraction": p, "accuracy": statistics.mean(t[p] for t in tables),
+             "std": statistics.pstdev([t[p] for t in tables]), "n": len(tables)} for p in common]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "sweep_seeds.json").write_text(json.dumps({"runs": [str(r) for r in runs], "sweep": rows}, indent=1))
+    plot_sweep({"mean over runs": rows}, out_dir / "sweep_seeds.png", std={"mean over runs": [r["std"] for r in rows]})
+    return {"sweep": rows}
+
+
+def _cli_sweep(args) -> int:
+    if len(args.run) > 1:
+        res = aggregate_seeds(args.run, args.out or args.run[0].parent)
+        for r in res["sweep"]:
+            print(f"p={r['keep_fraction']:.2f}  acc={100 * r['accuracy']:.2f} ± {100 * r['std']:.2f}  (n={r['n']})")
+        return 0
+    args.run = args.run[0]
+    args.model = None
+    return _cli_eval(args)
+
+
+def add_subcommands(sub, name: str, help_text: str) -> None:
+    p = sub.add_parser(name, help=help_text)
+    if name == "eval":
+        src = p.add_mutually_exclusive_group(required=True)
+        src.add_argument("--run", type=Path, help="run directory (newest checkpoint is used)")
+        src.add_argument("--model", type=Path, help="exported .safetensors file (s3dist export)")
+        p.add_argument("--keep-fraction", type=float, help="one keep fraction p in (0, 1]")
+        p.add_argument("--data", help="data set URL (default: the run's)")
+        p.set_defaults(func=_cli_eval)
+    else:
+        p.add_argument("--run", type=Path, nargs="+", required=True,
+                       help="run directory; several runs (seeds) are aggregated into mean ± std")
+        p.add_argument("--keep-fractions", help="comma-separated list, e.g. 0.05,0.1,0.3,1.0")
+        p.add_argument("--data", help="data set URL (default: the run's)")
+        p.add_argument("--out", type=Path, help="with several runs: where sweep_seeds.json/png go")
+        p.set_defaults(func=_cli_sweep)
+
+

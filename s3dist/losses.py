@@ -1,0 +1,59 @@
+"""S3 training objectives: intra-/cross-modal InfoNCE, cross-modal SupCon, routing compactness.
+
+Negatives come from the *global* batch: embeddings are all-gathered across data-parallel ranks with
+gradient (torch.distributed.nn), as large-scale CLIP training does, so the contrastive problem does
+not shrink when the same global batch is split over more ranks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` from every rank along dim 0; gradients flow back to each rank's slice."""
+    _, world = _world()
+    if world == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x.contiguous()), dim=0)
+
+
+def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Symmetric InfoNCE: a[i] and b[i] are positives; every other global-batch row is a negative."""
+    rank, _ = _world()
+    a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
+    ga, gb = gather_with_grad(a), gather_with_grad(b)
+    target = torch.arange(a.shape[0], device=a.device) + rank * a.shape[0]
+    return 0.5 * (F.cross_entropy(a @ gb.t() / temperature, target)
+                  + F.cross_entropy(b @ ga.t() / temperature, target))
+
+
+def sup_con(a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Cross-modal supervised contrastive loss (Khosla et al.): anchors from `a`, candidates from `b`;
+    every `b` row with the anchor's label is a positive."""
+    a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
+    gb = gather_with_grad(b)
+    glabels = gather_with_grad(labels.float()).long() if _world()[1] > 1 else labels
+    log_prob = F.log_softmax(a @ gb.t() / temperature, dim=-1)
+    pos = (labels.unsqueeze(1) == glabels.unsqueeze(0)).float()
+    return -((log_prob * pos).sum(1) / pos.sum(1).clamp_min(1.0)).mean()
+
+
+def compactness(scores: torch.Tensor) -> torch.Tensor:
+    """Mean entropy of each sample's routing mass over experts: low when mass sits on few experts."""
+    p = scores / scores.sum(-1, keepdim=True).clamp_min(1e-9)
+    return -(p * p.clamp_min(1e-9).log()).sum(-1).mean()
+
+
+def pairs(modalities: list[str]) -> list[tuple[str, str]]:
+    return [(a, b) for i, a in enumerate(modalities) for b in modalities[i + 1:]]

@@ -1,0 +1,202 @@
+"""Metrics: one small logging interface with pluggable backends, and MoE load statistics.
+
+The training loop calls `MetricsLogger.log(step, stage, scalars)` and nothing else; backends
+(JSON lines, TensorBoard, ...) receive the same scalars. Only rank 0 writes. Expert-load counters
+live on device inside each router and are reduced across ranks once per log interval
+(`moe_load_metrics`), never per step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("s3dist")
+
+
+class MetricsBackend(Protocol):
+    def scalars(self, step: int, stage: str, values: dict[str, float]) -> None: ...
+    def histogram(self, step: int, tag: str, values: np.ndarray) -> None: ...
+    def image(self, step: int, tag: str, rgb: np.ndarray) -> None: ...
+    def close(self) -> None: ...
+
+
+class JsonlBackend:
+    """`metrics.jsonl`: one JSON object per logged step (`step`, `stage`, then every scalar)."""
+
+    def __init__(self, path: Path) -> None:
+        self.f = open(path, "a", buffering=1)
+
+    def scalars(self, step, stage, values):
+        self.f.write(json.dumps({"step": step, "stage": stage, **values}) + "\n")
+
+    def histogram(self, step, tag, values):
+        pass
+
+    def image(self, step, tag, rgb):
+        pass
+
+    def close(self):
+        self.f.close()
+
+
+class TensorBoardBackend:
+    def __init__(self, logdir: Path) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.w = SummaryWriter(str(logdir))
+
+    def scalars(self, step, stage, values):
+        for k, v in values.items():
+            self.w.add_scalar(k, v, step)
+        self.w.flush()
+
+    def histogram(self, step, tag, values):
+        self.w.add_histogram(tag, np.asarray(values, dtype=np.float64), step)
+
+    def image(self, step, tag, rgb):
+        self.w.add_image(tag, rgb, step, dataformats="HWC")
+        self.w.flush()
+
+    def close(self):
+        self.w.close()
+
+
+class MetricsLogger:
+    """Fan-out to backends on rank 0; a no-op elsewhere."""
+
+    def __init__(self, backends: list[MetricsBackend]) -> None:
+        self.backends = backends
+
+    def log(self, step: int, stage: str, values: dict[str, float]) -> None:
+        clean = {k: float(v) for k, v in values.items()}
+        for b in self.backends:
+            b.scalars(step, stage, clean)
+
+    def histogram(self, step: int, tag: str, values) -> None:
+        for b in self.backends:
+            b.histogram(step, tag, np.asarray(values))
+
+    def image(self, step: int, tag: str, rgb: np.ndarray) -> None:
+        for b in self.backends:
+            b.image(step, tag, rgb)
+
+    def close(self) -> None:
+        for b in self.backends:
+            b.close()
+
+
+def make_logger(run_dir: Path, is_main: bool, tensorboard: bool) -> MetricsLogger:
+    if not is_main:
+        return MetricsLogger([])
+    backends: list[MetricsBackend] = [JsonlBackend(run_dir / "metrics.jsonl")]
+    if tensorboard:
+        backends.append(TensorBoardBackend(run_dir / "tb"))
+    return MetricsLogger(backends)
+
+
+def truncate_metrics(path: Path, after_step: int) -> None:
+    """Drop rows logged after `after_step` (a resumed run re-logs them), atomically."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= after_step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(ln + "\n" for ln in keep))
+    tmp.replace(path)
+
+
+# --------------------------------------------------------------------------------------------
+# MoE load
+# --------------------------------------------------------------------------------------------
+
+
+def moe_load_metrics(encoder, *, reduce: bool = True) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """Pop every router's counters, all-reduce them once (SUM over all ranks), and turn them into
+    `expert_load/{m}/layer{L}/expert{E}` (fractions summing to 1 over E) and `expert_balance/...`
+    scalars, plus per-expert token histograms. Must be called on every rank (it is a collective)."""
+    layout, chunks = [], []
+    for li, layer in enumerate(getattr(encoder, "layers", [])):
+        for router in getattr(layer, "routers", []):
+            c = router.pop_load_counters()
+            mods = getattr(router, "modalities", None) or layer.groups[layer.routers.index(router)]
+            layout.append((li, router, mods, c.numel()))
+            chunks.append(c)
+    if not chunks:
+        return {}, {}
+    flat = torch.cat(chunks).double()
+    if reduce and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flat)
+    flat = flat.cpu().numpy()
+    scalars, hists = {}, {}
+    pos = 0
+    for li, router, mods, size in layout:
+        c = flat[pos:pos + size]
+        pos += size
+        e_total = router.num_experts
+        demand, kept = c[:e_total], c[e_total:2 * e_total]
+        tail = c[2 * e_total:]
+        ent, cnt = tail[:len(mods)], tail[len(mods):]
+        n = e_total if len(mods) == 1 else getattr(router, "n", e_total)
+        for j, m in enumerate(mods):
+            off = router.offset(m) if hasattr(router, "offset") else 0
+            d, k = demand[off:off + n], kept[off:off + n]
+            prefix = f"{m}/layer{li}"
+            total = d.sum()
+            frac = d / total if total > 0 else np.full(n, 1.0 / n)
+            for e in range(n):
+                scalars[f"expert_load/{prefix}/expert{e}"] = float(frac[e])
+            mean = frac.mean()
+            scalars[f"expert_balance/{prefix}/cv"] = float(frac.std() / mean) if mean > 0 else 0.0
+            scalars[f"expert_balance/{prefix}/max_over_mean"] = float(frac.max() / mean) if mean > 0 else 0.0
+            scalars[f"expert_balance/{prefix}/dropped_fraction"] = float(1 - k.sum() / total) if total > 0 else 0.0
+            if cnt[j] > 0 and ent[j] > 0:
+                scalars[f"expert_balance/{prefix}/router_entropy"] = float(ent[j] / cnt[j])
+            hists[f"expert_load/{prefix}"] = frac
+            hists[f"expert_tokens_before_capacity/{prefix}"] = d
+            hists[f"expert_tokens_after_capacity/{prefix}"] = k
+    return scalars, hists
+
+
+class ImbalanceAlarm:
+    """Warn once per (modality, layer) when max/mean load stays above a threshold for K intervals."""
+
+    def __init__(self, threshold: float, patience: int) -> None:
+        self.threshold, self.patience = threshold, patience
+        self.streak: dict[str, int] = {}
+        self.warned: set[str] = set()
+
+    def update(self, scalars: dict[str, float]) -> list[str]:
+        messages = []
+        for tag, v in scalars.items():
+            if not tag.endswith("/max_over_mean"):
+                continue
+            key = tag[len("expert_balance/"):-len("/max_over_mean")]
+            self.streak[key] = self.streak.get(key, 0) + 1 if v > self.threshold else 0
+            if self.streak[key] >= self.patience and key not in self.warned:
+                self.warned.add(key)
+                loads = {t.rsplit("/", 1)[1]: x for t, x in scalars.items() if t.startswith(f"expert_load/{key}/")}
+                hottest = sorted(loads, key=loads.get, reverse=True)[:3]
+                modality, layer = key.split("/")
+                msg = (f"expert imbalance: modality '{modality}' {layer} has max/mean load {v:.2f} > "
+                       f"{self.threshold} for {self.streak[key]} log intervals; hottest experts: "
+                       + ", ".join(f"{h} ({loads[h]:.1%})" for h in hottest)
+                       + ". Consider raising moe.aux_loss_weight or moe.capacity_factor.")
+                log.warning(msg)
+                messages.append(msg)
+        return messages
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+

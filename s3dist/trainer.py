@@ -1,0 +1,357 @@
+"""The S3 training loop: Stage 1 (Specialization) and Stage 2 (Selection) on DeepSpeed engines.
+
+Reads like the method: build the encoder once, then for each training stage build an engine over
+the parameters that stage trains, stream batches, compute the stage's loss, step, log, checkpoint.
+Stage 3 (Sparsification) is inference-time and lives in `s3dist.evaluate`.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from s3dist import checkpoint as ckpt_io
+from s3dist import losses
+from s3dist.config import RunConfig, to_dict
+from s3dist.dist import ParallelDims, build_engine
+from s3dist.metrics import ImbalanceAlarm, MetricsLogger, moe_load_metrics, peak_memory_mb
+from s3dist.model.encoder import S3Encoder
+
+log = logging.getLogger("s3dist")
+
+EXIT_REQUEUE = 75  # EX_TEMPFAIL: "checkpointed on a pre-emption signal, run me again with --resume auto"
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Pre-emption: a signal only sets a flag; ranks agree on it at the next step boundary.
+# ---------------------------------------------------------------------------------------------
+
+
+class PreemptionFlag:
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        for s in (signal.SIGTERM, signal.SIGUSR2):
+            signal.signal(s, self._handler)
+
+    def _handler(self, signum, frame) -> None:
+        self.signum = signum
+
+    @property
+    def raised(self) -> bool:
+        return self.signum is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# Augmentation for the two views of Stage 1
+# ---------------------------------------------------------------------------------------------
+
+
+def augment(x: torch.Tensor, mask: torch.Tensor, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    """Time masking (keeps at least one real step), feature dropout, Gaussian noise."""
+    if cfg.time_mask > 0 and x.shape[1] > 1:
+        drop = (torch.rand(mask.shape, device=x.device) < cfg.time_mask) & mask
+        keep = mask & ~drop
+        empty = ~keep.any(1) & mask.any(1)
+        keep[empty] = mask[empty]  # never mask a sample away entirely
+        mask = keep
+    if cfg.feature_dropout > 0:
+        x = x * (torch.rand_like(x) >= cfg.feature_dropout) / (1 - cfg.feature_dropout)
+    if cfg.noise_std > 0:
+        x = x + cfg.noise_std * torch.randn_like(x)
+    return x * mask.unsqueeze(-1), mask
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage losses
+# ---------------------------------------------------------------------------------------------
+
+
+def specialize_loss(engine, batch, cfg: RunConfig, modalities: list[str]):
+    """Intra-modal InfoNCE (two views) + cross-modal InfoNCE + MoE balance (+ z) losses."""
+    st = cfg.stages
+    feats, masks = {}, {}
+    for m in modalities:
+        x1, k1 = augment(batch.features[m], batch.masks[m], st)
+        x2, k2 = augment(batch.features[m], batch.masks[m], st)
+        feats[m], masks[m] = torch.cat([x1, x2]), torch.cat([k1, k2])  # one MoE call for both views
+    out = engine(feats, masks)
+    b = len(batch)
+    e1 = {m: e[:b] for m, e in out.embeddings.items()}
+    e2 = {m: e[b:] for m, e in out.embeddings.items()}
+    terms = {}
+    terms["intra"] = sum(losses.info_nce(e1[m], e2[m], st.temperature) for m in modalities) / len(modalities)
+    prs = losses.pairs(modalities)
+    if prs:
+        terms["cross"] = sum(losses.info_nce(e1[a], e1[b_], st.temperature) for a, b_ in prs) / len(prs)
+    total = st.intra_weight * terms["intra"] + st.cross_weight * terms.get("cross", 0.0)
+    return _add_router_terms(total, terms, out, cfg)
+
+
+def select_loss(engine, batch, cfg: RunConfig, modalities: list[str]):
+    """Cross-modal SupCon with task labels + compactness of routing mass (routers only train)."""
+    st = cfg.stages
+    out = engine(batch.features, batch.masks)
+    emb, y = out.embeddings, batch.labels
+    prs = losses.pairs(modalities)
+    terms = {}
+    if prs:
+        terms["supcon"] = sum(losses.sup_con(emb[a], emb[b], y, st.temperature)
+                              + losses.sup_con(emb[b], emb[a], y, st.temperature) for a, b in prs) / (2 * len(prs))
+    else:
+        m = modalities[0]
+        terms["supcon"] = losses.sup_con(emb[m], emb[m], y, st.temperature)
+    terms["compact"] = sum(losses.compactness(s) for s in out.sample_scores.values()) / max(1, len(out.sample_scores))
+    total = st.supcon_weight * terms["supcon"] + st.compact_weight * terms["compact"]
+    return _add_router_terms(total, terms, out, cfg)
+
+
+def _add_router_terms(total, terms, out, cfg: RunConfig):
+    if out.aux_loss is not None:
+        terms["aux"] = out.aux_loss
+        total = total + cfg.moe.aux_loss_weight * out.aux_loss
+    if out.z_loss is not None and cfg.moe.z_loss_weight > 0:
+        terms["z"] = out.z_loss
+        total = total + cfg.moe.z_loss_weight * out.z_loss
+    terms["loss"] = total
+    return total, terms
+
+
+STAGE_LOSS = {"specialize": specialize_loss, "select": select_loss}
+
+
+# ---------------------------------------------------------------------------------------------
+# Trainer
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Trainer:
+    cfg: RunConfig
+    dims: ParallelDims
+    run_dir: Path
+    model: S3Encoder
+    stream: object                 # s3dist.data.stream.ShardStream over the train split
+    logger: MetricsLogger
+    preempt: PreemptionFlag = field(default_factory=PreemptionFlag)
+    progress: object = None
+
+    def __post_init__(self) -> None:
+        self.modalities = self.model.modalities
+        self.alarm = ImbalanceAlarm(self.cfg.logging.imbalance_threshold, self.cfg.logging.imbalance_patience)
+        self.state = ckpt_io.TrainState(stage=self.cfg.stages.run[0], stage_step=0, global_step=0, stage_done=False)
+        self._batches = None
+        self._last_save = time.monotonic()
+
+    # -- stages --------------------------------------------------------------------------------
+    def stage_params(self, stage: str) -> list[torch.nn.Parameter]:
+        if stage == "specialize":
+            return list(self.model.parameters())
+        params = self.model.router_parameters()
+        total = sum(p.numel() for p in self.model.parameters())
+        share = sum(p.numel() for p in params) / total
+        log.info("Stage 2 trains routers only: %d of %d parameters on this rank (%.2f%%)",
+                 sum(p.numel() for p in params), total, 100 * share)
+        return params
+
+    def fit(self, resume_from: Path | None = None) -> ckpt_io.TrainState:
+        training_stages = [s for s in self.cfg.stages.run if s in STAGE_LOSS]
+        resume_meta = ckpt_io.read_meta(resume_from) if resume_from else None
+        if resume_meta:
+            self.state = ckpt_io.TrainState(**resume_meta["state"])
+        for stage in training_stages:
+            if resume_meta and training_stages.index(stage) < training_stages.index(self.state.stage):
+                continue
+            if resume_meta and stage == self.state.stage and self.state.stage_done:
+                continue
+            self.run_stage(stage, resume_from if (resume_meta and stage == self.state.stage) else None,
+                           load_weights_from=resume_from if resume_meta else None)
+            resume_meta = None
+        return self.state
+
+    def run_stage(self, stage: str, resume_ckpt: Path | None, load_weights_from: Path | None) -> None:
+        cfg = self.cfg
+        total = cfg.stages.specialize_steps if stage == "specialize" else cfg.stages.select_steps
+        lr = cfg.optim.lr if stage == "specialize" else cfg.optim.router_lr
+        engine = build_engine(self.model, self.stage_params(stage), lr=lr, total_steps=total, optim=cfg.optim,
+                              dist_cfg=cfg.dist, micro_batch=cfg.data.batch_size)
+        if resume_ckpt is not None:  # same stage: weights, optimizer, scheduler, data, RNG
+            self._load(engine, resume_ckpt, full=True)
+        elif load_weights_from is not None:  # earlier stage finished: weights and data position only
+            self._load(engine, load_weights_from, full=False)
+            self.state = ckpt_io.TrainState(stage, 0, self.state.global_step, False, self.state.skipped_steps)
+        else:
+            self.state = ckpt_io.TrainState(stage, 0, self.state.global_step, False, self.state.skipped_steps)
+        engine.train()
+        loss_fn = STAGE_LOSS[stage]
+        window = _Window()
+        if self.progress is not None:
+            self.progress.start(stage, total, self.state.stage_step)
+        while self.state.stage_step < total:
+            t0 = time.perf_counter()
+            batch = self._next_batch()
+            t_data = time.perf_counter()
+            loss, terms = loss_fn(engine, batch, cfg, self.modalities)
+            t_fwd = time.perf_counter()
+            nonfinite, preempt = self._agree(loss)
+            if nonfinite:
+                self._on_nonfinite(engine, batch, stage)
+            else:
+                engine.backward(loss)
+                t_bwd = time.perf_counter()
+                engine.step()
+                window.add(terms, len(batch), batch, t_data - t0, t_fwd - t_data, t_bwd - t_fwd,
+                           time.perf_counter() - t_bwd)
+            self.state.stage_step += 1
+            self.state.global_step += 1
+            if self.state.stage_step % cfg.logging.every_steps == 0 or self.state.stage_step == total:
+                self._log(stage, engine, window)
+                window = _Window()
+            if self.progress is not None:
+                self.progress.update(self.state.stage_step, terms["loss"])
+            done = self.state.stage_step == total
+            if done:
+                self.state.stage_done = True
+            if done or preempt or self._save_due():
+                self.save(engine)
+            if preempt:
+                log.warning("pre-emption signal received: checkpoint written at step %d; exiting with %d so the "
+                            "job can be requeued (--resume auto)", self.state.global_step, EXIT_REQUEUE)
+                sys.exit(EXIT_REQUEUE)
+        if self.progress is not None:
+            self.progress.close()
+        self.engine = engine
+
+    # -- pieces ----------------------------------------------------------------------------------
+    def _next_batch(self):
+        while True:
+            if self._batches is None:
+                self._batches = iter(self.stream)
+            try:
+                return next(self._batches)
+            except StopIteration:  # the stream advanced its epoch; start the next one
+                self._batches = None
+
+    def _agree(self, loss: torch.Tensor) -> tuple[bool, bool]:
+        """One tiny all-reduce per step: any rank's non-finite loss or pre-emption signal stops all."""
+        flags = torch.tensor([0.0 if torch.isfinite(loss.detach()) else 1.0, 1.0 if self.preempt.raised else 0.0],
+                             device=loss.device)
+        if self.dims.world_size > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        nonfinite, preempt = flags.tolist()
+        return bool(nonfinite), bool(preempt)
+
+    def _on_nonfinite(self, engine, batch, stage: str) -> None:
+        self.state.skipped_steps += 1
+        if self.cfg.optim.nonfinite_loss == "stop":
+            path = self.run_dir / f"nonfinite_step{self.state.global_step}_rank{self.dims.rank}.pt"
+            torch.save({"ids": batch.ids, "features": batch.features, "masks": batch.masks, "stage": stage,
+                        "step": self.state.global_step}, path)
+            raise NonFiniteLossError(f"non-finite loss at {stage} step {self.state.stage_step} (global "
+                                     f"{self.state.global_step}); the batch is saved in {path.name} for inspection. "
+                                     f"Set optim.nonfinite_loss=skip to skip such steps instead.")
+        log.warning("non-finite loss at global step %d: step skipped (%d so far)", self.state.global_step,
+                    self.state.skipped_steps)
+
+    def _save_due(self) -> bool:
+        c = self.cfg.checkpoint
+        if c.every_steps and self.state.stage_step % c.every_steps == 0:
+            return True
+        if c.every_minutes and time.monotonic() - self._last_save > 60 * c.every_minutes:
+            # ranks must agree: use rank 0's clock
+            due = torch.tensor([1.0], device=self.dims.device)
+        else:
+            due = torch.tensor([0.0], device=self.dims.device)
+        if c.every_minutes and self.dims.world_size > 1:
+            dist.broadcast(due, src=0)
+        return bool(due.item())
+
+    def save(self, engine) -> Path:
+        path = ckpt_io.save(engine, self.run_dir, self.state, to_dict(self.cfg), self.stream.state_dict(),
+                            self.cfg.checkpoint.keep_last)
+        self._last_save = time.monotonic()
+        return path
+
+    def _load(self, engine, ckpt: Path, full: bool) -> None:
+        meta = ckpt_io.read_meta(ckpt)
+        ckpt_io.check_compatible(meta, to_dict(self.cfg), ckpt)
+        same_world = meta["world_size"] == self.dims.world_size
+        load_optim = full and same_world
+        if full and not same_world:
+            log.warning("checkpoint %s was written by %d ranks, this run has %d: model weights and experts are "
+                        "resharded, optimizer and LR-scheduler state are reset (DeepSpeed cannot reshard them)",
+                        ckpt.name, meta["world_size"], self.dims.world_size)
+        engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_optimizer_states=load_optim,
+                               load_lr_scheduler_states=load_optim, load_module_only=not load_optim)
+        if same_world:
+            rank_state = ckpt_io.load_rank_state(ckpt, self.dims.rank)
+            self.stream.load_state_dict(rank_state["stream"])
+            ckpt_io.set_rng_state(rank_state["rng"])
+        else:
+            log.warning("data position and RNG are per rank and the world size changed: the data stream restarts "
+                        "its epoch")
+        self._batches = None
+
+    def _log(self, stage: str, engine, window: "_Window") -> None:
+        load, hists = moe_load_metrics(self.model)
+        scalars = window.reduce(self.dims)
+        scalars.update(load)
+        scalars["lr"] = engine.get_lr()[0]
+        gn = engine.get_global_grad_norm()
+        if gn is not None:
+            scalars["grad_norm"] = float(gn)
+        scalars["memory_mb"] = peak_memory_mb(self.dims.device)
+        scalars["skipped_steps"] = self.state.skipped_steps
+        self.logger.log(self.state.global_step, stage, scalars)
+        for tag, values in hists.items():
+            self.logger.histogram(self.state.global_step, tag, values)
+        if self.dims.is_main:
+            self.alarm.update(load)
+
+
+class _Window:
+    """Per-log-interval accumulators, kept on device; reduced once when logged."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps = 0
+        self.samples = 0
+        self.tokens = 0
+        self.times = torch.zeros(4, dtype=torch.float64)
+        self.t0 = time.perf_counter()
+
+    def add(self, terms, n, batch, t_data, t_fwd, t_bwd, t_opt) -> None:
+        for k, v in terms.items():
+            v = v.detach().float()
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+        self.steps += 1
+        self.samples += n
+        self.tokens += int(sum(m.sum() for m in batch.masks.values()))
+        self.times += torch.tensor([t_data, t_fwd, t_bwd, t_opt], dtype=torch.float64)
+
+    def reduce(self, dims: ParallelDims) -> dict[str, float]:
+        elapsed = time.perf_counter() - self.t0
+        keys = sorted(self.sums)
+        vec = torch.stack([self.sums[k] for k in keys] + [torch.tensor(float(self.samples)),
+                                                          torch.tensor(float(self.tokens))]).to(dims.device)
+        if dims.world_size > 1:
+            dist.all_reduce(vec)
+        vals = vec.tolist()
+        steps = max(1, self.steps)
+        out = {k: vals[i] / (steps * dims.world_size) for i, k in enumerate(keys)}
+        samples, tokens = vals[-2], vals[-1]
+        out["samples_per_s"] = samples / elapsed
+        out["tokens_per_s"] = tokens / elapsed
+        for name, t in zip(("data_wait", "forward", "backward", "optimizer"), self.times.tolist()):
+            out[f"time/{name}_ms"] = 1000 * t / steps
+        return out
