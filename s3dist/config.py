@@ -228,6 +228,11 @@ def _coerce(key: str, value: Any, typ: Any, from_cli: bool) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif typ is float:
+        if isinstance(value, str):  # YAML 1.1 reads '1e-4' (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
     elif typ is str:
