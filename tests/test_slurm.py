@@ -1,0 +1,231 @@
+"""End to end on a real two-node SLURM cluster (tests/slurm_cluster.py): sbatch -> srun -> one
+`accelerate launch` per node -> gloo across the two emulated nodes.
+
+These need root and network namespaces; they install Debian's slurm-wlm / munge when missing
+and are skipped only where the host forbids `ip netns add`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.slurm_cluster import SlurmCluster, ensure_slurm_installed, namespaces_forbidden_reason
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parent.parent
+PWNED = Path("/tmp/pwned")
+HOSTILE_NAME = "my run $(touch /tmp/pwned) `touch /tmp/pwned`"
+# `name` is a path component in s3dist (no '/' allowed); this one still holds a command substitution
+HOSTILE_RUN_NAME = "evil run $(touch pwned-by-name) x"
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"}
+
+# Small enough for ~1 minute on two 1-process CPU nodes, still every stage, a checkpoint and eval.
+TRAIN_OVERRIDES = [
+    "dist.ep_size=2", "data.synth.num_train=512", "data.synth.num_val=64", "data.synth.num_test=128",
+    "stages.specialize_steps=40", "stages.select_steps=20", "checkpoint.every_steps=10",
+    "logging.every_steps=5", "eval.keep_fractions=[0.3,1.0]", "eval.probe_Cs=[1.0]",
+]
+
+
+def _train_available() -> bool:
+    return importlib.util.find_spec("s3dist.train") is not None
+
+
+needs_train = pytest.mark.skipif(not _train_available(), reason="s3dist.train is not written yet")
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory):
+    reason = namespaces_forbidden_reason()
+    if reason:
+        pytest.skip(reason)
+    seconds = ensure_slurm_installed()
+    print(f"\nslurm packages ready after {seconds:.1f}s of apt-get")
+    c = SlurmCluster(tmp_path_factory.mktemp("slurm-cluster"))
+    c.start()
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+def _job_env(cluster: SlurmCluster, **extra) -> dict:
+    return cluster.env(**{"S3DIST_ROOT": str(ROOT), "S3DIST_PYTHON": sys.executable, **extra})
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _finish(cluster: SlurmCluster, job: int, timeout: float, logs: Path) -> dict:
+    info = cluster.wait_state(job, TERMINAL, timeout)
+    if info["JobState"] != "COMPLETED":
+        dump = "\n".join(f"--- {p}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(logs.rglob("*.log*")))
+        pytest.fail(f"job {job} ended {info['JobState']} ({info.get('ExitCode')})\n{dump}\n{cluster.logs()}")
+    return info
+
+
+# ---------------------------------------------------------------------------------------------
+# The cluster and the launch path, with a stand-in program (no training code needed)
+# ---------------------------------------------------------------------------------------------
+
+STANDIN = """\
+import json, os, socket, sys
+import torch, torch.distributed as dist
+dist.init_process_group("gloo")
+t = torch.tensor([float(dist.get_rank() + 1)])
+dist.all_reduce(t)
+rec = dict(rank=dist.get_rank(), world=dist.get_world_size(), hostname=socket.gethostname(),
+           node_rank=int(os.environ["GROUP_RANK"]), sum=t.item(), argv=sys.argv[1:])
+with open(os.path.join(os.environ["STANDIN_OUT"], f"rank{dist.get_rank()}.json"), "w") as f:
+    json.dump(rec, f)
+dist.destroy_process_group()
+"""
+
+STANDIN_SBATCH = """\
+#!/bin/bash
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=1
+set -euo pipefail
+source "$S3DIST_ROOT/slurm/common.sh"
+s3dist_srun "$STANDIN_OUT/node%n.log" standin_allreduce "$@"
+"""
+
+
+def test_gloo_allreduce_across_two_nodes(cluster, tmp_path):
+    """slurm/common.sh's srun -> s3dist.launch -> accelerate -> torchrun reaches a gloo all_reduce
+    spanning both nodes (different host names), and a hostile argument arrives verbatim."""
+    PWNED.unlink(missing_ok=True)
+    (tmp_path / "standin_allreduce.py").write_text(STANDIN)
+    (tmp_path / "standin.sbatch").write_text(STANDIN_SBATCH)
+    job = cluster.sbatch(["standin.sbatch", HOSTILE_NAME, "k=v"], cwd=tmp_path,
+                         env=_job_env(cluster, STANDIN_OUT=str(tmp_path)))
+    _finish(cluster, job, 120, tmp_path)
+    recs = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["sum"] for r in recs] == [3.0, 3.0]
+    assert {r["world"] for r in recs} == {2}
+    assert sorted(r["node_rank"] for r in recs) == [0, 1]
+    assert {r["hostname"] for r in recs} == set(cluster.nodes)
+    assert all(r["argv"] == [HOSTILE_NAME, "k=v"] for r in recs)
+    assert not PWNED.exists()
+
+
+RECORDER = """\
+#!{python}
+# stands in for python on the nodes: records what the per-node launch would have run
+import json, os, sys
+out = os.path.join(os.environ["RECORD_DIR"], "node%s.json" % os.environ["SLURM_NODEID"])
+json.dump(dict(argv=sys.argv[1:], node=os.environ["SLURMD_NODENAME"]), open(out, "w"))
+"""
+
+
+def test_train_sbatch_passes_user_values_verbatim(cluster, tmp_path):
+    """Run name / output dir / overrides with spaces, quotes and `$(...)`: slurm/train.sbatch hands
+    them to each node's launcher as single arguments and nothing in them is executed."""
+    PWNED.unlink(missing_ok=True)
+    recorder = tmp_path / "recorder"
+    recorder.write_text(RECORDER.format(python=sys.executable))
+    recorder.chmod(0o755)
+    out_dir = str(tmp_path / f"runs/{HOSTILE_NAME}")
+    user_args = ["--output_dir", out_dir, f"name={HOSTILE_RUN_NAME}"]
+    job = cluster.sbatch([f"--job-name={HOSTILE_NAME}", str(ROOT / "slurm" / "train.sbatch"), *user_args],
+                         cwd=tmp_path, env=_job_env(cluster, S3DIST_PYTHON=str(recorder), RECORD_DIR=str(tmp_path)))
+    _finish(cluster, job, 60, tmp_path)
+    assert cluster.run_client(["squeue", "-h", "-t", "all", "-j", str(job), "-o", "%j"]).stdout.strip() == HOSTILE_NAME
+    recs = sorted((json.loads((tmp_path / f"node{i}.json").read_text()) for i in range(2)), key=lambda r: r["node"])
+    assert [r["node"] for r in recs] == cluster.nodes
+    for rank, rec in enumerate(recs):
+        argv = rec["argv"]
+        assert argv[:4] == ["-m", "s3dist.launch", "--machine_rank", str(rank)]
+        assert argv[argv.index("-m", 1):] == ["-m", "s3dist.train", *user_args]
+    assert not PWNED.exists() and not (tmp_path / "pwned-by-name").exists()
+    assert (Path(out_dir) / "logs" / f"job-{job}.log").is_file(), "the job log lives in the run directory"
+
+
+# ---------------------------------------------------------------------------------------------
+# The real training through slurm/train.sbatch
+# ---------------------------------------------------------------------------------------------
+
+
+def _submit_train(cluster: SlurmCluster, cwd: Path, run_dir: Path, extra: list[str] = ()) -> int:
+    args = [str(ROOT / "slurm" / "train.sbatch"), "--output_dir", str(run_dir), *TRAIN_OVERRIDES, *extra]
+    return cluster.sbatch(args, cwd=cwd, env=_job_env(cluster))
+
+
+def _final_loss(run_dir: Path) -> tuple[int, float]:
+    last = max(_read_jsonl(run_dir / "metrics.jsonl"), key=lambda r: r["step"])
+    return last["step"], last["loss"]
+
+
+@pytest.fixture(scope="session")
+def reference_run(cluster, tmp_path_factory):
+    """One uninterrupted 2-node training run, shared by the contract and the requeue tests."""
+    if not _train_available():
+        pytest.skip("s3dist.train is not written yet")
+    base = tmp_path_factory.mktemp("train-ref")
+    run_dir = base / "ref run"
+    start = time.monotonic()
+    job = _submit_train(cluster, base, run_dir, [f"name={HOSTILE_RUN_NAME}"])
+    _finish(cluster, job, 300, run_dir)
+    print(f"\nreference training job took {time.monotonic() - start:.0f}s")
+    return run_dir
+
+
+@needs_train
+def test_train_sbatch_two_nodes_runs_to_completion(reference_run, tmp_path):
+    """sbatch slurm/train.sbatch, 2 nodes x 1 CPU process, ep_size=2: the run directory contract
+    holds and the two ranks ran on different nodes."""
+    run = reference_run
+    for name in ("config.yaml", "metrics.jsonl", "eval.json", "ranks.jsonl"):
+        assert (run / name).is_file(), name
+    assert any((run / "tb").iterdir()) and any((run / "checkpoints").iterdir())
+    metrics = _read_jsonl(run / "metrics.jsonl")
+    assert metrics and all({"step", "stage", "loss", "samples_per_s"} <= m.keys() for m in metrics)
+    ranks = _read_jsonl(run / "ranks.jsonl")
+    assert sorted(r["rank"] for r in ranks) == [0, 1]
+    assert sorted(r["node_rank"] for r in ranks) == [0, 1]
+    assert len({r["hostname"] for r in ranks}) == 2, ranks
+    import yaml
+    assert yaml.safe_load((run / "config.yaml").read_text())["name"] == HOSTILE_RUN_NAME
+    assert not (tmp_path.parent / "pwned-by-name").exists() and not PWNED.exists()
+    assert list((run / "logs").glob("job-*-r0-node*.log"))
+
+
+@needs_train
+@pytest.mark.parametrize("how", ["usr2", "requeue"])
+def test_preempted_job_requeues_and_matches_uninterrupted_loss(cluster, reference_run, tmp_path, how):
+    """Pre-emption mid-run (`scancel --signal=USR2`, as `--signal=USR2@120` does, or `scontrol
+    requeue`, which sends SIGTERM): the job checkpoints, is requeued, resumes with --resume auto
+    and ends with the same final loss as the uninterrupted reference run."""
+    run_dir = tmp_path / "run"
+    job = _submit_train(cluster, tmp_path, run_dir)
+    # interrupt once training has logged a few steps past the first checkpoint
+    deadline = time.monotonic() + 240
+    while not (run_dir / "metrics.jsonl").is_file() or max(
+            (m["step"] for m in _read_jsonl(run_dir / "metrics.jsonl")), default=0) < 15:
+        assert cluster.job(job)["JobState"] in ("PENDING", "RUNNING"), cluster.job(job)
+        assert time.monotonic() < deadline, "training logged no progress"
+        time.sleep(0.5)
+    if how == "usr2":
+        cluster.run_client(["scancel", "--signal=USR2", str(job)])
+    else:
+        cluster.scontrol("requeue", str(job))
+    # requeued jobs wait on BeginTime; start it now
+    deadline = time.monotonic() + 120
+    while (info := cluster.job(job))["RestartCnt"] == "0" or info["JobState"] not in ("PENDING", "RUNNING"):
+        assert info["JobState"] not in TERMINAL, info
+        assert time.monotonic() < deadline, f"job was not requeued: {info}"
+        time.sleep(0.5)
+    if info["JobState"] == "PENDING":
+        cluster.scontrol("update", f"jobid={job}", "StartTime=now")
+    _finish(cluster, job, 300, run_dir)
+    assert list((run_dir / "logs").glob("job-*-r1-node*.log")), "a second attempt ran"
+    assert _final_loss(run_dir) == pytest.approx(_final_loss(reference_run), rel=1e-6, abs=1e-7)

@@ -1,0 +1,64 @@
+"""s3dist.launch and slurm/ without a cluster (fast): argv lists carry user values verbatim,
+the requeue exit code survives the launcher, and the shell scripts parse and quote correctly."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from s3dist import launch
+
+ROOT = Path(__file__).resolve().parent.parent
+HOSTILE = "my run $(touch /tmp/pwned) `touch /tmp/pwned` ; rm -rf x 'q\" * %j"
+
+
+def test_launch_argv_keeps_user_values_as_single_elements():
+    argv = launch.launch_argv(train_args=["--output_dir", HOSTILE, f"name={HOSTILE}"], config_file="c.yaml",
+                              num_machines=2, machine_rank=1, procs_per_node=4, main_process_ip="node1",
+                              main_process_port=29501, python="py")
+    assert argv[:3] == ["py", "-m", "s3dist.launch"]
+    assert argv[-5:] == ["-m", "s3dist.train", "--output_dir", HOSTILE, f"name={HOSTILE}"]
+    opts = dict(zip(argv[3:-5:1], argv[4:-5]))
+    assert opts["--num_processes"] == "8" and opts["--machine_rank"] == "1" and opts["--num_machines"] == "2"
+    assert "--multi_gpu" in argv
+
+
+@pytest.mark.parametrize("layout", [dict(num_machines=0), dict(num_machines=2, machine_rank=2),
+                                    dict(procs_per_node=0)])
+def test_launch_argv_rejects_impossible_layouts(layout):
+    with pytest.raises(ValueError, match="bad layout"):
+        launch.launch_argv(train_args=[], **layout)
+
+
+def test_rendezvous_port_is_stable_and_in_range():
+    assert launch.rendezvous_port(123) == launch.rendezvous_port(123)
+    assert 20000 <= launch.rendezvous_port(10**9 + 7) < 40000
+
+
+def test_launcher_passes_requeue_exit_code_through_torchrun(tmp_path):
+    """A worker exiting 75 makes torchrun raise a generic failure; s3dist.launch returns 75."""
+    (tmp_path / "requeue_prog.py").write_text("import sys; sys.exit(75)\n")
+    proc = subprocess.run([sys.executable, "-m", "s3dist.launch", "--config_file",
+                           str(ROOT / "launch_configs" / "cpu_2proc.yaml"), "--main_process_port", "0",
+                           "-m", "requeue_prog"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == launch.EXIT_REQUEUE, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("script", sorted((ROOT / "slurm").glob("*")), ids=lambda p: p.name)
+def test_slurm_scripts_parse(script):
+    subprocess.run(["bash", "-n", str(script)], check=True)
+
+
+def test_find_output_dir_reads_every_spelling_verbatim():
+    def find(*args):
+        return subprocess.run(["bash", "-c", 'source "$0"; s3dist_find_output_dir "$@"',
+                               str(ROOT / "slurm" / "common.sh"), *args], capture_output=True, text=True,
+                              env={"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "", "PATH": "/usr/bin:/bin"}).stdout
+    assert find("a=1", "--output_dir", HOSTILE, "b=2") == HOSTILE
+    assert find(f"--output_dir={HOSTILE}") == HOSTILE
+    assert find(f"output_dir={HOSTILE}") == HOSTILE
+    assert find("a=1") == ""
+    assert not Path("/tmp/pwned").exists() or pytest.fail("a hostile value was executed")
