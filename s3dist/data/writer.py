@@ -1,0 +1,161 @@
+"""The one place that writes a data set: splits of numpy arrays -> Parquet shards + manifest.
+
+Used by the synthetic generator and by every importer. Writes are atomic: everything goes to a
+hidden temporary sibling folder, the manifest last, and only a complete folder is moved to the
+requested URL (local paths, `file://`, `memory://`, any fsspec filesystem). A failure on the way
+removes the temporary folder, so an import never leaves a half-written data set behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from s3dist.config import ConfigError, check_safe_name
+from s3dist.data import DataError
+from s3dist.data.manifest import MANIFEST_FILE, LabelSpec, Manifest, ModalitySpec, SplitSpec, dataset_fs
+
+ROW_GROUP_ROWS = 256  # the streaming reader yields one row group at a time: keep them batch-sized
+
+
+@dataclass
+class SplitArrays:
+    """One split in memory. Features are [N, T, D] (sequence) or [N, D]; masks [N, T] bool."""
+
+    features: dict[str, np.ndarray]
+    labels: np.ndarray
+    masks: dict[str, np.ndarray] | None = None      # default: every step real
+    label_raw: np.ndarray | None = None
+    ids: np.ndarray | None = None                   # default: a running index over all splits
+    concepts: np.ndarray | None = None              # [N, K] uint8 (synthetic data only)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def _fixed_list(values: np.ndarray, size: int, typ: pa.DataType) -> pa.FixedSizeListArray:
+    flat = pa.array(np.ascontiguousarray(values).reshape(-1), type=typ)
+    return pa.FixedSizeListArray.from_arrays(flat, size)
+
+
+def _split_table(arr: SplitArrays, mods: dict[str, ModalitySpec], ids: np.ndarray) -> pa.Table:
+    n = len(arr)
+    cols = {"id": pa.array(ids.astype(np.int64)), "label": pa.array(np.asarray(arr.labels, dtype=np.int64))}
+    if arr.label_raw is not None:
+        cols["label_raw"] = pa.array(np.asarray(arr.label_raw, dtype=np.float64).reshape(n))
+    for m, spec in mods.items():
+        cols[m] = _fixed_list(arr.features[m].astype(np.float32, copy=False), spec.flat_size, pa.float32())
+        if spec.sequence:
+            mask = (arr.masks or {}).get(m)
+            mask = np.ones((n, spec.steps), bool) if mask is None else np.asarray(mask, bool)
+            cols[f"{m}__mask"] = _fixed_list(mask, spec.steps, pa.bool_())
+    if arr.concepts is not None:
+        cols["concepts"] = _fixed_list(arr.concepts.astype(np.uint8), arr.concepts.shape[1], pa.uint8())
+    return pa.table(cols)
+
+
+def _check_splits(splits: dict[str, SplitArrays], label: LabelSpec) -> dict[str, ModalitySpec]:
+    """Modality specs shared by every split; raise DataError on any disagreement."""
+    first = next(iter(splits.values()))
+    mods = {m: ModalitySpec(shape=list(a.shape[1:]), sequence=a.ndim == 3) for m, a in first.features.items()}
+    for s, arr in splits.items():
+        n = len(arr)
+        if n == 0:
+            raise DataError(f"split '{s}' is empty; every split needs at least one row")
+        if set(arr.features) != set(mods):
+            raise DataError(f"split '{s}' has modalities {sorted(arr.features)}, expected {sorted(mods)}")
+        for m, a in arr.features.items():
+            if list(a.shape) != [n, *mods[m].shape]:
+                raise DataError(f"split '{s}' modality '{m}' has shape {list(a.shape)}, expected "
+                                f"[{n}, {', '.join(map(str, mods[m].shape))}] (rows, then the shape of the "
+                                f"first split)")
+        for m, mask in (arr.masks or {}).items():
+            if m not in mods or not mods[m].sequence or np.shape(mask) != (n, mods[m].steps):
+                raise DataError(f"split '{s}' mask for '{m}' has shape {np.shape(mask)}; expected a [N, T] mask "
+                                f"of a sequence modality")
+        lab = np.asarray(arr.labels).reshape(-1)
+        if lab.shape[0] != n:
+            raise DataError(f"split '{s}' has {lab.shape[0]} labels for {n} rows")
+        if label.kind != "regression":
+            bad = np.flatnonzero((lab < 0) | (lab >= label.num_classes))
+            if bad.size:
+                raise DataError(f"split '{s}' row {bad[0]}: label {lab[bad[0]]} is outside the declared "
+                                f"{label.num_classes} classes ({bad.size} such rows)")
+    return mods
+
+
+def write_dataset(out_url: str, *, name: str, splits: dict[str, SplitArrays], label: LabelSpec, source: str,
+                  rows_per_shard: int = 1024, num_concepts: int | None = None,
+                  overwrite: bool = False) -> Manifest:
+    """Write `splits` as a data set at `out_url` atomically and return its manifest."""
+    try:
+        check_safe_name("data set name", name)
+    except ConfigError as e:
+        raise DataError(str(e)) from e
+    if rows_per_shard < 1:
+        raise DataError(f"rows_per_shard = {rows_per_shard} must be >= 1")
+    mods = _check_splits(splits, label)
+    fs, root = dataset_fs(out_url)
+    root = root.rstrip("/")
+    if fs.exists(root) and not overwrite:
+        raise DataError(f"output '{out_url}' already exists; choose another --out or delete it first")
+    parent, base = root.rsplit("/", 1) if "/" in root else ("", root)
+    tmp = f"{parent}/.{base}.tmp-{uuid.uuid4().hex[:8]}" if parent else f".{base}.tmp-{uuid.uuid4().hex[:8]}"
+    manifest = Manifest(name=name, modalities=mods, label=label, splits={}, num_concepts=num_concepts,
+                        source=source)
+    try:
+        fs.makedirs(tmp, exist_ok=True)
+        next_id = 0
+        for s, arr in splits.items():
+            n = len(arr)
+            ids = np.arange(next_id, next_id + n) if arr.ids is None else np.asarray(arr.ids, np.int64)
+            next_id += n
+            table = _split_table(arr, mods, ids)
+            spec = SplitSpec(files=[], rows=n)
+            for i, start in enumerate(range(0, n, rows_per_shard)):
+                fname = f"{s}-{i:05d}.parquet"
+                buf = io.BytesIO()
+                pq.write_table(table.slice(start, rows_per_shard), buf, row_group_size=ROW_GROUP_ROWS)
+                data = buf.getvalue()
+                with fs.open(f"{tmp}/{fname}", "wb") as f:
+                    f.write(data)
+                spec.files.append(fname)
+                spec.checksums[fname] = hashlib.sha256(data).hexdigest()
+                spec.file_rows[fname] = min(rows_per_shard, n - start)
+            manifest.splits[s] = spec
+        all_ids = np.concatenate([np.asarray(a.ids if a.ids is not None else [], np.int64) for a in splits.values()])
+        if all_ids.size and np.unique(all_ids).size != all_ids.size:
+            raise DataError(f"data set '{name}': ids are not unique across splits")
+        with fs.open(f"{tmp}/{MANIFEST_FILE}", "wb") as f:  # last: its presence marks a complete folder
+            f.write(manifest.to_json().encode())
+        _publish(fs, tmp, root)
+    except BaseException:
+        if fs.exists(tmp):
+            fs.rm(tmp, recursive=True)
+        raise
+    return manifest
+
+
+def _publish(fs, tmp: str, root: str) -> None:
+    """Move the finished temporary folder to `root`, replacing an old data set only after success."""
+    old = None
+    if fs.exists(root):
+        old = f"{tmp}.old"
+        _move(fs, root, old)
+    _move(fs, tmp, root)
+    if old is not None:
+        fs.rm(old, recursive=True)
+
+
+def _move(fs, src: str, dst: str) -> None:
+    if getattr(fs, "protocol", None) in ("file", ("file", "local")) or type(fs).__name__ == "LocalFileSystem":
+        os.replace(src, dst)  # atomic rename on one filesystem
+    else:
+        fs.mv(src, dst, recursive=True)
