@@ -219,7 +219,10 @@ def _field_types(cls) -> dict[str, Any]:
 
 def _coerce(key: str, value: Any, typ: Any, from_cli: bool) -> Any:
     """Convert `value` to `typ` or raise ConfigError naming `key`. CLI strings are parsed as YAML scalars."""
-    if from_cli and isinstance(value, str) and typ is not str:
+    if from_cli and isinstance(value, str) and typ is list:
+        text = value.strip()
+        value = yaml.safe_load(text) if text.startswith("[") else [yaml.safe_load(v) for v in text.split(",") if v]
+    elif from_cli and isinstance(value, str) and typ is not str:
         value = yaml.safe_load(value) if value != "" else value
     if typ is bool:
         if isinstance(value, bool):
@@ -241,8 +244,6 @@ def _coerce(key: str, value: Any, typ: Any, from_cli: bool) -> Any:
         if from_cli and value is not None:
             return str(value)
     elif typ is list:
-        if from_cli and isinstance(value, str):
-            value = [yaml.safe_load(v) for v in value.split(",") if v != ""]
         if isinstance(value, (list, tuple)):
             return list(value)
     else:  # pragma: no cover - every field type is one of the above

@@ -125,6 +125,10 @@ def build_engine(model: nn.Module, params: list[nn.Parameter], *, lr: float, tot
     if dist_cfg.zero_stage == 3:
         raise ConfigError("ZeRO stage 3 is not supported with DeepSpeed MoE; use dist.zero_stage in 0..2")
     chosen = {id(p) for p in params}
+    has_trainable_experts = any(not getattr(p, "allreduce", True) for p in params)
+    # ZeRO 1/2 insists on an expert param group whenever the model has MoE layers; Stage 2 trains
+    # only routers (a few % of the parameters, nothing worth sharding), so it runs at stage 0.
+    zero_stage = dist_cfg.zero_stage if has_trainable_experts else 0
     for p in model.parameters():
         p.requires_grad_(id(p) in chosen)
     optimizer = torch.optim.AdamW(optimizer_param_groups(params, optim.weight_decay), lr=lr,
@@ -143,7 +147,7 @@ def build_engine(model: nn.Module, params: list[nn.Parameter], *, lr: float, tot
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": optim.grad_clip,
-        "zero_optimization": {"stage": dist_cfg.zero_stage},
+        "zero_optimization": {"stage": zero_stage},
         "bf16": {"enabled": dist_cfg.dtype == "bf16"},
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,

@@ -97,13 +97,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"s3dist: config error: {e}", file=sys.stderr)
         return 2
     try:
-        return run(cfg)
+        run(cfg)
+        return 0
     except ConfigError as e:
         print(f"s3dist: config error: {e}", file=sys.stderr)
         return 2
 
 
-def run(cfg: RunConfig) -> int:
+def run(cfg: RunConfig):
+    """Train and evaluate one run in this process (one rank of the job). Returns the Trainer."""
     import torch.distributed as dist
 
     from s3dist import checkpoint as ckpt_io
@@ -166,7 +168,7 @@ def run(cfg: RunConfig) -> int:
         dist.barrier()
     if is_main:
         log.info("done: %s", run_dir)
-    return 0
+    return trainer
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ def test_yaml_then_cli_precedence(tmp_path):
     (["stages.run=select,specialize"], "must list stages once each, in the order"),
     (["stages.run=pretrain"], "names unknown stage 'pretrain'"),
     (["eval.keep_fractions=0.5,0"], "'eval.keep_fractions' holds 0; each must be in (0, 1]"),
+    (["eval.probe_Cs=[1.0, -2]"], "'eval.probe_Cs' holds -2; each must be > 0"),
     (["name=../../etc"], "name = '../../etc' is not a safe name"),
     (["moe.kind=dense"], "moe.kind='dense' has no routers"),
     (["moe"], "override 'moe' is not of the form key=value"),
