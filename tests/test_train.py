@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,13 +13,7 @@ import yaml
 
 from tests.multirank import run_ranks
 
-ROOT = Path(__file__).resolve().parents[1]
-
-# Small but real: 2 modalities, 4 experts each, enough steps to see learning.
-TINY = ["data.synth.num_train=512", "data.synth.num_val=128", "data.synth.num_test=128",
-        "data.synth.modality_dims=12,8", "data.synth.seq_len=8", "data.batch_size=32",
-        "model.d_model=32", "moe.expert_hidden=32", "logging.every_steps=5", "checkpoint.every_steps=20",
-        "eval.keep_fractions=0.3,1.0", "eval.probe_Cs=1.0"]
+from tests.launching import ROOT, TINY, free_port
 
 
 def _train(rank, world, out_dir, overrides):
@@ -63,7 +56,7 @@ def test_accelerate_launch_run_directory_contract(tmp_path):
     out = tmp_path / "run"
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(ROOT / "launch_configs" / "cpu_2proc.yaml"), "--main_process_port", str(_free_port()),
+           str(ROOT / "launch_configs" / "cpu_2proc.yaml"), "--main_process_port", str(free_port()),
            "-m", "s3dist.train", "--output_dir", str(out), *TINY,
            "stages.specialize_steps=10", "stages.select_steps=5"]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -84,10 +77,3 @@ def test_accelerate_launch_run_directory_contract(tmp_path):
     ranks = [json.loads(ln) for ln in (out / "ranks.jsonl").read_text().splitlines()]
     assert sorted(r["rank"] for r in ranks) == [0, 1]
 
-
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -1,0 +1,355 @@
+"""Never lose a run: exact resume after SIGKILL, pre-emption, resharding, export, clear failures.
+
+All runs are real 2-process `accelerate launch` jobs on CPU/gloo unless a test says otherwise. The
+uninterrupted reference run is shared (module fixture) so every resume is compared against it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests import launching
+from tests.launching import ROOT, TINY
+from tests.multirank import run_ranks
+
+pytestmark = pytest.mark.slow
+
+RUN = TINY + ["stages.specialize_steps=40", "stages.select_steps=20", "checkpoint.every_steps=10",
+              "checkpoint.keep_last=10", "eval.run_at_end=false", "dist.ep_size=2"]
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows]
+    assert len(steps) == len(set(steps)), f"a step was logged twice: {steps}"
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    from s3dist.checkpoint import consolidated_state_dict, find_latest
+
+    return consolidated_state_dict(find_latest(run_dir))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ref") / "run"
+    p = launching.run(out, RUN)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return out
+
+
+def _kill_when(proc: subprocess.Popen, out: Path, predicate, timeout: float = 300) -> str:
+    """SIGKILL the whole job as soon as `latest` names a checkpoint satisfying `predicate`."""
+    latest = out / "checkpoints" / "latest"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if latest.exists():
+            tag = latest.read_text().strip()
+            if predicate(tag):
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
+                return tag
+        if proc.poll() is not None:
+            pytest.fail(f"job ended before the kill point:\n{proc.stdout.read()[-3000:]}")
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    pytest.fail("no checkpoint appeared in time")
+
+
+def _assert_same_run(out: Path, reference: Path, after_step: int) -> None:
+    ref_w, got_w = _final_weights(reference), _final_weights(out)
+    assert ref_w.keys() == got_w.keys()
+    for k in ref_w:
+        torch.testing.assert_close(got_w[k], ref_w[k], atol=1e-6, rtol=0, msg=lambda s: f"{k}: {s}")
+    ref_l, got_l = _losses(reference), _losses(out)
+    assert ref_l.keys() == got_l.keys()
+    for step in ref_l:
+        if step > after_step:
+            assert abs(got_l[step] - ref_l[step]) <= 1e-6, (step, got_l[step], ref_l[step])
+
+
+@pytest.mark.parametrize("where", ["mid_stage1", "stage_boundary"])
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path, reference, where):
+    """SIGKILL mid-Stage-1 (or right after the Stage-1 checkpoint), then --resume auto: the final
+    parameters and every logged loss after the resume point equal the uninterrupted run's."""
+    out = tmp_path / "run"
+    proc = launching.start(out, RUN)
+    if where == "mid_stage1":
+        tag = _kill_when(proc, out, lambda t: t.endswith("specialize"))
+    else:
+        tag = _kill_when(proc, out, lambda t: int(t.split("-")[1]) >= 40)
+    step = int(tag.split("-")[1])
+    assert step < 60, "the job finished before it was killed: nothing was tested"
+    p = launching.run(out, RUN, extra=["--resume", "auto"])
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    _assert_same_run(out, reference, step)
+
+
+def test_preemption_signal_checkpoints_exits_75_and_resumes(tmp_path, reference):
+    """SIGUSR2 (what SLURM sends before pre-empting) to a running 2-rank job: every rank finishes its
+    step, a checkpoint is written, the job exits 75; --resume auto then finishes like the reference."""
+    out = tmp_path / "run"
+    proc = launching.start(out, RUN, launcher="s3dist.launch")
+    latest = out / "checkpoints" / "latest"
+    deadline = time.monotonic() + 300
+    while not latest.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR2)
+    log = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 75, log[-3000:]
+    tag = latest.read_text().strip()
+    step = int(tag.split("-")[1])
+    assert 10 <= step < 60
+    p = launching.run(out, RUN, extra=["--resume", "auto"])
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    _assert_same_run(out, reference, step)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resharding: a checkpoint written by ep=2 on 2 ranks, loaded by DeepSpeed on 1 rank with ep=1
+# ---------------------------------------------------------------------------------------------
+
+
+def _outputs_from_checkpoint(rank, world, out_dir, ckpt, ep):
+    from s3dist.checkpoint import read_meta
+    from s3dist.config import from_dict
+    from s3dist.dist import build_engine, init_distributed, make_dims
+    from s3dist.model.encoder import S3Encoder
+
+    cfg = from_dict(read_meta(Path(ckpt))["config"])
+    cfg.moe.drop_tokens = False  # capacity is not a weight: compare routing without drops
+    dims = make_dims(*init_distributed(cfg.dist), ep)
+    mods = {"text": 12, "audio": 8}
+    torch.manual_seed(123)  # a different init than training: everything must come from the checkpoint
+    model = S3Encoder(mods, cfg.model, cfg.moe, ep_size=ep, ep_rank=dims.ep_rank)
+    engine = build_engine(model, list(model.parameters()), lr=1e-3, total_steps=1, optim=cfg.optim,
+                          dist_cfg=cfg.dist, micro_batch=4)
+    engine.load_checkpoint(str(Path(ckpt).parent), tag=Path(ckpt).name, load_module_only=True,
+                           load_optimizer_states=False, load_lr_scheduler_states=False)
+    g = torch.Generator().manual_seed(5)
+    feats = {m: torch.randn(8, 8, d, generator=g) for m, d in mods.items()}
+    masks = {m: torch.ones(8, 8, dtype=torch.bool) for m in mods}
+    per = 8 // world
+    sl = slice(rank * per, (rank + 1) * per)
+    model.eval()
+    with torch.no_grad():
+        out = model({m: f[sl] for m, f in feats.items()}, {m: k[sl] for m, k in masks.items()})
+    return {m: e for m, e in out.embeddings.items()}
+
+
+def test_reshard_ep2_checkpoint_to_ep1(tmp_path, reference):
+    """Weights written with ep_size=2 on 2 ranks load on 1 rank with ep_size=1 (DeepSpeed maps expert
+    files by global index); outputs on the same inputs are equal before and after."""
+    from s3dist.checkpoint import find_latest
+
+    ckpt = str(find_latest(reference))
+    two = run_ranks(_outputs_from_checkpoint, 2, tmp_path / "ep2", ckpt, 2)
+    one = run_ranks(_outputs_from_checkpoint, 1, tmp_path / "ep1", ckpt, 1)[0]
+    for m in one:
+        torch.testing.assert_close(torch.cat([two[0][m], two[1][m]]), one[m], atol=1e-5, rtol=1e-5)
+
+
+def test_resume_on_one_rank_resets_optimizer_with_message(tmp_path, reference):
+    """Resuming a 2-rank checkpoint with 1 process continues training and says the optimizer was reset."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    from s3dist.checkpoint import find_latest
+
+    ckpt = find_latest(out)
+    env = launching.env()
+    cmd = [sys.executable, "-m", "s3dist.train", "--output_dir", str(out), "--resume", str(ckpt), *RUN,
+           "stages.select_steps=25", "dist.ep_size=1"]
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "optimizer and LR-scheduler state are reset" in p.stderr
+    assert max(_losses(out)) == 65
+
+
+# ---------------------------------------------------------------------------------------------
+# Export
+# ---------------------------------------------------------------------------------------------
+
+
+def test_export_loads_without_deepspeed_and_evaluates(tmp_path, reference):
+    """`s3dist export` writes one safetensors file with every expert and the config; a fresh process
+    loads it into an ep=1 model without DeepSpeed and `s3dist eval --model` evaluates it."""
+    from safetensors.torch import load_file
+
+    f = tmp_path / "model.safetensors"
+    p = subprocess.run([sys.executable, "-m", "s3dist.cli", "export", "--run", str(reference), "--out", str(f)],
+                       cwd=ROOT, env=launching.env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    tensors = load_file(str(f))
+    experts = {k.split("deepspeed_experts.")[1].split(".")[0] for k in tensors if "deepspeed_experts" in k}
+    assert experts == {str(i) for i in range(8)}  # 2 modalities x 4 experts, all in one file
+    ev = subprocess.run([sys.executable, "-m", "s3dist.cli", "eval", "--model", str(f), "--data",
+                         str(reference / "data"), "--keep-fraction", "0.5"],
+                        cwd=ROOT, env=launching.env(), capture_output=True, text=True, timeout=300)
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    res = json.loads((tmp_path / "eval.json").read_text())
+    assert {r["keep_fraction"] for r in res["sweep"]} == {0.5, 1.0}
+    assert 0.5 <= res["probe_accuracy"] <= 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Failing clearly
+# ---------------------------------------------------------------------------------------------
+
+
+def test_incompatible_resume_is_refused(tmp_path, reference):
+    """Resuming with another number of experts names the key, both values and the checkpoint."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    p = launching.run(out, RUN + ["moe.num_experts=2"], extra=["--resume", "auto"])
+    assert p.returncode != 0
+    assert "moe.num_experts was 0 there but is 2 now" in p.stdout + p.stderr
+
+
+def test_truncated_checkpoint_file_is_named(tmp_path, reference):
+    """A truncated expert file fails the checksum check with the file's path, before DeepSpeed loads it."""
+    import shutil
+
+    from s3dist.checkpoint import CheckpointError, find_latest, read_meta
+
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    ckpt = find_latest(out)
+    victim = sorted(ckpt.glob("layer_*_expert_*"))[0]
+    victim.write_bytes(victim.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=f"{victim.name}' does not match its recorded sha256"):
+        read_meta(ckpt)
+    (ckpt / "s3dist_meta.json").unlink()
+    with pytest.raises(CheckpointError, match="is incomplete: s3dist_meta.json is missing"):
+        read_meta(ckpt)
+
+
+def test_existing_run_is_not_overwritten(tmp_path, reference):
+    """A fresh start in a directory holding a run is refused unless --resume or --overwrite is given."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    p = subprocess.run([sys.executable, "-m", "s3dist.train", "--output_dir", str(out), *RUN], cwd=ROOT,
+                       env=launching.env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    assert "already holds a run" in p.stderr and "--resume auto" in p.stderr and "--overwrite" in p.stderr
+    assert (out / "checkpoints" / "latest").exists()
+
+
+def _save_with_full_disk(rank, world, out_dir):
+    """Save once, then make the second save fail half-way with ENOSPC."""
+    import errno
+
+    from s3dist import checkpoint as ck
+    from s3dist.config import load_config
+    from s3dist.dist import build_engine, init_distributed, make_dims
+    from s3dist.model.encoder import S3Encoder
+
+    cfg = load_config(None, ["model.d_model=16", "moe.expert_hidden=8"])
+    dims = make_dims(*init_distributed(cfg.dist), 1)
+    model = S3Encoder({"a": 3}, cfg.model, cfg.moe)
+    engine = build_engine(model, list(model.parameters()), lr=1e-3, total_steps=1, optim=cfg.optim,
+                          dist_cfg=cfg.dist, micro_batch=2)
+    state = ck.TrainState("specialize", 10, 10, False)
+    first = ck.save(engine, out_dir, state, {"x": 1}, {"pos": 1}, keep_last=3)
+    real = engine.save_checkpoint
+
+    def failing(save_dir, tag, **kw):
+        real(save_dir, tag, **kw)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    engine.save_checkpoint = failing
+    state2 = ck.TrainState("specialize", 20, 20, False)
+    try:
+        ck.save(engine, out_dir, state2, {"x": 1}, {"pos": 2}, keep_last=3)
+        raised = False
+    except OSError:
+        raised = True
+    found = ck.find_latest(out_dir)
+    ck.read_meta(found)  # still complete and verified
+    return {"raised": raised, "latest": found.name, "first": first.name}
+
+
+def test_disk_full_while_saving_keeps_previous_checkpoint(tmp_path):
+    """A save that dies half-way (ENOSPC) leaves `latest` on the previous, still-verifiable checkpoint."""
+    res = run_ranks(_save_with_full_disk, 1, tmp_path)[0]
+    assert res["raised"] and res["latest"] == res["first"] == "step-00000010-specialize"
+
+
+def _nan_at_step_3(rank, world, out_dir, policy):
+    from s3dist import trainer as tr
+    from s3dist.config import load_config
+    from s3dist.train import run
+
+    real = tr.STAGE_LOSS["specialize"]
+    calls = {"n": 0}
+
+    def poisoned(engine, batch, cfg, mods):
+        loss, terms = real(engine, batch, cfg, mods)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            loss = loss * float("nan")
+            terms = {**terms, "loss": loss}
+        return loss, terms
+
+    tr.STAGE_LOSS["specialize"] = poisoned
+    cfg = load_config(None, TINY + ["stages.specialize_steps=6", "stages.run=specialize", "eval.run_at_end=false",
+                                    f"optim.nonfinite_loss={policy}", f"output_dir={out_dir / 'run'}",
+                                    "logging.every_steps=2"])
+    try:
+        t = run(cfg)
+        return {"skipped": t.state.skipped_steps, "error": None}
+    except tr.NonFiniteLossError as e:
+        return {"skipped": None, "error": str(e)}
+
+
+@pytest.mark.parametrize("policy", ["skip", "stop"])
+def test_nonfinite_loss_policy(tmp_path, policy):
+    """NaN loss at step 3: 'skip' skips that step and counts it; 'stop' raises naming the step and
+    saves the offending batch for inspection."""
+    res = run_ranks(_nan_at_step_3, 1, tmp_path, policy)[0]
+    if policy == "skip":
+        assert res["skipped"] == 1
+        rows = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+        assert rows[-1]["skipped_steps"] == 1
+    else:
+        assert "non-finite loss at specialize step 2 (global 2)" in res["error"]
+        saved = list((tmp_path / "run").glob("nonfinite_step2_rank0.pt"))
+        assert saved and "ids" in torch.load(saved[0], weights_only=False)
+
+
+def test_dead_rank_stops_the_others_within_the_timeout(tmp_path):
+    """Kill one worker mid-run: the job ends (non-zero) within dist.timeout_s plus start-up, never hangs."""
+    import psutil
+
+    out = tmp_path / "run"
+    proc = launching.start(out, RUN + ["stages.specialize_steps=100000", "dist.timeout_s=20"])
+    latest = out / "checkpoints" / "latest"
+    deadline = time.monotonic() + 300
+    while not latest.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    workers = [c for c in psutil.Process(proc.pid).children(recursive=True) if "s3dist.train" in " ".join(c.cmdline())]
+    assert len(workers) == 2, [c.cmdline() for c in workers]
+    killed_at = time.monotonic()
+    workers[1].kill()
+    try:
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0
+    assert time.monotonic() - killed_at < 120
