@@ -196,8 +196,9 @@ class SlurmCluster:
             nsip("addr", "add", f"{addr}/24", "dev", NODE_IFNAME)
             nsip("link", "set", NODE_IFNAME, "up")
             nsip("link", "set", "lo", "up")
-            # slurmctld and the test's clients live in the root namespace, behind the bridge
-            nsip("route", "add", "default", "via", self.bridge_addr)
+            # No default route on purpose: slurmctld is on the bridge's own subnet, and with a
+            # route out, DNS queries (getfqdn in torchrun, gloo) would wait 10 s for a server
+            # they cannot reach instead of failing at once.
 
     def _remove_network(self) -> None:
         for name in reversed(self._made_netns):

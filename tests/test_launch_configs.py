@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 LAUNCH_CONFIGS = Path(__file__).resolve().parent.parent / "launch_configs"
-ALL_FILES = sorted(LAUNCH_CONFIGS.glob("*.yaml")) + sorted(LAUNCH_CONFIGS.glob("*.yml"))
+ALL_FILES = sorted(LAUNCH_CONFIGS.rglob("*.yaml")) + sorted(LAUNCH_CONFIGS.rglob("*.yml"))
 # keys only Accelerate config files have at top level; recipes have moe:, stages:, data:, ...
 ACCELERATE_KEYS = {"compute_environment", "distributed_type"}
 # the Accelerate configs this project promises users (issue 9)
@@ -30,7 +30,7 @@ def test_promised_accelerate_configs_exist():
     assert REQUIRED_ACCELERATE <= {p.name for p in ACCELERATE_FILES}
 
 
-@pytest.mark.parametrize("path", ACCELERATE_FILES, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", ACCELERATE_FILES, ids=lambda p: str(p.relative_to(LAUNCH_CONFIGS)))
 def test_accelerate_config_loads(path: Path):
     """Accelerate's loader accepts the file, and a multi-process layout is self-consistent."""
     from accelerate.commands.config.config_args import load_config_from_file
@@ -47,7 +47,7 @@ def test_accelerate_config_loads(path: Path):
     assert "What to change" in path.read_text(), "each shipped launch config documents what to edit"
 
 
-@pytest.mark.parametrize("path", RECIPE_FILES, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", RECIPE_FILES, ids=lambda p: str(p.relative_to(LAUNCH_CONFIGS)))
 def test_recipe_validates(path: Path):
     if importlib.util.find_spec("s3dist.config") is None:
         pytest.skip("s3dist.config is not available")
