@@ -98,7 +98,8 @@ def tag_for(global_step: int, stage: str) -> str:
     return f"step-{global_step:08d}-{stage}"
 
 
-def save(engine, run_dir: Path, state: TrainState, config: dict, stream_state: dict, keep_last: int) -> Path:
+def save(engine, run_dir: Path, state: TrainState, config: dict, stream_state: dict, keep_last: int,
+         extra: dict | None = None) -> Path:
     """Write a checkpoint collectively (every rank calls this). Returns the published directory."""
     root = run_dir / "checkpoints"
     tag = tag_for(state.global_step, state.stage)
@@ -110,7 +111,7 @@ def save(engine, run_dir: Path, state: TrainState, config: dict, stream_state: d
     _barrier()
     client = {"s3dist_state": vars(state)}
     engine.save_checkpoint(str(root), tag=tmp_tag, client_state=client, save_latest=False)
-    torch.save({"rng": rng_state(), "stream": stream_state, "state": vars(state)},
+    torch.save({"rng": rng_state(), "stream": stream_state, "state": vars(state), "extra": extra or {}},
                root / tmp_tag / f"s3dist_rank{_rank()}.pt")
     _barrier()  # every rank's files are on disk
     if _rank() == 0:

@@ -152,6 +152,7 @@ class Trainer:
         self.state = ckpt_io.TrainState(stage=self.cfg.stages.run[0], stage_step=0, global_step=0, stage_done=False)
         self._batches = None
         self._last_save = time.monotonic()
+        self.window = _Window()
 
     # -- stages --------------------------------------------------------------------------------
     def stage_params(self, stage: str) -> list[torch.nn.Parameter]:
@@ -194,7 +195,7 @@ class Trainer:
             self.state = ckpt_io.TrainState(stage, 0, self.state.global_step, False, self.state.skipped_steps)
         engine.train()
         loss_fn = STAGE_LOSS[stage]
-        window = _Window()
+        window = self.window = self.window if resume_ckpt is not None else _Window()
         if self.progress is not None:
             self.progress.start(stage, total, self.state.stage_step)
         while self.state.stage_step < total:
@@ -216,7 +217,7 @@ class Trainer:
             self.state.global_step += 1
             if self.state.stage_step % cfg.logging.every_steps == 0 or self.state.stage_step == total:
                 self._log(stage, engine, window)
-                window = _Window()
+                window = self.window = _Window()
             if self.progress is not None:
                 self.progress.update(self.state.stage_step, terms["loss"])
             done = self.state.stage_step == total
@@ -278,7 +279,7 @@ class Trainer:
 
     def save(self, engine) -> Path:
         path = ckpt_io.save(engine, self.run_dir, self.state, to_dict(self.cfg), self.stream.state_dict(),
-                            self.cfg.checkpoint.keep_last)
+                            self.cfg.checkpoint.keep_last, extra={"window": self.window.state_dict()})
         self._last_save = time.monotonic()
         return path
 
@@ -297,6 +298,9 @@ class Trainer:
             rank_state = ckpt_io.load_rank_state(ckpt, self.dims.rank)
             self.stream.load_state_dict(rank_state["stream"])
             ckpt_io.set_rng_state(rank_state["rng"])
+            if full and "window" in rank_state.get("extra", {}):
+                # the partial log window, so the first row logged after a resume averages the same steps
+                self.window.load_state_dict(rank_state["extra"]["window"], self.dims.device)
         else:
             log.warning("data position and RNG are per rank and the world size changed: the data stream restarts "
                         "its epoch")
@@ -338,6 +342,14 @@ class _Window:
         self.samples += n
         self.tokens += int(sum(m.sum() for m in batch.masks.values()))
         self.times += torch.tensor([t_data, t_fwd, t_bwd, t_opt], dtype=torch.float64)
+
+    def state_dict(self) -> dict:
+        return {"sums": {k: float(v) for k, v in self.sums.items()}, "steps": self.steps,
+                "samples": self.samples, "tokens": self.tokens}
+
+    def load_state_dict(self, state: dict, device) -> None:
+        self.sums = {k: torch.tensor(v, device=device) for k, v in state["sums"].items()}
+        self.steps, self.samples, self.tokens = state["steps"], state["samples"], state["tokens"]
 
     def reduce(self, dims: ParallelDims) -> dict[str, float]:
         elapsed = time.perf_counter() - self.t0
