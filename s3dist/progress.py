@@ -3,22 +3,35 @@ so SLURM logs stay clean."""
 
 from __future__ import annotations
 
+import time
+
+import torch
+
 
 class Progress:
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
         self.bar = None
+        self._last_loss_read = float("-inf")
 
     def start(self, stage: str, total: int, done: int) -> None:
         if self.enabled:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=done, desc=stage, unit="step", dynamic_ncols=True)
+            self._last_loss_read = float("-inf")
 
     def update(self, step: int, loss) -> None:
-        if self.bar is not None:
-            self.bar.update(step - self.bar.n)
-            self.bar.set_postfix(loss=f"{float(loss):.4f}", refresh=False)
+        if self.bar is None:
+            return
+        # Reading the loss waits for the device: do it only as often as the bar can redraw, and on
+        # a detached value (the loss still holds the graph here).
+        now = time.monotonic()
+        if now - self._last_loss_read >= self.bar.mininterval or step >= (self.bar.total or 0):
+            self._last_loss_read = now
+            value = loss.detach().item() if torch.is_tensor(loss) else float(loss)
+            self.bar.set_postfix(loss=f"{value:.4f}", refresh=False)
+        self.bar.update(step - self.bar.n)
 
     def close(self) -> None:
         if self.bar is not None:
