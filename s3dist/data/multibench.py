@@ -59,8 +59,6 @@ _ALLOWED_GLOBALS = {
     ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
     ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
 }
-_NUMPY_SCALAR_TYPES = {"bool_", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
-                       "float16", "float32", "float64", "longdouble", "complex64", "complex128", "str_", "bytes_"}
 
 
 class RestrictedUnpickler(pickle.Unpickler):
@@ -72,8 +70,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         self._source = source
 
     def find_class(self, module: str, name: str):
-        if (module, name) in _ALLOWED_GLOBALS or (module == "numpy" and name in _NUMPY_SCALAR_TYPES) or (
-                module.startswith("numpy.dtypes") and name.endswith("DType")):
+        if (module, name) in _ALLOWED_GLOBALS:
             if module.startswith("numpy.core"):  # numpy 1.x pickles; numpy 2 moved these to numpy._core
                 module = "numpy._core" + module[len("numpy.core"):]
             return super().find_class(module, name)

@@ -35,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -204,8 +205,13 @@ class ShardStream:
     # ------------------------------------------------------------------------------------------
 
     def _epoch_tables(self, epoch: int) -> Iterator[pa.Table]:
+        import datasets
         from datasets import Features, List, Value, load_dataset
         from datasets.distributed import split_dataset_by_node
+
+        # load_dataset otherwise pings the Hub to count downloads of the "parquet" builder (3 s timeout
+        # per call, i.e. per epoch, on machines without network).
+        datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
 
         files = list(self._spec.files)
         if self.shuffle_buffer > 0:
@@ -236,7 +242,8 @@ class ShardStream:
                 continue
             block = {}
             for col in self._columns:
-                arr = t.column(col).combine_chunks()
+                chunked = t.column(col)
+                arr = chunked.chunk(0) if chunked.num_chunks == 1 else chunked.combine_chunks()
                 if pa.types.is_fixed_size_list(arr.type):
                     block[col] = arr.flatten().to_numpy(zero_copy_only=False).reshape(n, arr.type.list_size)
                 else:
@@ -297,27 +304,30 @@ class ShardStream:
 
     def _to_torch(self, block: dict[str, np.ndarray]) -> Batch:
         n = len(block["id"])
-        ids = torch.from_numpy(_writable(block["id"]))
+        ids = _tensor(block["id"])
         features, masks = {}, {}
         for name in self.modalities:
             spec = self.manifest.modalities[name]
-            x = torch.from_numpy(_writable(block[name])).view(n, spec.steps, spec.width)
-            bad = ~torch.isfinite(x)
-            if bad.any():
+            x = _tensor(block[name]).view(n, spec.steps, spec.width)
+            # One cheap single-threaded reduction (NaN / inf propagate into the sum; an overflow only
+            # sends us to the exact check). torch's threaded kernels stall on busy machines.
+            if not np.isfinite(block[name].sum()):
+                bad = ~torch.isfinite(x)
                 count = int(bad.sum())
                 if self.nonfinite == "error":
                     rows = ids[bad.flatten(1).any(1)][:5].tolist()
                     raise DataError(f"{self.url} split '{self.split}': {count} NaN/inf values in modality '{name}' "
                                     f"(rows with id {rows}{'...' if count > 5 else ''}); fix the data or set "
                                     f"data.nonfinite=zero to replace them with 0")
-                x.masked_fill_(bad, 0.0)
+                if count:
+                    x.masked_fill_(bad, 0.0)
             features[name] = x
             if spec.sequence:
-                masks[name] = torch.from_numpy(_writable(block[f"{name}__mask"]))
+                masks[name] = _tensor(block[f"{name}__mask"])
             else:
                 masks[name] = torch.ones(n, 1, dtype=torch.bool)
-        concepts = torch.from_numpy(_writable(block["concepts"])) if "concepts" in block else None
-        return Batch(ids=ids, labels=torch.from_numpy(_writable(block["label"])), features=features, masks=masks,
+        concepts = _tensor(block["concepts"]) if "concepts" in block else None
+        return Batch(ids=ids, labels=_tensor(block["label"]), features=features, masks=masks,
                      concepts=concepts)
 
     # ------------------------------------------------------------------------------------------
@@ -345,9 +355,15 @@ class ShardStream:
         self._epoch, self._batches_done = int(state["epoch"]), int(state["batches_done"])
 
 
-def _writable(a: np.ndarray) -> np.ndarray:
-    # Arrow-backed arrays are read-only; torch tensors must own writable memory.
-    return a if a.flags.writeable else a.copy()
+def _tensor(a: np.ndarray) -> torch.Tensor:
+    """Zero-copy numpy -> torch. Arrays viewing Arrow buffers are flagged read-only, but each batch's
+    buffers were decoded for this batch alone (a slice shares memory only with other rows), so handing
+    them out writable is safe and saves a copy of every feature byte."""
+    if a.flags.writeable:
+        return torch.from_numpy(a)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(a)
 
 
 def _shuffle_buffer(blocks: Iterator[dict[str, np.ndarray]], size: int,

@@ -1,0 +1,84 @@
+"""Shared benchmark harness: machine / version facts, a plain-text table, and the JSON record that
+every `s3dist bench ...` subcommand writes (command, versions, machine, date, figures)."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import sys
+import time
+from contextlib import contextmanager
+from importlib import metadata
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("s3dist", "torch", "deepspeed", "datasets", "pyarrow", "numpy", "fsspec"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def machine() -> dict:
+    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count()}
+    try:
+        info["cpus_usable"] = len(os.sched_getaffinity(0))
+    except AttributeError:
+        pass
+    try:
+        import torch
+        info["torch_threads"] = torch.get_num_threads()
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return info
+
+
+@contextmanager
+def timer():
+    """`with timer() as t: ...` then `t()` gives the elapsed seconds."""
+    start = time.perf_counter()
+    end: list[float] = []
+    yield lambda: (end[0] if end else time.perf_counter()) - start
+    end.append(time.perf_counter())
+
+
+def print_table(rows: list[dict], columns: list[str] | None = None, file=None) -> None:
+    file = file or sys.stdout
+    if not rows:
+        return
+    columns = columns or list(rows[0])
+    cells = [[_fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)), file=file)
+    print("  ".join("-" * w for w in widths), file=file)
+    for row in cells:
+        print("  ".join(v.rjust(w) if _numeric(v) else v.ljust(w) for v, w in zip(row, widths)), file=file)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:,.3f}" if abs(v) < 10 else f"{v:,.0f}"
+    return str(v)
+
+
+def _numeric(s: str) -> bool:
+    return s.replace(",", "").replace(".", "", 1).lstrip("-").isdigit()
+
+
+def record(name: str, figures: dict, *, command: list[str] | None = None, out: str | None = None) -> dict:
+    """The JSON record of one benchmark run; written to `out` when given."""
+    doc = {"benchmark": name, "command": " ".join(["s3dist", *(command if command is not None else sys.argv[1:])]),
+           "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
+           "versions": versions(), "figures": figures}
+    if out:
+        with open(out, "w") as f:
+            json.dump(doc, f, indent=2)
+            f.write("\n")
+    return doc

@@ -1,0 +1,125 @@
+"""`s3dist bench data`: samples/s of the training stream (ShardStream -> ready torch batches) against
+plain pyarrow `iter_batches` -> torch tensors, over the same shards in the same run.
+
+Both sides read every row of the split once per pass and hand out torch tensors of every modality
+and mask (zero-copy from the decoded Arrow buffers on both sides); pyarrow reads the shards in order with no shuffling, no checks and no per-rank
+split, so it is the floor of what any Parquet reader costs. The stream is timed per epoch after it
+opened (its one-time checksum verification is reported separately). Passes alternate between the
+readers so that page-cache and frequency effects hit both alike; the best pass of each is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+
+import numpy as np
+
+from s3dist.bench.common import print_table, record, timer
+
+MOSI_SHAPES = {"text": (50, 300), "audio": (50, 74), "vision": (50, 35)}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--path", default="", help="URL of a data set; default: MOSI-shaped rows in a temp dir")
+    p.add_argument("--split", default="train")
+    p.add_argument("--rows", type=int, default=8192, help="rows of the generated data set (no --path)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--shuffle-buffer", type=int, default=1024, help="the stream's shuffle buffer (0: off)")
+    p.add_argument("--repeats", type=int, default=3, help="timed passes per reader")
+    p.add_argument("--json", default="", help="write the record (command, versions, machine, figures) here")
+
+
+def make_mosi_like(url: str, rows: int, rows_per_shard: int = 1024, seed: int = 0) -> None:
+    """A MOSI-shaped data set (text 50x300, audio 50x74, vision 50x35, front padding) at `url`."""
+    from s3dist.data.manifest import LabelSpec
+    from s3dist.data.writer import SplitArrays, write_dataset
+    rng = np.random.default_rng(seed)
+    start = rng.integers(0, 40, size=rows)
+    mask = np.arange(50)[None, :] >= start[:, None]
+    feats = {}
+    for m, (t, d) in MOSI_SHAPES.items():
+        x = rng.standard_normal((rows, t, d), dtype=np.float32)
+        x[~mask] = 0.0
+        feats[m] = x
+    split = SplitArrays(features=feats, labels=rng.integers(0, 2, size=rows), masks={m: mask for m in feats})
+    write_dataset(url, name="mosi_like", splits={"train": split},
+                  label=LabelSpec("binary", 2, "random"), source="bench data: random MOSI-shaped rows",
+                  rows_per_shard=rows_per_shard)
+
+
+def pyarrow_pass(url: str, split: str, batch_size: int) -> int:
+    """Plain pyarrow: iter_batches over the split's shards -> torch tensors. Returns rows read."""
+    import pyarrow.parquet as pq
+    from s3dist.data.manifest import dataset_fs, read_manifest
+    from s3dist.data.stream import _tensor  # the same zero-copy conversion the stream uses
+    m = read_manifest(url)
+    fs, root = dataset_fs(url)
+    rows = 0
+    for fname in m.splits[split].files:
+        with fs.open(f"{root}/{fname}", "rb") as f:
+            for rb in pq.ParquetFile(f).iter_batches(batch_size=batch_size):
+                n = rb.num_rows
+                _tensor(rb.column("id").to_numpy())
+                _tensor(rb.column("label").to_numpy())
+                for name, spec in m.modalities.items():
+                    flat = rb.column(name).flatten().to_numpy(zero_copy_only=False)
+                    _tensor(flat.reshape(n, spec.steps, spec.width))
+                    if spec.sequence:
+                        _tensor(rb.column(f"{name}__mask").flatten().to_numpy(zero_copy_only=False).reshape(n, spec.steps))
+                rows += n
+    return rows
+
+
+def stream_pass(stream) -> int:
+    return sum(len(b) for b in stream)
+
+
+def run(args: argparse.Namespace) -> int:
+    from s3dist.data.stream import ShardStream
+
+    tmp = None
+    url = args.path
+    if not url:
+        tmp = tempfile.TemporaryDirectory(prefix="s3dist-bench-data-")
+        url = f"{tmp.name}/mosi_like"
+        with timer() as t:
+            make_mosi_like(url, args.rows)
+        print(f"built {args.rows} MOSI-shaped rows at {url} in {t():.1f}s")
+    try:
+        with timer() as t_open:
+            stream = ShardStream(url, args.split, batch_size=args.batch_size, shuffle_buffer=args.shuffle_buffer,
+                                 drop_last=False, seed=0)
+        plain = ShardStream(url, args.split, batch_size=args.batch_size, shuffle_buffer=0, drop_last=False)
+        stream_pass(stream), pyarrow_pass(url, args.split, args.batch_size)  # warm the page cache and imports
+        times: dict[str, list[float]] = {"stream": [], "stream_noshuffle": [], "pyarrow": []}
+        rows = {}
+        for _ in range(args.repeats):
+            for key, fn in (("stream", lambda: stream_pass(stream)), ("stream_noshuffle", lambda: stream_pass(plain)),
+                            ("pyarrow", lambda: pyarrow_pass(url, args.split, args.batch_size))):
+                with timer() as t:
+                    rows[key] = fn()
+                times[key].append(t())
+        if len(set(rows.values())) != 1:
+            raise RuntimeError(f"readers saw different row counts {rows}")
+        n = rows["pyarrow"]
+        rate = {k: n / min(v) for k, v in times.items()}
+        figures = {"rows": n, "batch_size": args.batch_size, "shuffle_buffer": args.shuffle_buffer,
+                   "stream_open_s": t_open(), "samples_per_s": rate,
+                   "ratio_stream_vs_pyarrow": rate["stream"] / rate["pyarrow"],
+                   "ratio_stream_noshuffle_vs_pyarrow": rate["stream_noshuffle"] / rate["pyarrow"],
+                   "pass_seconds": times, "path": args.path or "(generated MOSI-shaped)"}
+        print_table([{"reader": f"ShardStream (shuffle buffer {args.shuffle_buffer})", "samples/s": rate["stream"],
+                      "vs pyarrow": rate["stream"] / rate["pyarrow"]},
+                     {"reader": "ShardStream (no shuffle)", "samples/s": rate["stream_noshuffle"],
+                      "vs pyarrow": rate["stream_noshuffle"] / rate["pyarrow"]},
+                     {"reader": "pyarrow iter_batches -> torch", "samples/s": rate["pyarrow"], "vs pyarrow": 1.0}])
+        print(f"stream open (checksums + footers + labels): {t_open():.2f}s; rows per pass {n}")
+        command = ["bench", "data", *(["--path", args.path] if args.path else ["--rows", str(args.rows)]),
+                   "--split", args.split, "--batch-size", str(args.batch_size), "--shuffle-buffer",
+                   str(args.shuffle_buffer), "--repeats", str(args.repeats)]
+        record("data", figures, command=command, out=args.json or None)
+        return 0
+    finally:
+        if tmp is not None:
+            tmp.cleanup()

@@ -1,0 +1,77 @@
+"""`s3dist data ...` and `s3dist bench data` through the real console entry point: exit codes, output,
+and bad input reported on stderr with exit code 2 and no traceback."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+
+from s3dist.cli import main
+from s3dist.data.manifest import read_manifest
+
+
+def test_synth_overrides_and_inspect(tmp_path, capsys):
+    """`data synth` applies key=value overrides; `data inspect` prints modalities, split sizes and the
+    label balance that matches the stored labels."""
+    out = str(tmp_path / "s")
+    assert main(["data", "synth", "--out", out, "num_concepts=5", "num_train=64", "num_val=16", "num_test=16",
+                 "seq_len=6"]) == 0
+    m = read_manifest(out)
+    assert m.num_concepts == 5 and m.modalities["text"].shape == [6, 24] and m.splits["train"].rows == 64
+    capsys.readouterr()
+    assert main(["data", "inspect", out]) == 0
+    text = capsys.readouterr().out
+    assert "text" in text and "[6, 24]" in text
+    train_line = next(line for line in text.splitlines() if line.startswith("train"))
+    zeros, ones = (int(part.split(":")[1].split()[0]) for part in train_line.split()[3:6:2])
+    assert zeros + ones == 64 and ones > 0
+
+
+def test_bad_input_exits_2_with_message_not_traceback(tmp_path, capsys):
+    """Unknown synth key, inspect of a folder without a manifest, an existing --out, a refused pickle
+    and a malformed --modality all exit 2 with one readable line on stderr."""
+    cases = [
+        (["data", "synth", "--out", str(tmp_path / "a"), "bogus=1"], "unknown config key 'data.synth.bogus'"),
+        (["data", "inspect", str(tmp_path / "none")], "manifest.json not found"),
+        (["data", "import-arrays", "--modality", "novalue", "--labels", "y.npy", "--out", str(tmp_path / "b")],
+         "is not NAME=FILE.npy"),
+    ]
+    evil = tmp_path / "sarcasm.pkl"
+    evil.write_bytes(pickle.dumps({"train": np.int64}))  # a global that is not numpy data
+    cases.append((["data", "import-multibench", "--benchmark", "sarcasm", "--source", str(evil), "--out",
+                   str(tmp_path / "c")], "refused to load global 'numpy.int64'"))
+    for argv, needle in cases:
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err, (argv, err)
+    assert not (tmp_path / "c").exists()
+
+
+def test_import_arrays_cli(tmp_path, capsys):
+    """`data import-arrays` with two modalities writes the three splits with the requested fractions."""
+    n = 50
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(n, 4)))
+    np.save(tmp_path / "z.npy", np.zeros((n, 3, 2), np.float32))
+    np.save(tmp_path / "y.npy", np.arange(n) % 2)
+    out = str(tmp_path / "mine")
+    assert main(["data", "import-arrays", "--modality", f"x={tmp_path / 'x.npy'}", "--modality",
+                 f"z={tmp_path / 'z.npy'}", "--labels", str(tmp_path / "y.npy"), "--out", out,
+                 "--val-fraction", "0.2", "--test-fraction", "0.2", "--seed", "1"]) == 0
+    m = read_manifest(out)
+    assert {s: sp.rows for s, sp in m.splits.items()} == {"train": 30, "val": 10, "test": 10}
+    assert m.name == "mine" and set(m.modalities) == {"x", "z"}
+
+
+def test_bench_data_runs_on_a_given_path(tmp_path, capsys):
+    """`bench data --path` times both readers over the same rows and writes a JSON record with command,
+    versions, machine, date and figures."""
+    import json
+    out = str(tmp_path / "s")
+    assert main(["data", "synth", "--out", out, "num_train=256", "num_val=16", "num_test=16"]) == 0
+    rec = tmp_path / "bench.json"
+    assert main(["bench", "data", "--path", out, "--batch-size", "64", "--repeats", "1", "--json", str(rec)]) == 0
+    doc = json.loads(rec.read_text())
+    assert doc["figures"]["rows"] == 256 and doc["figures"]["samples_per_s"]["pyarrow"] > 0
+    assert {"command", "versions", "machine", "date"} <= set(doc) and "bench data" in doc["command"]

@@ -1,0 +1,358 @@
+"""The synthetic generator, the data-set writer and ShardStream in one process: shapes, the
+generator's ground truth, equal batch counts per rank, exactly-once evaluation, deterministic
+shuffling, exact resume, and every bad-input error message."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from s3dist.config import SynthConfig
+from s3dist.data import DataError
+from s3dist.data.manifest import LabelSpec, read_manifest
+from s3dist.data.stream import ShardStream
+from s3dist.data.synth import generate, sample_arrays
+from s3dist.data.writer import SplitArrays, write_dataset
+
+SMALL = dict(num_train=200, num_val=50, num_test=40, num_concepts=6, seq_len=8, modality_dims=[5, 4, 3, 2],
+             rows_per_shard=40)
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory) -> str:
+    url = str(tmp_path_factory.mktemp("synth") / "ds")
+    generate(url, SynthConfig(**SMALL))
+    return url
+
+
+def ids_of(stream) -> list[list[int]]:
+    return [b.ids.tolist() for b in stream]
+
+
+# ---------------------------------------------------------------------------------------------
+# Generator
+# ---------------------------------------------------------------------------------------------
+
+
+def test_synth_manifest_columns_and_ground_truth(synth):
+    """Names text/audio/vision/m3, [T, D] shapes, front padding, at least one active concept per sample,
+    label = any of the first label_concepts concepts, and the stream's batches agree with the manifest."""
+    m = read_manifest(synth)
+    assert list(m.modalities) == ["text", "audio", "vision", "m3"]
+    assert m.modalities["m3"].shape == [8, 2] and m.num_concepts == 6
+    assert {s: sp.rows for s, sp in m.splits.items()} == {"train": 200, "val": 50, "test": 40}
+    assert len(m.splits["train"].files) == 5
+    batch = next(iter(ShardStream(synth, "train", batch_size=200)))
+    c = batch.concepts.bool()
+    assert c.any(1).all()
+    assert torch.equal(batch.labels, c[:, :2].any(1).long())
+    mask = batch.masks["text"]
+    assert mask[:, -1].all() and (mask.sum(1) >= 4).all()
+    assert torch.equal(mask.int().diff(dim=1).clamp(max=0), torch.zeros(200, 7, dtype=torch.int32))  # no gaps
+    assert (batch.features["audio"][~batch.masks["audio"]] == 0).all()
+    assert all(torch.equal(batch.masks[x], mask) for x in m.modalities)
+
+
+def test_synth_seeded_and_mixing_independent_of_sample_count():
+    """The same seed gives the same data; more samples leave the first samples' concepts and mixing alone
+    only through the sample stream, so the mixing weights (fixed generator) stay fixed across sizes."""
+    a = sample_arrays(SynthConfig(**SMALL))
+    b = sample_arrays(SynthConfig(**SMALL))
+    assert all(np.array_equal(a["features"][k], b["features"][k]) for k in a["features"])
+    c = sample_arrays(SynthConfig(**{**SMALL, "seed": 1}))
+    assert not np.array_equal(a["features"]["text"], c["features"]["text"])
+
+
+def test_synth_default_is_fast(tmp_path):
+    """The default configuration (4096/512/1024 rows, T=16) generates and writes within a few seconds."""
+    start = time.perf_counter()
+    generate(str(tmp_path / "d"), SynthConfig())
+    assert time.perf_counter() - start < 10.0
+
+
+def test_synth_modalities_share_concepts_not_nuisance():
+    """With noise off, samples with identical concepts and lengths differ across samples only through
+    modality-private nuisance: nuisance_scale=0 makes them identical, a positive scale does not."""
+    base = {**SMALL, "noise_std": 0.0, "num_concepts": 2, "concept_rate": 0.5}
+    clean = sample_arrays(SynthConfig(**base, nuisance_scale=0.0))
+    noisy = sample_arrays(SynthConfig(**base, nuisance_scale=1.0))
+    key = [tuple(z) + (int(m.sum()),) for z, m in zip(clean["concepts"], clean["mask"])]
+    first: dict = {}
+    pairs = []
+    for idx, k in enumerate(key):
+        if k in first:
+            pairs.append((first[k], idx))
+        first.setdefault(k, idx)
+    assert pairs
+    i, j = pairs[0]
+    np.testing.assert_allclose(clean["features"]["text"][i], clean["features"]["text"][j], atol=1e-6)
+    assert not np.allclose(noisy["features"]["text"][i], noisy["features"]["text"][j])
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches, ranks, shuffling
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("world", [2, 5])
+def test_train_ranks_get_equal_full_batches_and_disjoint_rows(synth, world):
+    """drop_last=True: every rank yields exactly batches_per_epoch full batches and ranks never share a
+    row, both when datasets splits by rows (5 shards, 2 ranks) and by whole shards (5 shards, 5 ranks)."""
+    streams = [ShardStream(synth, "train", batch_size=16, rank=r, world_size=world, shuffle_buffer=32, seed=1)
+               for r in range(world)]
+    bpe = {s.batches_per_epoch for s in streams}
+    assert len(bpe) == 1
+    got = [ids_of(s) for s in streams]
+    assert len({len(g) for g in got}) == 1 and len(got[0]) == streams[0].batches_per_epoch
+    assert all(len(b) == 16 for g in got for b in g)
+    flat = [i for g in got for b in g for i in b]
+    assert len(flat) == len(set(flat))
+
+
+def test_eval_covers_every_row_once_with_equal_batch_counts(tmp_path):
+    """drop_last=False with unequal shards: each row of the split appears exactly once across ranks, and
+    every rank yields the same number of batches, padding with empty (B = 0) batches of the right shapes."""
+    cfg = SynthConfig(**{**SMALL, "num_val": 70, "rows_per_shard": 30})  # val: 30 + 30 + 10 rows
+    url = str(tmp_path / "ds")
+    generate(url, cfg)
+    streams = [ShardStream(url, "val", batch_size=8, rank=r, world_size=3, drop_last=False) for r in range(3)]
+    batches = [list(s) for s in streams]
+    assert len({len(b) for b in batches}) == 1 and len(batches[0]) == streams[0].batches_per_epoch
+    seen = sorted(i for bs in batches for b in bs for i in b.ids.tolist())
+    assert seen == list(range(200, 270))
+    empty = [b for bs in batches for b in bs if len(b) == 0]
+    assert empty, "the rank holding the 10-row shard must pad with empty batches"
+    e = empty[0]
+    assert e.features["text"].shape == (0, 8, 5) and e.masks["m3"].shape == (0, 8)
+    assert e.concepts.shape == (0, 6) and e.labels.dtype == torch.int64
+
+
+def test_shuffle_is_seeded_per_epoch_and_unshuffled_keeps_file_order(synth):
+    """Shuffled order is reproducible for (seed, epoch), differs between epochs and seeds, and covers the
+    same rows; shuffle_buffer=0 yields rows in file order."""
+    def epochs(seed, n=2):
+        s = ShardStream(synth, "train", batch_size=20, shuffle_buffer=64, seed=seed)
+        return [sum(ids_of(s), []) for _ in range(n)]
+
+    a, b = epochs(5), epochs(5)
+    assert a == b and a[0] != a[1] and sorted(a[0]) == sorted(a[1]) == list(range(200))
+    assert epochs(6, 1)[0] != a[0]
+    plain = ShardStream(synth, "train", batch_size=20)
+    assert sum(ids_of(plain), []) == list(range(200))
+
+
+def test_modalities_narrowed_and_non_sequence_modality_gets_t1(tmp_path):
+    """`modalities` narrows the batch; a [D] modality arrives as [B, 1, D] with an all-True mask."""
+    n = 12
+    split = SplitArrays(features={"vec": np.ones((n, 3)), "seq": np.zeros((n, 2, 4))}, labels=np.arange(n) % 3)
+    url = str(tmp_path / "v")
+    write_dataset(url, name="v", splits={"train": split}, label=LabelSpec("multiclass", 3), source="t")
+    b = next(iter(ShardStream(url, "train", batch_size=4, modalities=["vec"])))
+    assert list(b.features) == ["vec"] and b.features["vec"].shape == (4, 1, 3)
+    assert b.masks["vec"].all() and b.masks["vec"].shape == (4, 1) and b.concepts is None
+
+
+def test_memory_filesystem_roundtrip():
+    """Any fsspec URL works: generate into memory:// and stream from it."""
+    url = "memory://s3dist-test/synth"
+    fs = fsspec.filesystem("memory")
+    if fs.exists("/s3dist-test"):
+        fs.rm("/s3dist-test", recursive=True)
+    generate(url, SynthConfig(**SMALL))
+    s = ShardStream(url, "test", batch_size=10, world_size=2, rank=1, drop_last=False)
+    assert sum(len(b) for b in s) == 20
+    assert [p.rsplit("/", 1)[-1] for p in fs.ls("/s3dist-test", detail=False)] == ["synth"]  # no temp left
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume (single process; the 2-rank version is in test_data_resume_multirank.py)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cut", [0, 3, 11])
+def test_resume_after_n_batches_continues_with_batch_n_plus_1(synth, tmp_path, cut):
+    """state_dict after n batches (saved with torch.save, loaded weights_only) resumes with batch n+1 of
+    the same epoch in a fresh stream, then continues into the next epoch as an uninterrupted run does."""
+    kw = dict(batch_size=16, shuffle_buffer=48, seed=9)
+    ref = ShardStream(synth, "train", **kw)
+    full = ids_of(ref) + ids_of(ref)
+    first = ShardStream(synth, "train", **kw)
+    it = iter(first)
+    taken = [next(it).ids.tolist() for _ in range(cut)]
+    torch.save(first.state_dict(), tmp_path / "s.pt")
+    resumed = ShardStream(synth, "train", **kw)
+    resumed.load_state_dict(torch.load(tmp_path / "s.pt", weights_only=True))
+    rest = ids_of(resumed) + ids_of(resumed)
+    assert len(taken) == cut and taken + rest == full
+
+
+def test_resume_at_epoch_end_moves_to_next_epoch(synth):
+    """A state saved after the last batch of an epoch resumes at the start of the next epoch."""
+    kw = dict(batch_size=16, shuffle_buffer=48, seed=9)
+    ref = ShardStream(synth, "train", **kw)
+    epoch0, epoch1 = ids_of(ref), ids_of(ref)
+    s = ShardStream(synth, "train", **kw)
+    it = iter(s)
+    for _ in range(s.batches_per_epoch):
+        next(it)
+    state = s.state_dict()
+    assert state["batches_done"] == s.batches_per_epoch and state["epoch"] == 0
+    r = ShardStream(synth, "train", **kw)
+    r.load_state_dict(state)
+    assert ids_of(r) == epoch1 and len(epoch0) == len(epoch1)
+
+
+def test_resume_refuses_changed_pipeline_mid_epoch(synth):
+    """A mid-epoch state cannot be loaded into a stream with a different batch size or world size."""
+    s = ShardStream(synth, "train", batch_size=16)
+    it = iter(s)
+    next(it)
+    state = s.state_dict()
+    with pytest.raises(DataError, match="batch_size 16 -> 8"):
+        ShardStream(synth, "train", batch_size=8).load_state_dict(state)
+    with pytest.raises(DataError, match="world_size 1 -> 2"):
+        ShardStream(synth, "train", batch_size=16, world_size=2).load_state_dict(state)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------
+
+
+def copy_dataset(src: str, dst: Path) -> str:
+    fs = fsspec.filesystem("file")
+    fs.copy(src, str(dst), recursive=True)
+    return str(dst)
+
+
+def rewrite_manifest(url: str, edit) -> None:
+    p = Path(url) / "manifest.json"
+    doc = json.loads(p.read_text())
+    edit(doc)
+    p.write_text(json.dumps(doc))
+
+
+def rewrite_shard(url: str, fname: str, edit_table) -> None:
+    """Replace a shard and fix its checksum, so the damage is only what `edit_table` does."""
+    import hashlib
+    path = Path(url) / fname
+    table = edit_table(pq.read_table(path))
+    pq.write_table(table, path)
+    rewrite_manifest(url, lambda d: d["splits"]["train"]["checksums"].__setitem__(
+        fname, hashlib.sha256(path.read_bytes()).hexdigest()))
+
+
+def test_missing_manifest_bad_json_missing_key(tmp_path, synth):
+    """Manifest errors name the file: missing, not JSON, missing key."""
+    with pytest.raises(DataError, match=r"nothing/manifest\.json not found"):
+        ShardStream(str(tmp_path / "nothing"), "train", batch_size=4)
+    url = copy_dataset(synth, tmp_path / "c")
+    (Path(url) / "manifest.json").write_text("{not json")
+    with pytest.raises(DataError, match=r"manifest\.json is not valid JSON"):
+        read_manifest(url)
+    url = copy_dataset(synth, tmp_path / "d")
+    rewrite_manifest(url, lambda d: d.pop("label"))
+    with pytest.raises(DataError, match=r"manifest\.json: missing key 'label'"):
+        read_manifest(url)
+
+
+def test_missing_and_corrupt_shards_and_checksum(tmp_path, synth):
+    """A missing shard, a changed shard (checksum) and a corrupt Parquet file each name the file."""
+    url = copy_dataset(synth, tmp_path / "a")
+    (Path(url) / "train-00002.parquet").unlink()
+    with pytest.raises(DataError, match=r"train-00002\.parquet \(split 'train'\) is missing"):
+        ShardStream(url, "train", batch_size=4)
+    url = copy_dataset(synth, tmp_path / "b")
+    with open(Path(url) / "train-00001.parquet", "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00\xff\x00\xff")
+    with pytest.raises(DataError, match=r"train-00001\.parquet: checksum mismatch"):
+        ShardStream(url, "train", batch_size=4)
+    url = copy_dataset(synth, tmp_path / "c")
+    junk = Path(url) / "train-00003.parquet"
+    junk.write_bytes(b"this is not parquet at all")
+    import hashlib
+    rewrite_manifest(url, lambda d: d["splits"]["train"]["checksums"].__setitem__(
+        "train-00003.parquet", hashlib.sha256(junk.read_bytes()).hexdigest()))
+    with pytest.raises(DataError, match=r"train-00003\.parquet is not a readable Parquet file"):
+        ShardStream(url, "train", batch_size=4)
+
+
+def test_shape_disagreeing_with_manifest(tmp_path, synth):
+    """A manifest shape that disagrees with the stored column names the file, column and both shapes."""
+    url = copy_dataset(synth, tmp_path / "a")
+    rewrite_manifest(url, lambda d: d["modalities"]["audio"].__setitem__("shape", [8, 7]))
+    with pytest.raises(DataError, match=r"train-00000\.parquet: column 'audio' is fixed_size_list.*\[56\].*\[8, 7\]"):
+        ShardStream(url, "train", batch_size=4)
+
+
+def test_nonfinite_features_error_with_count_or_zero(tmp_path, synth):
+    """NaN / inf in features: an error with the count and row ids, or zeros with nonfinite='zero'."""
+    url = copy_dataset(synth, tmp_path / "a")
+
+    def poison(t: pa.Table) -> pa.Table:
+        flat = t.column("text").combine_chunks().flatten().to_numpy().copy()
+        flat[[0, 1, 7]] = [np.nan, np.inf, -np.inf]
+        col = pa.FixedSizeListArray.from_arrays(pa.array(flat), 8 * 5)
+        return t.set_column(t.schema.get_field_index("text"), "text", col)
+
+    rewrite_shard(url, "train-00000.parquet", poison)
+    with pytest.raises(DataError, match=r"3 NaN/inf values in modality 'text' \(rows with id \[0\]"):
+        list(ShardStream(url, "train", batch_size=40))
+    b = next(iter(ShardStream(url, "train", batch_size=40, nonfinite="zero")))
+    assert torch.isfinite(b.features["text"]).all() and (b.features["text"][0, 0, :2] == 0).all()
+
+
+def test_labels_outside_declared_classes(tmp_path, synth):
+    """A label outside 0..num_classes-1 names the file, row, id and value."""
+    url = copy_dataset(synth, tmp_path / "a")
+
+    def relabel(t: pa.Table) -> pa.Table:
+        lab = t.column("label").to_numpy().copy()
+        lab[5] = 7
+        return t.set_column(t.schema.get_field_index("label"), "label", pa.array(lab))
+
+    rewrite_shard(url, "train-00000.parquet", relabel)
+    with pytest.raises(DataError, match=r"train-00000\.parquet row 5 \(id 5\): label 7 is outside the declared 2"):
+        ShardStream(url, "train", batch_size=4)
+
+
+def test_unknown_modality_unknown_split_empty_split(tmp_path, synth):
+    """A requested modality the data set lacks, a split it lacks, and an empty split are named."""
+    with pytest.raises(DataError, match=r"modality \['speech'\] requested.*has only \['audio', 'm3', 'text', 'vision'\]"):
+        ShardStream(synth, "train", batch_size=4, modalities=["text", "speech"])
+    with pytest.raises(DataError, match=r"no split 'dev'; the data set has \['test', 'train', 'val'\]"):
+        ShardStream(synth, "dev", batch_size=4)
+    url = copy_dataset(synth, tmp_path / "a")
+    rewrite_manifest(url, lambda d: d["splits"]["val"].update(files=[], rows=0))
+    with pytest.raises(DataError, match=r"split 'val' is empty"):
+        ShardStream(url, "val", batch_size=4)
+    with pytest.raises(DataError, match=r"only 100 rows, fewer than one batch of 128"):
+        ShardStream(synth, "train", batch_size=128, world_size=2)
+
+
+def test_atomic_write_failure_leaves_nothing_and_existing_is_kept(tmp_path):
+    """A write that fails after shards were written leaves neither the folder nor a temp sibling; an
+    existing data set is not overwritten without overwrite=True; unsafe names are refused."""
+    n = 10
+    good = SplitArrays(features={"x": np.zeros((n, 2))}, labels=np.zeros(n, int), ids=np.arange(n))
+    dup = SplitArrays(features={"x": np.zeros((n, 2))}, labels=np.zeros(n, int), ids=np.arange(n))  # same ids
+    with pytest.raises(DataError, match="ids are not unique"):
+        write_dataset(str(tmp_path / "ds"), name="ds", splits={"train": good, "test": dup},
+                      label=LabelSpec("binary", 2), source="t", rows_per_shard=3)
+    assert list(tmp_path.iterdir()) == []
+    write_dataset(str(tmp_path / "ds"), name="ds", splits={"train": good}, label=LabelSpec("binary", 2), source="t")
+    with pytest.raises(DataError, match="already exists"):
+        write_dataset(str(tmp_path / "ds"), name="ds", splits={"train": good}, label=LabelSpec("binary", 2), source="t")
+    with pytest.raises(DataError, match="not a safe name"):
+        write_dataset(str(tmp_path / "x"), name="../evil", splits={"train": good}, label=LabelSpec("binary", 2),
+                      source="t")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
