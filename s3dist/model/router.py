@@ -118,11 +118,10 @@ class S3Router(nn.Module):
         idx_parts, gate_parts, on_parts, prob_sums, valid_counts, z_parts, ent_parts = [], [], [], [], [], [], []
         seg_demand = []
         self.sample_scores = {}
-        start = 0
-        for seg in plan.segments:
-            x = tokens[start:start + seg.tokens]
-            valid = valid_all[start:start + seg.tokens]
-            start += seg.tokens
+        # split (not slicing): its backward is one concatenation, where each slice's backward would
+        # zero-fill a gradient the size of the whole token matrix and add it up.
+        sizes = [seg.tokens for seg in plan.segments]
+        for seg, x, valid in zip(plan.segments, tokens.split(sizes), valid_all.split(sizes)):
             logits = self.logits(seg.modality, x)                       # [S_m, N]
             probs = logits.softmax(dim=-1)
             top_p, top_i = probs.topk(self.k, dim=-1)                   # [S_m, k]
@@ -132,14 +131,21 @@ class S3Router(nn.Module):
                 keep_tok = keep.repeat_interleave(seg.steps, dim=0)      # [S_m, N]
                 route_on &= keep_tok.gather(1, top_i)
             vf = valid.unsqueeze(1).to(probs.dtype)
-            scores = (probs * vf).view(seg.batch, seg.steps, self.n).sum(1)
+            probs_valid = probs * vf
+            scores = probs_valid.view(seg.batch, seg.steps, self.n).sum(1)
             steps = vf.view(seg.batch, seg.steps).sum(1, keepdim=True).clamp_min(1.0)
             self.sample_scores[seg.modality] = scores / steps            # mean gate prob per (sample, expert)
-            prob_sums.append((probs * vf).sum(0))
+            prob_sums.append(probs_valid.sum(0))
             valid_counts.append(valid.sum())
-            z_parts.append((torch.logsumexp(logits, dim=-1) ** 2 * vf.squeeze(1)).sum())
-            ent_parts.append((-(probs * probs.clamp_min(1e-9).log()).sum(-1) * vf.squeeze(1)).sum())
-            seg_demand.append(torch.bincount(top_i[route_on], minlength=self.n).to(torch.float32))
+            # logsumexp(logits) = logit_i - log p_i for any i; the top-1 (p >= 1/N) needs no second
+            # exp-sum over the logits.
+            lse = logits.gather(1, top_i[:, :1]).squeeze(1) - top_p[:, 0].log()
+            z_parts.append((lse.square() * vf.squeeze(1)).sum())
+            if self.training:  # only the load counters use it
+                with torch.no_grad():
+                    ent_parts.append((-(probs * probs.clamp_min(1e-9).log()).sum(-1) * vf.squeeze(1)).sum())
+            # scatter_add instead of bincount(top_i[route_on]): no boolean indexing, so no host sync on GPU.
+            seg_demand.append(_count_routes(top_i, route_on, self.n))
             idx_parts.append(top_i + self.offset(seg.modality))
             gate_parts.append(top_p)
             on_parts.append(route_on)
@@ -161,7 +167,7 @@ class S3Router(nn.Module):
         gates = gates * route_on
         # Renormalise what survives pruning and capacity; a token with nothing left gets zeros.
         gates = gates / gates.sum(-1, keepdim=True).clamp_min(torch.finfo(gates.dtype).eps)
-        kept = torch.bincount(idx[route_on], minlength=self.num_experts).to(torch.float32)
+        kept = _count_routes(idx, route_on, self.num_experts)
 
         l_aux = self._balance_loss(prob_sums, valid_counts, seg_demand) if self.training else demand.new_zeros(())
         n_valid = torch.stack(valid_counts).sum() if valid_counts else tokens.new_zeros(())
@@ -247,3 +253,9 @@ class S3Router(nn.Module):
         out = self._counters.clone()
         self._counters.zero_()
         return out
+
+
+def _count_routes(idx: torch.Tensor, route_on: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Routes per expert (float32) among those with `route_on`; exact up to 2**24 routes per expert."""
+    counts = torch.zeros(num_experts, dtype=torch.float32, device=idx.device)
+    return counts.scatter_add_(0, idx.reshape(-1).long(), route_on.reshape(-1).to(torch.float32))
