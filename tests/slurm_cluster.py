@@ -83,7 +83,7 @@ def ensure_slurm_installed() -> float:
 class SlurmCluster:
     """Two (or more) SLURM nodes in network + UTS namespaces on this machine. See module doc."""
 
-    def __init__(self, workdir: str | Path, num_nodes: int = 2, cpus_per_node: int = 2):
+    def __init__(self, workdir: str | Path, num_nodes: int = 2, cpus_per_node: int = 4):
         self.workdir = Path(workdir)
         self.num_nodes = num_nodes
         self.cpus_per_node = cpus_per_node
@@ -144,7 +144,7 @@ class SlurmCluster:
         return self.run_client(["scontrol", *args], check=check)
 
     def job(self, job_id: int) -> dict[str, str]:
-        """`scontrol show job` as a dict (JobState, RestartCnt, ExitCode, NodeList, ...)."""
+        """`scontrol show job` as a dict (JobState, Restarts, ExitCode, NodeList, ...)."""
         out = self.scontrol("show", "job", "-o", str(job_id)).stdout
         return dict(re.findall(r"(\w+)=(\S*)", out))
 
@@ -278,6 +278,8 @@ MpiDefault=none
 SwitchType=switch/none
 SchedulerType=sched/builtin
 ReturnToService=2
+# nodes may announce more CPUs than the host has, so several small test jobs can share them
+SlurmdParameters=config_overrides
 JobRequeue=1
 KillWait=30
 MinJobAge=600

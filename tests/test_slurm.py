@@ -12,9 +12,11 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.slurm_cluster import SlurmCluster, ensure_slurm_installed, namespaces_forbidden_reason
 
@@ -30,7 +32,7 @@ TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_
 # Small enough for ~1 minute on two 1-process CPU nodes, still every stage, a checkpoint and eval.
 TRAIN_OVERRIDES = [
     "dist.ep_size=2", "data.synth.num_train=512", "data.synth.num_val=64", "data.synth.num_test=128",
-    "stages.specialize_steps=40", "stages.select_steps=20", "checkpoint.every_steps=10",
+    "stages.specialize_steps=30", "stages.select_steps=10", "checkpoint.every_steps=10",
     "logging.every_steps=5", "eval.keep_fractions=[0.3,1.0]", "eval.probe_Cs=[1.0]",
 ]
 
@@ -160,72 +162,128 @@ def _submit_train(cluster: SlurmCluster, cwd: Path, run_dir: Path, extra: list[s
     return cluster.sbatch(args, cwd=cwd, env=_job_env(cluster))
 
 
+def _train_records(run_dir: Path) -> list[dict]:
+    """metrics.jsonl rows of training steps (eval / sweep rows carry no loss)."""
+    return [m for m in _read_jsonl(run_dir / "metrics.jsonl") if "loss" in m]
+
+
 def _final_loss(run_dir: Path) -> tuple[int, float]:
-    last = max(_read_jsonl(run_dir / "metrics.jsonl"), key=lambda r: r["step"])
+    last = max(_train_records(run_dir), key=lambda r: r["step"])
     return last["step"], last["loss"]
 
 
+INTERRUPT_AFTER_STEP = 15  # past the first checkpoint (every 10 steps), well before the end (40)
+
+
+@dataclass
+class TrainJob:
+    job: int
+    run_dir: Path
+    interrupt: str | None = None  # None, "usr2" or "requeue"
+    interrupted_at: int | None = None
+    info: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def _drive(cluster: SlurmCluster, jobs: dict[str, TrainJob], timeout: float) -> None:
+    """Follow all jobs at once: pre-empt each interruptible job once it has logged
+    INTERRUPT_AFTER_STEP steps, release it when it waits requeued, stop when all have ended."""
+    start = time.monotonic()
+    while True:
+        running = False
+        for tj in jobs.values():
+            if tj.info.get("JobState") in TERMINAL:
+                continue
+            tj.info = cluster.job(tj.job)
+            if tj.info["JobState"] in TERMINAL:
+                tj.seconds = time.monotonic() - start
+                continue
+            running = True
+            if tj.interrupt and tj.interrupted_at is None:
+                steps = max((m["step"] for m in _train_records(tj.run_dir)), default=0) \
+                    if (tj.run_dir / "metrics.jsonl").is_file() else 0
+                if steps >= INTERRUPT_AFTER_STEP:
+                    tj.interrupted_at = steps
+                    if tj.interrupt == "usr2":  # what `#SBATCH --signal=USR2@120` does before the time limit
+                        cluster.run_client(["scancel", "--signal=USR2", str(tj.job)])
+                    else:  # SIGTERM to every process of the job, then SLURM itself requeues
+                        cluster.scontrol("requeue", str(tj.job))
+            elif tj.interrupted_at is not None and tj.info["JobState"] == "PENDING" and tj.info["Restarts"] != "0":
+                cluster.scontrol("update", f"jobid={tj.job}", "StartTime=now")  # requeued jobs wait on BeginTime
+        if not running:
+            return
+        if time.monotonic() - start > timeout:
+            raise TimeoutError(f"training jobs still running after {timeout}s: "
+                               f"{ {k: v.info.get('JobState') for k, v in jobs.items()} }\n{cluster.logs()}")
+        time.sleep(0.5)
+
+
 @pytest.fixture(scope="session")
-def reference_run(cluster, tmp_path_factory):
-    """One uninterrupted 2-node training run, shared by the contract and the requeue tests."""
+def train_jobs(cluster, tmp_path_factory) -> dict[str, TrainJob]:
+    """Three 2-node training jobs run side by side (each takes one CPU per node): an uninterrupted
+    reference (with a hostile run name), one pre-empted by USR2 and one by `scontrol requeue`.
+    Side by side because the module has a time budget; the result must not depend on it."""
     if not _train_available():
         pytest.skip("s3dist.train is not written yet")
-    base = tmp_path_factory.mktemp("train-ref")
-    run_dir = base / "ref run"
-    start = time.monotonic()
-    job = _submit_train(cluster, base, run_dir, [f"name={HOSTILE_RUN_NAME}"])
-    _finish(cluster, job, 300, run_dir)
-    print(f"\nreference training job took {time.monotonic() - start:.0f}s")
-    return run_dir
+    jobs = {}
+    for kind, extra in (("reference", [f"name={HOSTILE_RUN_NAME}"]),
+                        ("usr2", ["eval.run_at_end=false"]), ("requeue", ["eval.run_at_end=false"])):
+        base = tmp_path_factory.mktemp(f"train-{kind}")
+        run_dir = base / f"{kind} run"
+        jobs[kind] = TrainJob(_submit_train(cluster, base, run_dir, extra), run_dir,
+                              interrupt=None if kind == "reference" else kind)
+    _drive(cluster, jobs, timeout=420)
+    print("\ntraining jobs took " + ", ".join(f"{k} {v.seconds:.0f}s" for k, v in jobs.items()))
+    return jobs
+
+
+def _assert_completed(cluster: SlurmCluster, tj: TrainJob) -> None:
+    if tj.info.get("JobState") != "COMPLETED":
+        dump = "\n".join(f"--- {p}\n{p.read_text(errors='replace')[-3000:]}"
+                         for p in sorted(tj.run_dir.rglob("logs/*.log")))
+        pytest.fail(f"job {tj.job} ended {tj.info.get('JobState')} ({tj.info.get('ExitCode')})\n{dump}\n"
+                    f"{cluster.logs()}")
 
 
 @needs_train
-def test_train_sbatch_two_nodes_runs_to_completion(reference_run, tmp_path):
+def test_train_sbatch_two_nodes_runs_to_completion(cluster, train_jobs, tmp_path):
     """sbatch slurm/train.sbatch, 2 nodes x 1 CPU process, ep_size=2: the run directory contract
-    holds and the two ranks ran on different nodes."""
-    run = reference_run
+    holds, the two ranks ran on different nodes, and a hostile run name arrived verbatim."""
+    ref = train_jobs["reference"]
+    _assert_completed(cluster, ref)
+    run = ref.run_dir
     for name in ("config.yaml", "metrics.jsonl", "eval.json", "ranks.jsonl"):
         assert (run / name).is_file(), name
     assert any((run / "tb").iterdir()) and any((run / "checkpoints").iterdir())
-    metrics = _read_jsonl(run / "metrics.jsonl")
+    metrics = _train_records(run)
     assert metrics and all({"step", "stage", "loss", "samples_per_s"} <= m.keys() for m in metrics)
+    assert {m["stage"] for m in metrics} == {"specialize", "select"}
     ranks = _read_jsonl(run / "ranks.jsonl")
     assert sorted(r["rank"] for r in ranks) == [0, 1]
     assert sorted(r["node_rank"] for r in ranks) == [0, 1]
-    assert len({r["hostname"] for r in ranks}) == 2, ranks
-    import yaml
+    assert {r["hostname"] for r in ranks} == set(cluster.nodes), ranks
     assert yaml.safe_load((run / "config.yaml").read_text())["name"] == HOSTILE_RUN_NAME
-    assert not (tmp_path.parent / "pwned-by-name").exists() and not PWNED.exists()
-    assert list((run / "logs").glob("job-*-r0-node*.log"))
+    assert not (run.parent / "pwned-by-name").exists() and not PWNED.exists()
+    assert len(list((run / "logs").glob("job-*-r0-node*.log"))) == 2
 
 
 @needs_train
 @pytest.mark.parametrize("how", ["usr2", "requeue"])
-def test_preempted_job_requeues_and_matches_uninterrupted_loss(cluster, reference_run, tmp_path, how):
+def test_preempted_job_requeues_and_matches_uninterrupted_loss(cluster, train_jobs, how):
     """Pre-emption mid-run (`scancel --signal=USR2`, as `--signal=USR2@120` does, or `scontrol
     requeue`, which sends SIGTERM): the job checkpoints, is requeued, resumes with --resume auto
     and ends with the same final loss as the uninterrupted reference run."""
-    run_dir = tmp_path / "run"
-    job = _submit_train(cluster, tmp_path, run_dir)
-    # interrupt once training has logged a few steps past the first checkpoint
-    deadline = time.monotonic() + 240
-    while not (run_dir / "metrics.jsonl").is_file() or max(
-            (m["step"] for m in _read_jsonl(run_dir / "metrics.jsonl")), default=0) < 15:
-        assert cluster.job(job)["JobState"] in ("PENDING", "RUNNING"), cluster.job(job)
-        assert time.monotonic() < deadline, "training logged no progress"
-        time.sleep(0.5)
-    if how == "usr2":
-        cluster.run_client(["scancel", "--signal=USR2", str(job)])
-    else:
-        cluster.scontrol("requeue", str(job))
-    # requeued jobs wait on BeginTime; start it now
-    deadline = time.monotonic() + 120
-    while (info := cluster.job(job))["RestartCnt"] == "0" or info["JobState"] not in ("PENDING", "RUNNING"):
-        assert info["JobState"] not in TERMINAL, info
-        assert time.monotonic() < deadline, f"job was not requeued: {info}"
-        time.sleep(0.5)
-    if info["JobState"] == "PENDING":
-        cluster.scontrol("update", f"jobid={job}", "StartTime=now")
-    _finish(cluster, job, 300, run_dir)
-    assert list((run_dir / "logs").glob("job-*-r1-node*.log")), "a second attempt ran"
-    assert _final_loss(run_dir) == pytest.approx(_final_loss(reference_run), rel=1e-6, abs=1e-7)
+    tj, ref = train_jobs[how], train_jobs["reference"]
+    _assert_completed(cluster, ref)
+    _assert_completed(cluster, tj)
+    assert tj.interrupted_at is not None, "the job ended before it could be interrupted"
+    assert int(tj.info["Restarts"]) == 1
+    first = "\n".join(p.read_text(errors="replace") for p in (tj.run_dir / "logs").glob("job-*-r0-node*.log"))
+    assert "pre-emption signal received: checkpoint written" in first
+    assert len(list((tj.run_dir / "logs").glob("job-*-r1-node*.log"))) == 2, "a second attempt ran on both nodes"
+    if how == "usr2":  # exit 75 came through s3dist.launch and srun, and the script requeued the job
+        assert "requeueing job" in (tj.run_dir / "logs" / f"job-{tj.job}.log").read_text()
+    step, loss = _final_loss(tj.run_dir)
+    ref_step, ref_loss = _final_loss(ref.run_dir)
+    assert step == ref_step and step > tj.interrupted_at
+    assert loss == pytest.approx(ref_loss, rel=1e-6, abs=1e-7)
