@@ -124,25 +124,36 @@ RECORDER = """\
 #!{python}
 # stands in for python on the nodes: records what the per-node launch would have run
 import json, os, sys
-out = os.path.join(os.environ["RECORD_DIR"], "node%s.json" % os.environ["SLURM_NODEID"])
-json.dump(dict(argv=sys.argv[1:], node=os.environ["SLURMD_NODENAME"]), open(out, "w"))
+out = os.path.join(os.environ["RECORD_DIR"], "%s-node%s.json" % (os.environ["SLURM_JOB_ID"], os.environ["SLURM_NODEID"]))
+json.dump(dict(argv=sys.argv[1:], node=os.environ["SLURMD_NODENAME"],
+               array_task=os.environ.get("SLURM_ARRAY_TASK_ID")), open(out, "w"))
 """
+
+
+def _recorder(tmp_path: Path) -> Path:
+    recorder = tmp_path / "recorder"
+    recorder.write_text(RECORDER.format(python=sys.executable))
+    recorder.chmod(0o755)
+    return recorder
+
+
+def _recorded(tmp_path: Path, job: int) -> list[dict]:
+    """What each node's launcher was given, in node order."""
+    return [json.loads(p.read_text()) for p in sorted(tmp_path.glob(f"{job}-node*.json"))]
 
 
 def test_train_sbatch_passes_user_values_verbatim(cluster, tmp_path):
     """Run name / output dir / overrides with spaces, quotes and `$(...)`: slurm/train.sbatch hands
     them to each node's launcher as single arguments and nothing in them is executed."""
     PWNED.unlink(missing_ok=True)
-    recorder = tmp_path / "recorder"
-    recorder.write_text(RECORDER.format(python=sys.executable))
-    recorder.chmod(0o755)
+    recorder = _recorder(tmp_path)
     out_dir = str(tmp_path / f"runs/{HOSTILE_NAME}")
     user_args = ["--output_dir", out_dir, f"name={HOSTILE_RUN_NAME}"]
     job = cluster.sbatch([f"--job-name={HOSTILE_NAME}", str(ROOT / "slurm" / "train.sbatch"), *user_args],
                          cwd=tmp_path, env=_job_env(cluster, S3DIST_PYTHON=str(recorder), RECORD_DIR=str(tmp_path)))
     _finish(cluster, job, 60, tmp_path)
     assert cluster.run_client(["squeue", "-h", "-t", "all", "-j", str(job), "-o", "%j"]).stdout.strip() == HOSTILE_NAME
-    recs = sorted((json.loads((tmp_path / f"node{i}.json").read_text()) for i in range(2)), key=lambda r: r["node"])
+    recs = _recorded(tmp_path, job)
     assert [r["node"] for r in recs] == cluster.nodes
     for rank, rec in enumerate(recs):
         argv = rec["argv"]
@@ -150,6 +161,41 @@ def test_train_sbatch_passes_user_values_verbatim(cluster, tmp_path):
         assert argv[argv.index("-m", 1):] == ["-m", "s3dist.train", *user_args]
     assert not PWNED.exists() and not (tmp_path / "pwned-by-name").exists()
     assert (Path(out_dir) / "logs" / f"job-{job}.log").is_file(), "the job log lives in the run directory"
+
+
+def test_sweep_sbatch_gives_each_array_task_its_value(cluster, tmp_path):
+    """slurm/sweep.sbatch: array task i trains with KEY=<i-th value> in its own run directory,
+    user arguments passed through verbatim."""
+    recorder = _recorder(tmp_path)
+    env = _job_env(cluster, S3DIST_PYTHON=str(recorder), RECORD_DIR=str(tmp_path), S3DIST_SWEEP_KEY="stages.keep_fraction",
+                   S3DIST_SWEEP_VALUES="0.1 0.3", S3DIST_SWEEP_DIR=str(tmp_path / "sweep"))
+    array_job = cluster.sbatch(["--array=0-1", str(ROOT / "slurm" / "sweep.sbatch"), f"name={HOSTILE_RUN_NAME}"],
+                               cwd=tmp_path, env=env)
+    deadline = time.monotonic() + 90
+    while cluster.run_client(["squeue", "-h", "-j", str(array_job), "-o", "%i"]).stdout.strip():
+        assert time.monotonic() < deadline, cluster.logs()
+        time.sleep(0.5)
+    tasks = {0: [], 1: []}
+    for p in sorted(tmp_path.glob("*-node*.json")):
+        rec = json.loads(p.read_text())
+        tasks[int(rec["array_task"])].append(rec)
+    for task, value in ((0, "0.1"), (1, "0.3")):
+        assert len(tasks[task]) == 2
+        for rec in tasks[task]:
+            argv = rec["argv"]
+            assert argv[argv.index("-m", 1):] == ["-m", "s3dist.train", "--output_dir",
+                                                  str(tmp_path / "sweep" / f"stages.keep_fraction-{value}"),
+                                                  f"stages.keep_fraction={value}", f"name={HOSTILE_RUN_NAME}"]
+
+
+def test_eval_sbatch_passes_arguments_verbatim(cluster, tmp_path):
+    recorder = _recorder(tmp_path)
+    args = ["eval", "--run", str(tmp_path / HOSTILE_NAME), "--keep-fraction", "0.3"]
+    job = cluster.sbatch([str(ROOT / "slurm" / "eval.sbatch"), *args], cwd=tmp_path,
+                         env=_job_env(cluster, S3DIST_PYTHON=str(recorder), RECORD_DIR=str(tmp_path)))
+    _finish(cluster, job, 60, tmp_path)
+    assert [r["argv"] for r in _recorded(tmp_path, job)] == [["-m", "s3dist.cli", *args]]
+    assert not PWNED.exists()
 
 
 # ---------------------------------------------------------------------------------------------
