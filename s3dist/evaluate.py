@@ -125,7 +125,7 @@ def _streams(cfg: RunConfig, data_url: str, rank: int, world: int):
 
 def keep_fraction_list(cfg: RunConfig, extra: list[float] | None = None) -> list[float]:
     ps = set(float(p) for p in (extra or cfg.eval.keep_fractions)) | {1.0}
-    if "sparsify" in cfg.stages.run and cfg.moe.kind == "s3":
+    if extra is None and "sparsify" in cfg.stages.run and cfg.moe.kind == "s3":
         ps.add(float(cfg.stages.keep_fraction))
     if cfg.moe.kind != "s3":
         ps = {1.0}  # no S3 router: nothing to sparsify
@@ -162,9 +162,9 @@ def evaluate_run(cfg: RunConfig, dims, run_dir: Path, model, data_url: str, logg
         "run_keep_fraction": cfg.stages.keep_fraction if "sparsify" in cfg.stages.run else 1.0,
         "step": step,
     }
-    if "sparsify" in cfg.stages.run and cfg.moe.kind == "s3":
-        result["run_keep_fraction_accuracy"] = next(r["accuracy"] for r in sweep
-                                                    if r["keep_fraction"] == float(cfg.stages.keep_fraction))
+    at_run_p = [r["accuracy"] for r in sweep if r["keep_fraction"] == result["run_keep_fraction"]]
+    if at_run_p:
+        result["run_keep_fraction_accuracy"] = at_run_p[0]
     if te["scores"] and te["concepts"] is not None:
         result["specialization"] = _specialization(te, random_mi)
     write_outputs(run_dir, result, te, logger, step)

@@ -96,11 +96,20 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"s3dist: config error: {e}", file=sys.stderr)
         return 2
+    from s3dist.checkpoint import CheckpointError
+    from s3dist.data import DataError
+
     try:
         run(cfg)
         return 0
     except ConfigError as e:
         print(f"s3dist: config error: {e}", file=sys.stderr)
+        return 2
+    except CheckpointError as e:
+        print(f"s3dist: checkpoint error: {e}", file=sys.stderr)
+        return 2
+    except DataError as e:
+        print(f"s3dist: data error: {e}", file=sys.stderr)
         return 2
 
 

@@ -169,20 +169,26 @@ class Trainer:
         training_stages = [s for s in self.cfg.stages.run if s in STAGE_LOSS]
         resume_meta = ckpt_io.read_meta(resume_from) if resume_from else None
         if resume_meta:
+            ckpt_io.check_compatible(resume_meta, to_dict(self.cfg), resume_from)
             self.state = ckpt_io.TrainState(**resume_meta["state"])
         for stage in training_stages:
-            if resume_meta and training_stages.index(stage) < training_stages.index(self.state.stage):
-                continue
-            if resume_meta and stage == self.state.stage and self.state.stage_done:
-                continue
+            if resume_meta and stage in training_stages and self.state.stage in training_stages:
+                if training_stages.index(stage) < training_stages.index(self.state.stage):
+                    continue
+                # a finished stage is skipped only if it reached the steps configured *now*
+                if stage == self.state.stage and self.state.stage_step >= self._total_steps(stage):
+                    continue
             self.run_stage(stage, resume_from if (resume_meta and stage == self.state.stage) else None,
                            load_weights_from=resume_from if resume_meta else None)
             resume_meta = None
         return self.state
 
+    def _total_steps(self, stage: str) -> int:
+        return self.cfg.stages.specialize_steps if stage == "specialize" else self.cfg.stages.select_steps
+
     def run_stage(self, stage: str, resume_ckpt: Path | None, load_weights_from: Path | None) -> None:
         cfg = self.cfg
-        total = cfg.stages.specialize_steps if stage == "specialize" else cfg.stages.select_steps
+        total = self._total_steps(stage)
         lr = cfg.optim.lr if stage == "specialize" else cfg.optim.router_lr
         engine = build_engine(self.model, self.stage_params(stage), lr=lr, total_steps=total, optim=cfg.optim,
                               dist_cfg=cfg.dist, micro_batch=cfg.data.batch_size)
@@ -221,8 +227,7 @@ class Trainer:
             if self.progress is not None:
                 self.progress.update(self.state.stage_step, terms["loss"])
             done = self.state.stage_step == total
-            if done:
-                self.state.stage_done = True
+            self.state.stage_done = done
             if done or preempt or self._save_due():
                 self.save(engine)
             if preempt:
