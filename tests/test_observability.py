@@ -138,7 +138,6 @@ def test_expert_load_is_global_over_ranks(tmp_path):
     per log interval, with the fractions summing to 1."""
     res = run_ranks(_forced_routing, 2, tmp_path)
     r0, r1 = res
-    assert r0["reduces"] == 1 and r1["reduces"] == 1
     assert set(r0["demand"]) == {f"{m}/layer{li}" for m in MODS for li in range(2)}
     for key, local0 in r0["demand"].items():
         local1 = r1["demand"][key]
@@ -156,6 +155,7 @@ def test_expert_load_is_global_over_ranks(tmp_path):
         assert own[HOT] != pytest.approx(r0["scalars"][f"expert_load/{key}/expert{HOT}"], abs=1e-3)
         # Rank 1 over-fills HOT beyond capacity, so some routes are dropped globally.
         assert 0 < r0["scalars"][f"expert_balance/{key}/dropped_fraction"] < 1
+    assert r0["reduces"] == 1 and r1["reduces"] == 1, "counters must be reduced once per log interval"
 
 
 # --------------------------------------------------------------------------------------------
@@ -336,10 +336,11 @@ def tensorboard_server(tmp_path):
         exe = Path(sys.executable).with_name("tensorboard")
         cmd = [str(exe)] if exe.exists() else [sys.executable, "-c", "from tensorboard.main import run_main; run_main()"]
         log_path = tmp_path / "tensorboard.log"
-        p = subprocess.Popen(cmd + ["--logdir", str(logdir), "--host", "127.0.0.1", "--port", str(port),
-                                    "--reload_interval", "1"],
-                             stdout=open(log_path, "w"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                             start_new_session=True)
+        with open(log_path, "w") as log_file:
+            p = subprocess.Popen(cmd + ["--logdir", str(logdir), "--host", "127.0.0.1", "--port", str(port),
+                                        "--reload_interval", "1"],
+                                 stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                 start_new_session=True)
         procs.append((p, log_path))
         return f"http://127.0.0.1:{port}"
 
@@ -354,23 +355,31 @@ def tensorboard_server(tmp_path):
                 p.wait()
 
 
-def _wait_for_tags(base: str, want: set[str], steps: int, proc_log: Path, deadline_s: float = 60.0) -> dict:
-    """Poll the scalars plugin until every wanted tag is served with all `steps` points (bounded)."""
+def _scalars(base: str, tag: str) -> list[list[float]]:
+    q = urllib.parse.urlencode({"run": ".", "tag": tag})
+    return _get_json(f"{base}/data/plugin/scalars/scalars?{q}")  # [[wall_time, step, value], ...]
+
+
+def _wait_for_series(base: str, want: set[str], steps: int, proc_log: Path, deadline_s: float = 60.0):
+    """Poll the scalars plugin (bounded) until every wanted tag is served with all `steps` points;
+    the server loads event files in the background, so tags and points appear over time.
+    Returns (all scalar tags, {tag: points})."""
     deadline = time.monotonic() + deadline_s
-    last = None
+    series, last = {}, "not listening"
     while time.monotonic() < deadline:
         try:
             tags = _get_json(f"{base}/data/plugin/scalars/tags").get(".", {})
-            if want <= tags.keys():
-                probe = sorted(want)[-1]
-                q = urllib.parse.urlencode({"run": ".", "tag": probe})
-                if len(_get_json(f"{base}/data/plugin/scalars/scalars?{q}")) == steps:
-                    return tags
-            last = f"{len(want & tags.keys())}/{len(want)} tags"
+            for tag in sorted(want & tags.keys() - series.keys()):
+                points = _scalars(base, tag)
+                if len(points) == steps:
+                    series[tag] = points
+            if len(series) == len(want):
+                return tags, series
+            last = f"{len(series)}/{len(want)} complete series"
         except OSError as e:  # not listening yet
             last = repr(e)
         time.sleep(0.25)
-    raise AssertionError(f"tensorboard did not serve the expert-load tags in {deadline_s}s ({last}); "
+    raise AssertionError(f"tensorboard did not serve the expert-load series in {deadline_s}s ({last}); "
                          f"its log:\n{proc_log.read_text()[-2000:]}")
 
 
@@ -393,7 +402,7 @@ def test_tensorboard_server_shows_expert_load(tmp_path, tensorboard_server):
 
     want = {f"expert_load/{m}/layer{li}/expert{e}" for m in mods for li in range(layers) for e in range(experts)}
     base = tensorboard_server(out / "tb")
-    tags = _wait_for_tags(base, want, len(rows), tmp_path / "tensorboard.log")
+    tags, series = _wait_for_series(base, want, len(rows), tmp_path / "tensorboard.log")
     assert {t for t in tags if t.startswith("expert_load/")} == want
     assert {f"expert_balance/{m}/layer{li}/max_over_mean" for m in mods for li in range(layers)} <= tags.keys()
 
@@ -402,8 +411,7 @@ def test_tensorboard_server_shows_expert_load(tmp_path, tensorboard_server):
             per_step: dict[int, list[float]] = {}
             for e in range(experts):
                 tag = f"expert_load/{m}/layer{li}/expert{e}"
-                q = urllib.parse.urlencode({"run": ".", "tag": tag})
-                for _wall, step, value in _get_json(f"{base}/data/plugin/scalars/scalars?{q}"):
+                for _wall, step, value in series[tag]:
                     per_step.setdefault(step, []).append(value)
                     assert value == pytest.approx(rows[step][tag], abs=1e-6)  # TB stores float32
             assert sorted(per_step) == sorted(rows)
