@@ -20,17 +20,22 @@ class Progress:
 
             self.bar = tqdm(total=total, initial=done, desc=stage, unit="step", dynamic_ncols=True)
             self._last_loss_read = float("-inf")
+            self._samples = 0
+            self._t0 = time.monotonic()
 
-    def update(self, step: int, loss) -> None:
+    def update(self, step: int, loss, samples: int = 0) -> None:
+        """`samples`: samples this step consumed over all ranks (for the samples/s readout)."""
         if self.bar is None:
             return
+        self._samples += samples
         # Reading the loss waits for the device: do it only as often as the bar can redraw, and on
         # a detached value (the loss still holds the graph here).
         now = time.monotonic()
         if now - self._last_loss_read >= self.bar.mininterval or step >= (self.bar.total or 0):
             self._last_loss_read = now
             value = loss.detach().item() if torch.is_tensor(loss) else float(loss)
-            self.bar.set_postfix(loss=f"{value:.4f}", refresh=False)
+            rate = self._samples / max(now - self._t0, 1e-9)
+            self.bar.set_postfix(loss=f"{value:.4f}", samples_per_s=f"{rate:.0f}", refresh=False)
         self.bar.update(step - self.bar.n)
 
     def close(self) -> None:

@@ -225,7 +225,7 @@ class Trainer:
                 self._log(stage, engine, window)
                 window = self.window = _Window()
             if self.progress is not None:
-                self.progress.update(self.state.stage_step, terms["loss"])
+                self.progress.update(self.state.stage_step, terms["loss"], len(batch) * self.dims.world_size)
             done = self.state.stage_step == total
             self.state.stage_done = done
             if done or preempt or self._save_due():
