@@ -51,6 +51,9 @@ def cluster(tmp_path_factory):
         pytest.skip(reason)
     seconds = ensure_slurm_installed()
     print(f"\nslurm packages ready after {seconds:.1f}s of apt-get")
+    reason = namespaces_forbidden_reason()  # again: `ip` may only just have been installed
+    if reason:
+        pytest.skip(reason)
     c = SlurmCluster(tmp_path_factory.mktemp("slurm-cluster"))
     c.start()
     try:
@@ -255,7 +258,8 @@ def _drive(cluster: SlurmCluster, jobs: dict[str, TrainJob], timeout: float) -> 
                     else:  # SIGTERM to every process of the job, then SLURM itself requeues
                         cluster.scontrol("requeue", str(tj.job))
             elif tj.interrupted_at is not None and tj.info["JobState"] == "PENDING" and tj.info["Restarts"] != "0":
-                cluster.scontrol("update", f"jobid={tj.job}", "StartTime=now")  # requeued jobs wait on BeginTime
+                # requeued jobs wait on BeginTime; it may have started meanwhile ("no longer pending")
+                cluster.scontrol("update", f"jobid={tj.job}", "StartTime=now", check=False)
         if not running:
             return
         if time.monotonic() - start > timeout:
