@@ -20,19 +20,20 @@ S3DIST_PORT=${S3DIST_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
 S3DIST_RESTART=${SLURM_RESTART_COUNT:-0}
 export PYTHONUNBUFFERED=1
 
-# s3dist_find_output_dir ARGS... : print the value of --output_dir / --output_dir= / output_dir=
-# among the training arguments (the last one wins, as in s3dist.train); nothing if absent.
+# s3dist_find_output_dir ARGS... : print the run directory the training arguments name, with
+# s3dist.train's precedence (--output_dir / --output-dir over an output_dir= override, the last
+# of each kind winning); nothing if absent.
 s3dist_find_output_dir() {
-  local found="" prev=""
+  local flag="" override="" prev=""
   for a in "$@"; do
-    [[ $prev == --output_dir ]] && found=$a
+    [[ $prev == --output_dir || $prev == --output-dir ]] && flag=$a
     case $a in
-      --output_dir=*) found=${a#--output_dir=} ;;
-      output_dir=*) found=${a#output_dir=} ;;
+      --output_dir=* | --output-dir=*) flag=${a#*=} ;;
+      output_dir=*) override=${a#output_dir=} ;;
     esac
     prev=$a
   done
-  printf '%s' "$found"
+  printf '%s' "${flag:-$override}"
 }
 
 # s3dist_srun LOG_PATTERN MODULE ARGS... : one `accelerate launch` per node (through

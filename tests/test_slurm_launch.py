@@ -60,5 +60,6 @@ def test_find_output_dir_reads_every_spelling_verbatim():
     assert find("a=1", "--output_dir", HOSTILE, "b=2") == HOSTILE
     assert find(f"--output_dir={HOSTILE}") == HOSTILE
     assert find(f"output_dir={HOSTILE}") == HOSTILE
+    assert find(f"--output-dir={HOSTILE}", "output_dir=other") == HOSTILE  # the flag beats the override
     assert find("a=1") == ""
     assert not Path("/tmp/pwned").exists() or pytest.fail("a hostile value was executed")
