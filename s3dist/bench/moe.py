@@ -1,0 +1,364 @@
+"""`s3dist bench moe`: forward+backward throughput of the s3dist MoE layer against bare DeepSpeed MoE.
+
+On `--ranks` real gloo processes (expert-parallel size `--ep`), in the same run on the same ranks:
+
+* `s3dist`: `ExpertParallelMoE` with the S3 router, all modalities in one fused expert pool
+  (one all-to-all pair per layer);
+* `bare`: `deepspeed.moe.layer.MoE` with DeepSpeed's own `TopKGate`, the same tokens (already
+  concatenated), the same number of experts, k, expert MLP and capacity;
+* `topk-per-modality` (fused case only): `ExpertParallelMoE(kind="topk")`, one DeepSpeed MoE per
+  modality, i.e. one all-to-all pair per modality: what fusing saves.
+
+Repetitions interleave the variants (order alternating) after a warm-up, each step starts behind a
+barrier, a step's time is the slowest rank's, and the median is reported. A separate profiled pass
+(torch profiler) gives each variant's share of step time in all-to-all (the `_AllToAll` autograd
+op, forward and backward), in other all-reduces, and in the gate's forward. The all-to-all bytes
+are counted by wrapping `torch.distributed.all_to_all_single` during one step; `s3dist bench plan`
+is checked against these counts.
+
+`spawn_ranks` and `count_collective_bytes` are shared with the other rank-level benchmarks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import tempfile
+import time
+import traceback
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from s3dist.bench.common import print_table, record
+
+MODALITIES = ("text", "audio", "vision")
+
+
+# ---------------------------------------------------------------------------------------------
+# Rank plumbing shared by the rank-level benchmarks
+# ---------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_entry(rank, world, port, threads, out_dir, fn, args):
+    import torch
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"),
+                      OMP_NUM_THREADS=str(threads))
+    torch.set_num_threads(threads)
+    try:
+        result = fn(rank, world, *args)
+        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    except BaseException:
+        (Path(out_dir) / f"rank{rank}.err").write_text(traceback.format_exc())
+        raise
+
+
+def spawn_ranks(fn, ranks: int, *args, threads: int = 0) -> list:
+    """Run `fn(rank, world, *args)` on `ranks` fresh processes (torchrun-style env); their results.
+
+    `threads` per rank defaults to the usable cores divided by the ranks, so ranks do not fight
+    over cores (that would time the scheduler, not the code).
+    """
+    import torch
+    import torch.multiprocessing as mp
+
+    if threads <= 0:
+        threads = max(1, len(os.sched_getaffinity(0)) // ranks)
+    with tempfile.TemporaryDirectory(prefix="s3dist-bench-") as out_dir:
+        try:
+            mp.spawn(_rank_entry, args=(ranks, _free_port(), threads, out_dir, fn, args), nprocs=ranks, join=True)
+        except Exception as e:
+            errs = "\n".join(p.read_text() for p in sorted(Path(out_dir).glob("rank*.err")))
+            raise RuntimeError(f"a benchmark rank failed:\n{errs or e}") from e
+        return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(ranks)]
+
+
+@dataclass
+class CollectiveBytes:
+    """What this rank handed to `all_to_all_single` (equal splits only, as DeepSpeed's MoE uses)."""
+
+    calls: int = 0
+    buffer_bytes: int = 0      # sum of input buffer sizes
+    offrank_bytes: int = 0     # of those, bytes that leave this rank ((ep-1)/ep of each buffer)
+
+
+@contextmanager
+def count_collective_bytes():
+    """Wrap `torch.distributed.all_to_all_single` (which DeepSpeed's `_AllToAll` calls, forward and
+    backward) and count the bytes each call moves."""
+    import torch.distributed as dist
+
+    counts = CollectiveBytes()
+    original = dist.all_to_all_single
+
+    def counting(output, input, output_split_sizes=None, input_split_sizes=None, group=None, async_op=False):
+        if output_split_sizes is not None or input_split_sizes is not None:
+            raise RuntimeError("count_collective_bytes models equal splits only")
+        nbytes = input.numel() * input.element_size()
+        size = dist.get_world_size(group)
+        counts.calls += 1
+        counts.buffer_bytes += nbytes
+        counts.offrank_bytes += nbytes * (size - 1) // size
+        return original(output, input, output_split_sizes, input_split_sizes, group, async_op)
+
+    dist.all_to_all_single = counting
+    try:
+        yield counts
+    finally:
+        dist.all_to_all_single = original
+
+
+def profile_shares(step, steps: int, gates=(), sync=None) -> dict:
+    """Profile `steps` calls of `step()`: ms per step in all-to-all (fwd + bwd), in all-reduce and in the
+    gates' forward, and their shares of the step.
+
+    Collectives are synchronous on gloo: the main thread's `_AllToAll` op spans sending, waiting for the
+    peer and receiving; an all-reduce runs as `gloo:all_reduce` on gloo's thread while the caller waits.
+    `sync()` (a barrier) runs before each step, outside the timed span, so skew between ranks at the
+    start of a step is not charged to the first collective.
+    """
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    handles = []
+    for gate in gates:
+        marker: list = []
+        handles.append(gate.register_forward_pre_hook(
+            lambda mod, inp, marker=marker: marker.append(record_function("bench::gate_forward").__enter__())))
+        handles.append(gate.register_forward_hook(
+            lambda mod, inp, out, marker=marker: marker.pop().__exit__(None, None, None)))
+    wall = 0.0
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                if sync is not None:
+                    sync()
+                t0 = time.perf_counter()
+                step()
+                wall += time.perf_counter() - t0
+    finally:
+        for h in handles:
+            h.remove()
+    a2a = allreduce = gate = 0.0
+    for ev in prof.events():
+        if ev.name == "_AllToAll":
+            a2a += ev.cpu_time_total
+        elif ev.name == "gloo:all_reduce":  # a barrier is gloo:barrier, not counted
+            allreduce += ev.cpu_time_total
+        elif ev.name == "bench::gate_forward":
+            gate += ev.cpu_time_total
+    ms = 1e3 * wall / steps
+
+    def per(us: float) -> float:
+        return us / 1e3 / steps
+
+    return {"profiled_ms_per_step": ms, "all_to_all_ms": per(a2a), "all_to_all_share": per(a2a) / ms,
+            "all_reduce_ms": per(allreduce), "all_reduce_share": per(allreduce) / ms,
+            "gate_forward_ms": per(gate), "gate_forward_share": per(gate) / ms}
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmark
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LayerSpec:
+    modalities: list[str]
+    batch: int          # samples per rank per modality
+    steps: int          # time steps per sample (one token per step)
+    d_model: int
+    experts: int        # experts per modality (the fused pool holds len(modalities) x experts)
+    topk: int
+    hidden: int
+    capacity_factor: float
+    min_capacity: int = 4
+
+    @property
+    def tokens_per_rank(self) -> int:
+        return len(self.modalities) * self.batch * self.steps
+
+    @property
+    def total_experts(self) -> int:
+        return len(self.modalities) * self.experts
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    # Defaults are the embedded default run: d_model 64, N = 4 experts per modality, k = 2, expert
+    # hidden 128, batch 64 x 2 augmented views, 16 steps, three modalities.
+    p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--ep", type=int, default=0, help="expert-parallel size (0: --ranks)")
+    p.add_argument("--case", choices=("fused", "single", "both"), default="both",
+                   help="fused: three modalities in one expert pool; single: one modality")
+    p.add_argument("--batch", type=int, default=128, help="samples per rank per modality")
+    p.add_argument("--steps", type=int, default=16, help="time steps (tokens) per sample")
+    p.add_argument("--d-model", type=int, default=64)
+    p.add_argument("--experts", type=int, default=4, help="experts per modality")
+    p.add_argument("--topk", type=int, default=2)
+    p.add_argument("--hidden", type=int, default=128, help="expert MLP hidden width")
+    p.add_argument("--capacity-factor", type=float, default=1.25)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=20, help="timed steps per variant (median reported)")
+    p.add_argument("--profile-steps", type=int, default=5)
+    p.add_argument("--threads", type=int, default=0, help="torch threads per rank (0: cores / ranks)")
+    p.add_argument("--json", default="", help="write the record (command, versions, machine, figures) here")
+
+
+def _build_variants(spec: LayerSpec, ep: int, ep_rank: int):
+    """name -> (module, step function, gates); each step is forward + backward of one layer."""
+    import torch
+    from deepspeed.moe.layer import MoE
+
+    from s3dist.config import MoEConfig
+    from s3dist.model.moe import ExpertMLP, ExpertParallelMoE
+
+    d = spec.d_model
+    cfg = MoEConfig(kind="s3", num_experts=spec.experts, top_k=spec.topk, expert_hidden=spec.hidden,
+                    capacity_factor=spec.capacity_factor, min_capacity=spec.min_capacity, drop_tokens=True)
+    gen = torch.Generator().manual_seed(1000 + int(os.environ.get("RANK", "0")))
+    tokens = {m: torch.randn(spec.batch, spec.steps, d, generator=gen).requires_grad_() for m in spec.modalities}
+    valid = {m: torch.ones(spec.batch, spec.steps, dtype=torch.bool) for m in spec.modalities}
+    flat = torch.cat([t.detach().reshape(-1, d) for t in tokens.values()]).requires_grad_()
+    w = torch.randn(d, generator=gen)
+
+    def layer_step(layer):
+        def step():
+            out, aux, _ = layer(tokens, valid)
+            loss = sum((o * w).sum() for o in out.values()) + 0.01 * aux
+            loss.backward()
+            layer.zero_grad(set_to_none=True)
+        return step
+
+    variants = {}
+    s3 = ExpertParallelMoE(d, spec.modalities, cfg, ep_size=ep, ep_rank=ep_rank, layer_index=0)
+    variants["s3dist"] = (s3, layer_step(s3), s3.routers)
+
+    bare = MoE(hidden_size=d, expert=ExpertMLP(d, spec.hidden), num_experts=spec.total_experts, ep_size=ep,
+               k=spec.topk, capacity_factor=spec.capacity_factor, eval_capacity_factor=spec.capacity_factor,
+               min_capacity=spec.min_capacity, drop_tokens=True, use_rts=False)
+
+    def bare_step():
+        out, aux, _ = bare(flat)
+        ((out * w).sum() + 0.01 * aux).backward()
+        bare.zero_grad(set_to_none=True)
+
+    variants["bare"] = (bare, bare_step, [bare.deepspeed_moe.gate])
+
+    if len(spec.modalities) > 1:
+        per_mod = ExpertParallelMoE(d, spec.modalities, MoEConfig(**{**asdict(cfg), "kind": "topk"}), ep_size=ep,
+                                    ep_rank=ep_rank, layer_index=0)
+        variants["topk-per-modality"] = (per_mod, layer_step(per_mod), per_mod.routers)
+    return variants
+
+
+def _rank_main(rank: int, world: int, specs: dict, ep: int, warmup: int, repeats: int, profile_steps: int):
+    """Every case on these ranks, one after the other; per case: times, CPU times, bytes, profile."""
+    import torch
+    from torch import nn
+
+    from s3dist.config import DistConfig
+    from s3dist.dist import attach_expert_groups, init_distributed, make_dims
+
+    dims = make_dims(*init_distributed(DistConfig()), ep)
+    results = {}
+    for case, spec_dict in specs.items():
+        torch.manual_seed(0)
+        variants = _build_variants(LayerSpec(**spec_dict), ep, dims.ep_rank)
+        attach_expert_groups(nn.ModuleList([v[0] for v in variants.values()]), dims)
+        results[case] = _time_variants(variants, warmup, repeats, profile_steps)
+    return results
+
+
+def _time_variants(variants: dict, warmup: int, repeats: int, profile_steps: int) -> dict:
+    import torch
+    import torch.distributed as dist
+
+    names = list(variants)
+    for _ in range(warmup):
+        for name in names:
+            variants[name][1]()
+    times = {name: [] for name in names}
+    cpu = {name: [] for name in names}
+    for rep in range(repeats):
+        for name in (names if rep % 2 == 0 else names[::-1]):
+            dist.barrier()
+            t0, c0 = time.perf_counter(), time.process_time()
+            variants[name][1]()
+            times[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    # A step takes as long as its slowest rank; CPU time (all threads of the rank, waiting excluded) is
+    # the figure that survives a machine shared with other jobs.
+    stacked = torch.tensor([times[n] for n in names], dtype=torch.float64)
+    dist.all_reduce(stacked, op=dist.ReduceOp.MAX)
+    times = {n: stacked[i].tolist() for i, n in enumerate(names)}
+
+    counted, profiles = {}, {}
+    for name in names:
+        _, step, gates = variants[name]
+        with count_collective_bytes() as c:
+            step()
+        counted[name] = asdict(c)
+        profiles[name] = profile_shares(step, profile_steps, gates, sync=dist.barrier)
+    return {"times": times, "cpu": cpu, "bytes": counted, "profile": profiles}
+
+
+def measure(specs: dict[str, LayerSpec], ranks: int, ep: int, *, warmup: int, repeats: int, profile_steps: int,
+            threads: int = 0) -> dict:
+    """Run the benchmark for each named layer shape; figures per case and variant (step times are the
+    slowest rank's, CPU times the median over ranks, profile and byte counts rank 0's)."""
+    res = spawn_ranks(_rank_main, ranks, {c: asdict(s) for c, s in specs.items()}, ep, warmup, repeats,
+                      profile_steps, threads=threads)
+    figures = {}
+    for case, spec in specs.items():
+        r0 = res[0][case]
+        global_tokens = spec.tokens_per_rank * ranks
+        out = {}
+        for name, ts in r0["times"].items():
+            med = statistics.median(ts)
+            cpu_med = statistics.median([statistics.median(r[case]["cpu"][name]) for r in res])
+            out[name] = {"step_ms_median": 1e3 * med, "step_ms_min": 1e3 * min(ts),
+                         "tokens_per_s": global_tokens / med, "cpu_ms_per_rank_median": 1e3 * cpu_med,
+                         "all_to_all_bytes_per_step": r0["bytes"][name], **r0["profile"][name]}
+        for v in out.values():
+            v["vs_bare"] = v["tokens_per_s"] / out["bare"]["tokens_per_s"]
+            v["cpu_vs_bare"] = out["bare"]["cpu_ms_per_rank_median"] / v["cpu_ms_per_rank_median"]
+        figures[case] = {"spec": asdict(spec), "ranks": ranks, "ep": ep, "global_tokens_per_step": global_tokens,
+                         "variants": out}
+    return figures
+
+
+def run(args: argparse.Namespace) -> int:
+    ep = args.ep or args.ranks
+    cases = ["fused", "single"] if args.case == "both" else [args.case]
+    specs = {case: LayerSpec(list(MODALITIES if case == "fused" else MODALITIES[:1]), args.batch, args.steps,
+                             args.d_model, args.experts, args.topk, args.hidden, args.capacity_factor)
+             for case in cases}
+    figures = measure(specs, args.ranks, ep, warmup=args.warmup, repeats=args.repeats,
+                      profile_steps=args.profile_steps, threads=args.threads)
+    rows = []
+    for case in cases:
+        for name, v in figures[case]["variants"].items():
+            rows.append({"case": case, "layer": name, "experts": specs[case].total_experts,
+                         "tokens/s": v["tokens_per_s"], "ms/step": v["step_ms_median"], "vs bare": v["vs_bare"],
+                         "cpu ms/rank": v["cpu_ms_per_rank_median"], "cpu vs bare": v["cpu_vs_bare"],
+                         "all-to-all": f"{100 * v['all_to_all_share']:.1f}%",
+                         "all-reduce ms": v["all_reduce_ms"], "gate fwd ms": v["gate_forward_ms"],
+                         "a2a calls": v["all_to_all_bytes_per_step"]["calls"],
+                         "a2a MiB/rank": v["all_to_all_bytes_per_step"]["buffer_bytes"] / 2 ** 20})
+    print_table(rows)
+    print(f"{args.ranks} ranks, ep={ep}; median of {args.repeats} interleaved fwd+bwd steps after {args.warmup} "
+          f"warm-up; shares from {args.profile_steps} profiled steps (rank 0)")
+    figures["ratio_s3dist_vs_bare"] = {c: figures[c]["variants"]["s3dist"]["vs_bare"] for c in cases}
+    figures["cpu_ratio_s3dist_vs_bare"] = {c: figures[c]["variants"]["s3dist"]["cpu_vs_bare"] for c in cases}
+    figures["load_average_1min"] = os.getloadavg()[0]  # other jobs on the machine make wall times noisy
+    record("moe", figures, out=args.json or None)
+    return 0

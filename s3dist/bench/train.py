@@ -1,0 +1,350 @@
+"""`s3dist bench train`: throughput and anatomy of a full S3 Stage-1 step on DeepSpeed engines.
+
+On `--ranks` real processes, with the run config (embedded defaults < `--config` < overrides), one
+process group and one stream over the embedded synthetic data set, three layouts are built side by
+side and their steps interleaved (order alternating, a barrier before each, the slowest rank's time,
+median of `--repeats`), so their ratios come from the same minutes of the same machine:
+
+* `s3 ep=E` (E = `--ep`): the S3 encoder, experts sharded over E ranks;
+* `s3 ep=1`: the same encoder, every rank holding every expert (pure data parallel);
+* `dense`: `moe.kind=dense`, an MLP per modality with the active parameters of k experts.
+
+A step is what `Trainer.run_stage` does per step: next batch, `specialize_loss` (two augmented views
+in one encoder call), the one-flag all-reduce, `engine.backward`, `engine.step`. A profiled pass
+splits it into data wait / forward / all-to-all / backward / optimizer (all-to-all carved out of
+forward and backward; gradient all-reduces stay in backward and are also reported on their own), and
+gives the peak of live tensor memory in a step. Parameter bytes per rank are counted and the expert
+share is asserted to be 1/ep of all expert bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from dataclasses import asdict
+
+from s3dist.bench.common import print_table, record
+from s3dist.bench.moe import count_collective_bytes, spawn_ranks
+
+PHASES = ("data", "forward", "all_to_all", "backward", "optimizer")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--ep", type=int, default=0, help="expert-parallel size of the S3 layout (0: --ranks)")
+    p.add_argument("--config", default=None, help="run recipe (YAML); default: the embedded defaults")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=10, help="timed steps per layout (median reported)")
+    p.add_argument("--profile-steps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0, help="torch threads per rank (0: cores / ranks)")
+    p.add_argument("--no-compare", action="store_true", help="time only the S3 layout at --ep")
+    p.add_argument("--json", default="", help="write the record (command, versions, machine, figures) here")
+    p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.batch_size=32")
+
+
+# ---------------------------------------------------------------------------------------------
+# One layout on this rank
+# ---------------------------------------------------------------------------------------------
+
+
+class Layout:
+    """An encoder + DeepSpeed engine for one (kind, ep) and the Stage-1 step on it."""
+
+    def __init__(self, name: str, cfg, dims, dims_in: dict[str, int], modalities: list[str]):
+        import torch
+
+        from s3dist.dist import build_engine
+        from s3dist.model.encoder import S3Encoder
+
+        self.name, self.cfg, self.dims, self.modalities = name, cfg, dims, modalities
+        torch.manual_seed(cfg.seed)  # as s3dist.train: dense init identical on all ranks
+        self.model = S3Encoder(dims_in, cfg.model, cfg.moe, ep_size=dims.ep_size, ep_rank=dims.ep_rank).to(dims.device)
+        self.engine = build_engine(self.model, list(self.model.parameters()), lr=cfg.optim.lr,
+                                   total_steps=10 ** 6, optim=cfg.optim, dist_cfg=cfg.dist,
+                                   micro_batch=cfg.data.batch_size)
+        self.engine.train()
+
+    def step(self, next_batch, mark=None) -> int:
+        """One Stage-1 step; `mark(phase)` returns a context manager around each phase. Returns the
+        batch's valid tokens (time steps with mask True, all modalities)."""
+        import contextlib
+
+        import torch
+        import torch.distributed as dist
+
+        from s3dist.trainer import specialize_loss
+
+        mark = mark or (lambda phase: contextlib.nullcontext())
+        with mark("data"):
+            batch = next_batch()
+        with mark("forward"):
+            loss, _ = specialize_loss(self.engine, batch, self.cfg, self.modalities)
+            # the trainer's per-step agreement on non-finite loss / pre-emption: one tiny all-reduce
+            flags = torch.stack([(~torch.isfinite(loss.detach())).float(), loss.new_zeros(())])
+            if self.dims.world_size > 1:
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            flags.tolist()
+        with mark("backward"):
+            self.engine.backward(loss)
+        with mark("optimizer"):
+            self.engine.step()
+        return int(sum(m.sum() for m in batch.masks.values()))
+
+    def parameter_bytes(self) -> dict:
+        expert = sum(p.numel() * p.element_size() for p in self.model.parameters() if not getattr(p, "allreduce", True))
+        total = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        return {"total": total, "expert": expert, "dense": total - expert}
+
+    def active_parameters_per_token(self) -> int:
+        """Parameters one token meets in the MoE / dense layers (router + k experts, or the dense MLP)."""
+        cfg = self.cfg
+        d, h, k, n = cfg.model.d_model, cfg.moe.expert_hidden, cfg.moe.resolved_top_k(), cfg.moe.resolved_num_experts()
+        if cfg.moe.kind == "dense":
+            per_layer = 2 * d * (h * k) + h * k + d
+        else:
+            per_layer = d * n + k * (2 * d * h + h + d)
+        return cfg.model.num_moe_layers * per_layer
+
+
+def expected_expert_bytes(cfg, bytes_per_param: int = 4) -> int:
+    """All expert bytes of the model, over every rank (what ep ranks share between them)."""
+    if cfg.moe.kind == "dense":
+        return 0
+    d, h = cfg.model.d_model, cfg.moe.expert_hidden
+    n_mod = len(cfg.data.modalities)
+    n = cfg.moe.resolved_num_experts()
+    experts = n if (cfg.moe.kind == "s3" and cfg.moe.shared_experts) else n * n_mod
+    return cfg.model.num_moe_layers * experts * (2 * d * h + h + d) * bytes_per_param
+
+
+# ---------------------------------------------------------------------------------------------
+# Profiling a step
+# ---------------------------------------------------------------------------------------------
+
+
+def profile_step(layout: Layout, next_batch, steps: int) -> dict:
+    """ms per step in each phase (all-to-all carved out of forward and backward), all-reduce ms, and
+    the peak of live tensor memory above the step's start (CPU: profiler memory events; CUDA: the
+    allocator's peak)."""
+    import torch
+    import torch.distributed as dist
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    cuda = layout.dims.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    with profile(activities=activities, profile_memory=not cuda) as prof:
+        for _ in range(steps):
+            dist.barrier()
+            layout.step(next_batch, mark=lambda phase: record_function(f"bench::{phase}"))
+            if cuda:
+                torch.cuda.synchronize()
+    spans = {p: [] for p in ("data", "forward", "backward", "optimizer")}
+    a2a, allreduce, mem = [], 0.0, []
+    for ev in prof.events():
+        name = ev.name
+        if name.startswith("bench::"):
+            spans[name[7:]].append((ev.time_range.start, ev.time_range.end))
+        elif name == "_AllToAll":
+            a2a.append((ev.time_range.start, ev.time_range.end))
+        elif name == "gloo:all_reduce" or name.startswith("nccl:all_reduce"):
+            allreduce += ev.cpu_time_total
+        if not cuda and ev.self_cpu_memory_usage:  # allocations (ops) and frees ([memory] events)
+            mem.append((ev.time_range.start, ev.self_cpu_memory_usage))
+    ms = {p: sum(b - a for a, b in s) / 1e3 / steps for p, s in spans.items()}
+    a2a_in = {p: sum(b - a for a, b in a2a if any(s <= a <= e for s, e in spans[p])) / 1e3 / steps
+              for p in ("forward", "backward")}
+    phases = {"data": ms["data"], "forward": ms["forward"] - a2a_in["forward"],
+              "all_to_all": a2a_in["forward"] + a2a_in["backward"], "backward": ms["backward"] - a2a_in["backward"],
+              "optimizer": ms["optimizer"]}
+    if cuda:
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        live = peak = 0
+        for _, delta in sorted(mem):
+            live += delta
+            peak = max(peak, live)
+    return {"phase_ms": phases, "all_reduce_ms": allreduce / 1e3 / steps, "step_peak_tensor_bytes": int(peak)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Ranks
+# ---------------------------------------------------------------------------------------------
+
+
+def _rank_main(rank: int, world: int, cfg_dict: dict, layouts: list[tuple[str, str, int]], warmup: int,
+               repeats: int, profile_steps: int, data_url: str):
+    import resource
+
+    import torch
+    import torch.distributed as dist
+
+    from s3dist.config import RunConfig, from_dict, validate_world
+    from s3dist.data.stream import ShardStream
+    from s3dist.dist import init_distributed, make_dims
+
+    base: RunConfig = from_dict(cfg_dict)
+    rank, local_rank, world, device, backend = init_distributed(base.dist)
+    stream = ShardStream(data_url, "train", batch_size=base.data.batch_size, rank=rank, world_size=world,
+                         modalities=base.data.modalities or None, seed=base.seed,
+                         shuffle_buffer=base.data.shuffle_buffer, drop_last=True)
+    modalities = stream.modalities
+    base.data.modalities = list(modalities)
+    dims_in = {m: stream.manifest.modalities[m].shape[-1] for m in modalities}
+    batches = iter(stream)
+
+    def next_batch():
+        nonlocal batches
+        while True:
+            try:
+                b = next(batches)
+                return b if device.type == "cpu" else _to(b, device)
+            except StopIteration:  # next epoch
+                batches = iter(stream)
+
+    built = {}
+    for name, kind, ep in layouts:
+        cfg = from_dict(cfg_dict)
+        cfg.data.modalities = list(modalities)
+        cfg.moe.kind, cfg.dist.ep_size = kind, ep
+        validate_world(cfg, world, len(modalities))
+        built[name] = Layout(name, cfg, make_dims(rank, local_rank, world, device, backend, ep), dims_in, modalities)
+    torch.manual_seed(base.seed + 1000 * rank)  # per-rank augmentation noise, as s3dist.train
+
+    names = list(built)
+    for _ in range(warmup):
+        for n in names:
+            built[n].step(next_batch)
+    times = {n: [] for n in names}
+    tokens = {n: [] for n in names}
+    for rep in range(repeats):
+        for n in (names if rep % 2 == 0 else names[::-1]):
+            dist.barrier()
+            t0 = time.perf_counter()
+            tokens[n].append(built[n].step(next_batch))
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[n].append(time.perf_counter() - t0)
+    stacked = torch.tensor([times[n] for n in names], dtype=torch.float64)
+    dist.all_reduce(stacked, op=dist.ReduceOp.MAX)  # a step takes as long as its slowest rank
+    tok = torch.tensor([sum(tokens[n]) for n in names], dtype=torch.float64)
+    dist.all_reduce(tok)
+
+    out = {}
+    for i, n in enumerate(names):
+        lay = built[n]
+        with count_collective_bytes() as c:
+            lay.step(next_batch)
+        out[n] = {"times": stacked[i].tolist(), "global_tokens_per_step": tok[i].item() / repeats,
+                  "all_to_all_bytes_per_step": asdict(c), "parameter_bytes": lay.parameter_bytes(),
+                  "expected_expert_bytes": expected_expert_bytes(lay.cfg), "ep": lay.dims.ep_size,
+                  "active_parameters_per_token": lay.active_parameters_per_token(),
+                  **profile_step(lay, next_batch, profile_steps)}
+    out["_rank"] = {"max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+                    "batch_size": base.data.batch_size, "modalities": modalities,
+                    "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else None}
+    return out
+
+
+def _to(batch, device):
+    from dataclasses import replace
+    return replace(batch, ids=batch.ids.to(device), labels=batch.labels.to(device),
+                   features={m: x.to(device, non_blocking=True) for m, x in batch.features.items()},
+                   masks={m: x.to(device, non_blocking=True) for m, x in batch.masks.items()})
+
+
+# ---------------------------------------------------------------------------------------------
+# Command
+# ---------------------------------------------------------------------------------------------
+
+
+def layouts_for(ep: int, compare: bool) -> list[tuple[str, str, int]]:
+    out = [(f"s3 ep={ep}", "s3", ep)]
+    if compare:
+        if ep != 1:
+            out.append(("s3 ep=1", "s3", 1))
+        out.append(("dense", "dense", 1))
+    return out
+
+
+def measure(cfg, ranks: int, ep: int, *, compare: bool = True, warmup: int = 3, repeats: int = 10,
+            profile_steps: int = 3, threads: int = 0) -> dict:
+    import tempfile
+
+    from s3dist.config import to_dict
+
+    with tempfile.TemporaryDirectory(prefix="s3dist-bench-train-") as tmp:
+        data_url = cfg.data.path
+        if not data_url:
+            from s3dist.data.synth import generate
+
+            data_url = f"{tmp}/data"
+            generate(data_url, cfg.data.synth, name="synth")
+        res = spawn_ranks(_rank_main, ranks, to_dict(cfg), layouts_for(ep, compare), warmup, repeats,
+                          profile_steps, data_url, threads=threads)
+    rank_info = [r.pop("_rank") for r in res]
+    batch = rank_info[0]["batch_size"]
+    figures = {"ranks": ranks, "batch_size_per_rank": batch, "modalities": rank_info[0]["modalities"],
+               "max_rss_mb_per_rank": [r["max_rss_mb"] for r in rank_info], "layouts": {}}
+    for name, r0 in res[0].items():
+        med = statistics.median(r0["times"])
+        pb = [r[name]["parameter_bytes"] for r in res]
+        expert_total = r0["expected_expert_bytes"]
+        for b in pb:  # every rank holds exactly its 1/ep of the experts
+            if b["expert"] * r0["ep"] != expert_total:
+                raise AssertionError(f"{name}: a rank holds {b['expert']} expert bytes, expected "
+                                     f"{expert_total} / ep={r0['ep']} = {expert_total // r0['ep']}")
+        figures["layouts"][name] = {
+            "ep": r0["ep"], "step_ms_median": 1e3 * med, "step_ms_min": 1e3 * min(r0["times"]),
+            "samples_per_s": batch * ranks / med, "tokens_per_s": r0["global_tokens_per_step"] / med,
+            "phase_ms": r0["phase_ms"], "all_reduce_ms": r0["all_reduce_ms"],
+            "step_peak_tensor_mb_per_rank": [r[name]["step_peak_tensor_bytes"] / 2 ** 20 for r in res],
+            "parameter_bytes_per_rank": pb, "expert_bytes_all_ranks": expert_total,
+            "expert_fraction_per_rank": (pb[0]["expert"] / expert_total) if expert_total else None,
+            "active_parameters_per_token": r0["active_parameters_per_token"],
+            "all_to_all_bytes_per_step": r0["all_to_all_bytes_per_step"]}
+    lay = figures["layouts"]
+    s3 = lay[f"s3 ep={ep}"]
+    if "s3 ep=1" in lay:
+        figures[f"ratio_ep{ep}_vs_ep1"] = s3["samples_per_s"] / lay["s3 ep=1"]["samples_per_s"]
+    if "dense" in lay:
+        figures["ratio_dense_vs_s3"] = lay["dense"]["samples_per_s"] / s3["samples_per_s"]
+    figures["load_average_1min"] = os.getloadavg()[0]
+    return figures
+
+
+def run(args: argparse.Namespace) -> int:
+    from s3dist.config import load_config
+
+    cfg = load_config(args.config, list(args.overrides))
+    ep = args.ep or args.ranks
+    fig = measure(cfg, args.ranks, ep, compare=not args.no_compare, warmup=args.warmup, repeats=args.repeats,
+                  profile_steps=args.profile_steps, threads=args.threads)
+    rows = []
+    for name, v in fig["layouts"].items():
+        pb = v["parameter_bytes_per_rank"][0]
+        row = {"layout": name, "samples/s": v["samples_per_s"], "tokens/s": v["tokens_per_s"],
+               "ms/step": v["step_ms_median"]}
+        row.update({f"{p} ms": v["phase_ms"][p] for p in PHASES})
+        row.update({"all-reduce ms": v["all_reduce_ms"], "peak MiB": max(v["step_peak_tensor_mb_per_rank"]),
+                    "params MiB/rank": pb["total"] / 2 ** 20, "expert MiB/rank": pb["expert"] / 2 ** 20,
+                    "expert share": (f"1/{round(1 / v['expert_fraction_per_rank'])}"
+                                     if v["expert_fraction_per_rank"] else "-"),
+                    "active params": v["active_parameters_per_token"]})
+        rows.append(row)
+    print_table(rows)
+    for name, v in fig["layouts"].items():
+        if v["expert_bytes_all_ranks"]:
+            print(f"{name}: expert bytes per rank {v['parameter_bytes_per_rank'][0]['expert']:,} = "
+                  f"{v['expert_bytes_all_ranks']:,} / ep {v['ep']} (checked on every rank)")
+    ratios = {k: v for k, v in fig.items() if k.startswith("ratio_")}
+    print(f"{args.ranks} ranks; median of {args.repeats} interleaved Stage-1 steps after {args.warmup} warm-up; "
+          f"phases from {args.profile_steps} profiled steps (rank 0); peak = live tensors above the step start; "
+          + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()))
+    record("train", fig, out=args.json or None)
+    return 0

@@ -1,0 +1,129 @@
+"""`s3dist bench moe | train | plan` at tiny sizes: they run, write well-formed JSON records, and the
+scaling model's all-to-all bytes equal the bytes counted in a real 2-rank run. No timing is asserted."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from s3dist.bench.plan import PlanSpec, alltoall_bytes, capacity, memory, predict
+from s3dist.cli import main
+
+RECORD_KEYS = {"benchmark", "command", "date", "machine", "versions", "figures"}
+
+
+def _bench(monkeypatch, argv: list[str]) -> None:
+    """Run `s3dist <argv>` in this process, with sys.argv as the console script would see it (the
+    record stores the command from it)."""
+    monkeypatch.setattr(sys, "argv", ["s3dist", *argv])
+    assert main(argv) == 0
+
+
+def _record(path, name):
+    doc = json.loads(path.read_text())
+    assert RECORD_KEYS <= set(doc), doc.keys()
+    assert doc["benchmark"] == name and doc["command"].startswith(f"s3dist bench {name}")
+    assert "torch" in doc["versions"] and "deepspeed" in doc["versions"] and doc["machine"]["cpus"]
+    return doc["figures"]
+
+
+# ---------------------------------------------------------------------------------------------
+# plan (single process)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_plan_model_arithmetic():
+    """Capacity and buffer sizes follow the dispatch rule: [E, C, d] per all-to-all, 4 per layer."""
+    spec = PlanSpec(ep=2, modalities=3, batch_per_gpu=128, views=1, seq_len=16, d_model=64, experts=4, topk=2,
+                    capacity_factor=1.25, layers=1)
+    assert capacity(spec) == 1280  # ceil(1.25 * 2 * 2048 / 4)
+    a2a = alltoall_bytes(spec)
+    assert a2a == {"calls": 4, "buffer_bytes": 4 * 12 * 1280 * 64 * 4, "offrank_bytes": 2 * 12 * 1280 * 64 * 4,
+                   "bytes_per_call": 12 * 1280 * 64 * 4}
+    per_modality = alltoall_bytes(PlanSpec(**{**spec.__dict__, "kind": "topk"}))
+    assert per_modality["calls"] == 12 and per_modality["buffer_bytes"] == a2a["buffer_bytes"]
+    assert alltoall_bytes(PlanSpec(**{**spec.__dict__, "ep": 1, "gpus_per_node": 1}))["calls"] == 0
+    # min_capacity wins for tiny batches
+    assert capacity(PlanSpec(batch_per_gpu=1, seq_len=1, views=1, min_capacity=4)) == 4
+    # expert memory: 12 experts over ep=2 -> 6 local, each 2*d*h + h + d parameters
+    assert memory(spec)["expert_params_per_gpu"] == 6 * (2 * 64 * 128 + 128 + 64)
+
+
+def test_plan_network_split():
+    """ep inside a node sends nothing over the network; ep over two nodes sends (ep-G)/(ep-1) of it."""
+    inside = predict(PlanSpec(nodes=8, gpus_per_node=8, ep=8, experts=8))
+    assert inside["network_bytes_per_gpu"] == 0 and inside["nvlink_bytes_per_gpu"] > 0
+    across = predict(PlanSpec(nodes=8, gpus_per_node=8, ep=16, experts=16, modalities=1))
+    leaving = across["all_to_all"]["offrank_bytes"]
+    assert across["network_bytes_per_gpu"] == pytest.approx(leaving * 8 / 15)
+    assert 0 < across["comm_share"] < 1
+
+
+def test_plan_command_writes_record(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "plan.json"
+    _bench(monkeypatch, ["bench", "plan", "--nodes", "8", "--gpus-per-node", "8", "--ep", "8", "--experts", "8",
+                         "--seq-len", "50", "--dataset-samples", "16000", "--json", str(out)])
+    fig = _record(out, "plan")
+    assert fig["spec"]["nodes"] == 8 and fig["prediction"]["steps_per_epoch"] > 0
+    assert {"all_to_all", "comm_ms", "compute_ms", "comm_share", "expert_weight_bytes"} <= set(fig["prediction"])
+    assert "predicted all-to-all share" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# moe and train (2 real gloo ranks)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_bench_moe_record_and_counted_bytes_match_plan(tmp_path, monkeypatch):
+    """`bench moe` on 2 ranks: every variant reports throughput, ratios and shares, and the bytes it
+    handed to all_to_all equal the plan model's for the same layer (fwd + bwd, ep=2)."""
+    out = tmp_path / "moe.json"
+    _bench(monkeypatch, ["bench", "moe", "--ranks", "2", "--case", "both", "--batch", "4", "--steps", "3",
+                          "--d-model", "8", "--hidden", "8", "--experts", "2", "--repeats", "2", "--warmup", "1",
+                          "--profile-steps", "1", "--json", str(out)])
+    fig = _record(out, "moe")
+    assert set(fig["ratio_s3dist_vs_bare"]) == {"fused", "single"}
+    for case, modalities in (("fused", 3), ("single", 1)):
+        variants = fig[case]["variants"]
+        assert set(variants) == ({"s3dist", "bare", "topk-per-modality"} if modalities > 1 else {"s3dist", "bare"})
+        for name, v in variants.items():
+            assert v["tokens_per_s"] > 0 and 0 <= v["all_to_all_share"] <= 1 and v["vs_bare"] > 0
+            spec = PlanSpec(ep=2, modalities=modalities, batch_per_gpu=4, views=1, seq_len=3, d_model=8,
+                            experts=2, topk=2, capacity_factor=1.25, layers=1,
+                            kind="topk" if name == "topk-per-modality" else "s3")
+            predicted = alltoall_bytes(spec)
+            predicted.pop("bytes_per_call")
+            assert v["all_to_all_bytes_per_step"] == predicted, (case, name)
+
+
+@pytest.mark.slow
+def test_bench_train_record_memory_split_and_counted_bytes_match_plan(tmp_path, monkeypatch):
+    """`bench train` on 2 ranks: all three layouts, the step split into phases, expert bytes per rank =
+    1/ep of all expert bytes, the two ratios, and the Stage-1 step's counted all-to-all bytes equal
+    the plan model's (two views per encoder call, every MoE layer)."""
+    out = tmp_path / "train.json"
+    over = ["data.synth.num_train=128", "data.synth.num_val=16", "data.synth.num_test=16",
+            "data.synth.modality_dims=12,8", "data.synth.seq_len=6", "data.batch_size=8", "model.d_model=16",
+            "moe.expert_hidden=16", "model.num_moe_layers=2"]
+    _bench(monkeypatch, ["bench", "train", "--ranks", "2", "--ep", "2", "--repeats", "1", "--warmup", "1",
+                         "--profile-steps", "1", "--json", str(out), *over])
+    fig = _record(out, "train")
+    assert set(fig["layouts"]) == {"s3 ep=2", "s3 ep=1", "dense"}
+    assert fig["ratio_ep2_vs_ep1"] > 0 and fig["ratio_dense_vs_s3"] > 0
+    for v in fig["layouts"].values():
+        assert set(v["phase_ms"]) == {"data", "forward", "all_to_all", "backward", "optimizer"}
+        assert v["samples_per_s"] > 0 and v["tokens_per_s"] > 0
+        assert len(v["parameter_bytes_per_rank"]) == 2 and len(v["step_peak_tensor_mb_per_rank"]) == 2
+    ep2, ep1 = fig["layouts"]["s3 ep=2"], fig["layouts"]["s3 ep=1"]
+    assert ep2["expert_fraction_per_rank"] == 0.5 and ep1["expert_fraction_per_rank"] == 1.0
+    assert all(b["expert"] * 2 == ep2["expert_bytes_all_ranks"] for b in ep2["parameter_bytes_per_rank"])
+    assert fig["layouts"]["dense"]["expert_bytes_all_ranks"] == 0
+    spec = PlanSpec(ep=2, modalities=2, batch_per_gpu=8, views=2, seq_len=6, d_model=16, experts=4, topk=2,
+                    capacity_factor=1.25, layers=2)
+    predicted = alltoall_bytes(spec)
+    predicted.pop("bytes_per_call")
+    assert ep2["all_to_all_bytes_per_step"] == predicted
+    assert ep1["all_to_all_bytes_per_step"]["calls"] == 0
