@@ -33,7 +33,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, RunConfig]:
     p.add_argument("--resume", help="'auto' (newest complete checkpoint in the output dir) or a checkpoint dir")
     p.add_argument("--overwrite", action="store_true", help="start fresh in an output dir that holds a run")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. moe.num_experts=8 stages.select_steps=0")
-    args = p.parse_args(argv)
+    # intermixed: `a=1 --output_dir D b=2` works in any order (SLURM scripts append options)
+    args = p.parse_intermixed_args(argv)
     extra = list(args.overrides)
     if args.output_dir:
         extra.append(f"output_dir={args.output_dir}")

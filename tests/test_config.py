@@ -85,3 +85,11 @@ def test_shipped_recipes_validate():
     assert len(recipes) >= 7
     for r in recipes:
         load_config(str(r))
+
+
+def test_train_arguments_in_any_order():
+    """Options and dotted overrides may be interleaved (SLURM scripts append options after user overrides)."""
+    from s3dist.train import parse_args
+
+    _, cfg = parse_args(["moe.num_experts=8", "--output_dir", "/tmp/x", "stages.select_steps=3", "--overwrite"])
+    assert (cfg.moe.num_experts, cfg.output_dir, cfg.stages.select_steps, cfg.overwrite) == (8, "/tmp/x", 3, True)
