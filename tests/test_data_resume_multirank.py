@@ -11,7 +11,7 @@ from s3dist.data.stream import ShardStream
 from s3dist.data.synth import generate
 from tests.multirank import run_ranks
 
-KW = dict(batch_size=16, shuffle_buffer=40, seed=4)
+KW = {"batch_size": 16, "shuffle_buffer": 40, "seed": 4}
 
 
 def _consume(stream, n=None):

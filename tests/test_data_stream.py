@@ -4,7 +4,9 @@ shuffling, exact resume, and every bad-input error message."""
 
 from __future__ import annotations
 
+import functools
 import json
+import operator
 import time
 from pathlib import Path
 
@@ -22,8 +24,8 @@ from s3dist.data.stream import ShardStream
 from s3dist.data.synth import generate, sample_arrays
 from s3dist.data.writer import SplitArrays, write_dataset
 
-SMALL = dict(num_train=200, num_val=50, num_test=40, num_concepts=6, seq_len=8, modality_dims=[5, 4, 3, 2],
-             rows_per_shard=40)
+SMALL = {"num_train": 200, "num_val": 50, "num_test": 40, "num_concepts": 6, "seq_len": 8, "modality_dims": [5, 4, 3, 2],
+             "rows_per_shard": 40}
 
 
 @pytest.fixture(scope="module")
@@ -140,13 +142,13 @@ def test_shuffle_is_seeded_per_epoch_and_unshuffled_keeps_file_order(synth):
     same rows; shuffle_buffer=0 yields rows in file order."""
     def epochs(seed, n=2):
         s = ShardStream(synth, "train", batch_size=20, shuffle_buffer=64, seed=seed)
-        return [sum(ids_of(s), []) for _ in range(n)]
+        return [functools.reduce(operator.iadd, ids_of(s), []) for _ in range(n)]
 
     a, b = epochs(5), epochs(5)
     assert a == b and a[0] != a[1] and sorted(a[0]) == sorted(a[1]) == list(range(200))
     assert epochs(6, 1)[0] != a[0]
     plain = ShardStream(synth, "train", batch_size=20)
-    assert sum(ids_of(plain), []) == list(range(200))
+    assert functools.reduce(operator.iadd, ids_of(plain), []) == list(range(200))
 
 
 def test_modalities_narrowed_and_non_sequence_modality_gets_t1(tmp_path):
@@ -181,7 +183,7 @@ def test_memory_filesystem_roundtrip():
 def test_resume_after_n_batches_continues_with_batch_n_plus_1(synth, tmp_path, cut):
     """state_dict after n batches (saved with torch.save, loaded weights_only) resumes with batch n+1 of
     the same epoch in a fresh stream, then continues into the next epoch as an uninterrupted run does."""
-    kw = dict(batch_size=16, shuffle_buffer=48, seed=9)
+    kw = {"batch_size": 16, "shuffle_buffer": 48, "seed": 9}
     ref = ShardStream(synth, "train", **kw)
     full = ids_of(ref) + ids_of(ref)
     first = ShardStream(synth, "train", **kw)
@@ -196,7 +198,7 @@ def test_resume_after_n_batches_continues_with_batch_n_plus_1(synth, tmp_path, c
 
 def test_resume_at_epoch_end_moves_to_next_epoch(synth):
     """A state saved after the last batch of an epoch resumes at the start of the next epoch."""
-    kw = dict(batch_size=16, shuffle_buffer=48, seed=9)
+    kw = {"batch_size": 16, "shuffle_buffer": 48, "seed": 9}
     ref = ShardStream(synth, "train", **kw)
     epoch0, epoch1 = ids_of(ref), ids_of(ref)
     s = ShardStream(synth, "train", **kw)

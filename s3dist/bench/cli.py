@@ -7,7 +7,6 @@ adding a benchmark never touches this file or another benchmark's code.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 
 # (subcommand, module, one-line help)

@@ -54,8 +54,11 @@ def make_mosi_like(url: str, rows: int, rows_per_shard: int = 1024, seed: int = 
 def pyarrow_pass(url: str, split: str, batch_size: int) -> int:
     """Plain pyarrow: iter_batches over the split's shards -> torch tensors. Returns rows read."""
     import pyarrow.parquet as pq
+
     from s3dist.data.manifest import dataset_fs, read_manifest
-    from s3dist.data.stream import _tensor  # the same zero-copy conversion the stream uses
+    from s3dist.data.stream import (
+        _tensor,  # the same zero-copy conversion the stream uses
+    )
     m = read_manifest(url)
     fs, root = dataset_fs(url)
     rows = 0

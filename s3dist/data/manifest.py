@@ -73,7 +73,7 @@ class Manifest:
         return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"
 
     @classmethod
-    def from_dict(cls, doc: dict, where: str = MANIFEST_FILE) -> "Manifest":
+    def from_dict(cls, doc: dict, where: str = MANIFEST_FILE) -> Manifest:
         def need(d: dict, key: str, ctx: str):
             if not isinstance(d, dict) or key not in d:
                 raise DataError(f"{where}: missing key '{ctx}{key}'; the manifest must be written by an "

@@ -20,7 +20,14 @@ import pyarrow.parquet as pq
 
 from s3dist.config import ConfigError, check_safe_name
 from s3dist.data import DataError
-from s3dist.data.manifest import MANIFEST_FILE, LabelSpec, Manifest, ModalitySpec, SplitSpec, dataset_fs
+from s3dist.data.manifest import (
+    MANIFEST_FILE,
+    LabelSpec,
+    Manifest,
+    ModalitySpec,
+    SplitSpec,
+    dataset_fs,
+)
 
 ROW_GROUP_ROWS = 256  # the streaming reader yields one row group at a time: keep them batch-sized
 
