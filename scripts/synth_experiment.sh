@@ -13,9 +13,10 @@ if ! command -v nvidia-smi >/dev/null 2>&1; then export DS_ACCELERATOR=cpu; fi
 export OMP_NUM_THREADS=1
 OUT="${OUT:-runs/synth-exp}"
 SEEDS="${SEEDS:-0 1 2}"
+METHODS="${METHODS:-s3 moe dense}"
 DATA=(data.synth.num_concepts=12 data.synth.label_concepts=3 data.synth.noise_std=1.0 data.synth.nuisance_scale=1.5)
 for seed in $SEEDS; do
-  for method in s3 moe dense; do
+  for method in $METHODS; do
     dir="$OUT/$method-s$seed"
     [ -f "$dir/eval.json" ] && continue
     .venv/bin/accelerate launch --config_file launch_configs/cpu_2proc.yaml --main_process_port $((29600 + seed)) \
@@ -23,7 +24,7 @@ for seed in $SEEDS; do
       seed="$seed" data.synth.seed="$seed" "${DATA[@]}" logging.progress=false "$@"
   done
 done
-for method in s3 moe dense; do
+for method in $METHODS; do
   runs=(); for seed in $SEEDS; do runs+=("$OUT/$method-s$seed"); done
   .venv/bin/s3dist sweep --run "${runs[@]}" --out "$OUT/$method"
 done
