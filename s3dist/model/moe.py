@@ -115,7 +115,7 @@ class ExpertParallelMoE(nn.Module):
                 gate = S3Router(d_model, group, self.n, self.k, shared_experts=cfg.shared_experts,
                                 capacity_factor=cfg.capacity_factor, eval_capacity_factor=cfg.eval_capacity_factor,
                                 min_capacity=cfg.min_capacity, drop_tokens=cfg.drop_tokens,
-                                noisy_gate=cfg.noisy_gate)
+                                noisy_gate=cfg.noisy_gate, compute_z_loss=cfg.z_loss_weight > 0)
             else:
                 gate = DeepSpeedTopKGate(d_model, group_experts, self.k, cfg.capacity_factor,
                                          cfg.eval_capacity_factor, cfg.min_capacity,
@@ -151,10 +151,10 @@ class ExpertParallelMoE(nn.Module):
             finally:
                 if isinstance(gate, S3Router):
                     gate.plan = None
-            start = 0
-            for s in segs:
-                outputs[s.modality] = out[start:start + s.tokens].view(s.batch, s.steps, d)
-                start += s.tokens
+            # split, not slicing: one concatenation in backward instead of a zero-filled full-size
+            # gradient per modality
+            for s, part in zip(segs, out.split([s.tokens for s in segs])):
+                outputs[s.modality] = part.view(s.batch, s.steps, d)
             l_aux = aux if l_aux is None else l_aux + aux
             if gate.z_loss is not None:
                 z_loss = gate.z_loss if z_loss is None else z_loss + gate.z_loss

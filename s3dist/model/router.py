@@ -60,7 +60,8 @@ class S3Router(nn.Module):
 
     def __init__(self, d_model: int, modalities: list[str], experts_per_modality: int, k: int, *,
                  shared_experts: bool, capacity_factor: float, eval_capacity_factor: float,
-                 min_capacity: int, drop_tokens: bool, noisy_gate: str = "none") -> None:
+                 min_capacity: int, drop_tokens: bool, noisy_gate: str = "none",
+                 compute_z_loss: bool = True) -> None:
         super().__init__()
         self.modalities = list(modalities)
         self.n = experts_per_modality
@@ -72,6 +73,7 @@ class S3Router(nn.Module):
         self.min_capacity = min_capacity
         self.drop_tokens = drop_tokens
         self.noisy_gate = noisy_gate
+        self.compute_z_loss = compute_z_loss  # off when its weight is 0: it costs a backward path
         # One linear router per modality: these are the only parameters Stage 2 trains.
         self.proj = nn.ModuleDict({m: nn.Linear(d_model, self.n, bias=False) for m in self.modalities})
         for lin in self.proj.values():
@@ -139,8 +141,9 @@ class S3Router(nn.Module):
             valid_counts.append(valid.sum())
             # logsumexp(logits) = logit_i - log p_i for any i; the top-1 (p >= 1/N) needs no second
             # exp-sum over the logits.
-            lse = logits.gather(1, top_i[:, :1]).squeeze(1) - top_p[:, 0].log()
-            z_parts.append((lse.square() * vf.squeeze(1)).sum())
+            if self.compute_z_loss:
+                lse = logits.gather(1, top_i[:, :1]).squeeze(1) - top_p[:, 0].log()
+                z_parts.append((lse.square() * vf.squeeze(1)).sum())
             if self.training:  # only the load counters use it
                 with torch.no_grad():
                     ent_parts.append((-(probs * probs.clamp_min(1e-9).log()).sum(-1) * vf.squeeze(1)).sum())
