@@ -10,6 +10,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_venv.sh
 if ! command -v nvidia-smi >/dev/null 2>&1; then export DS_ACCELERATOR=cpu; fi
+# DeepSpeed JIT-builds a few ops; keep them with this venv, not in a cache shared by other checkouts
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.venv/torch_extensions}"
 export OMP_NUM_THREADS=1
 OUT="${OUT:-runs/synth-exp}"
 SEEDS="${SEEDS:-0 1 2}"

@@ -33,6 +33,13 @@ def _entry(rank, world, port, out_dir, fn, args):
     except BaseException:
         (Path(out_dir) / f"rank{rank}.err").write_text(traceback.format_exc())
         raise
+    # Tear the group down while every rank is alive: leaving it to interpreter exit can abort a
+    # rank ("terminate called without an active exception") as gloo threads are destroyed.
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def run_ranks(fn, world: int, out_dir: Path, *args):
