@@ -142,6 +142,10 @@ class StagesConfig:
     supcon_weight: float = _f(1.0, "Stage 2: weight of the cross-modal supervised contrastive loss.", ge=0.0)
     compact_weight: float = _f(0.1, "Stage 2: weight of the compactness loss (entropy of per-sample routing "
                                      "mass).", ge=0.0)
+    compactness: str = _f("entropy", "Stage 2 compactness form: 'entropy' (mean per-sample routing entropy; our reading "
+                                     "of the paper) or 'mutual_info' (minus the entropy of the batch-mean routing "
+                                     "too, so samples may not all collapse onto one expert).",
+                          choices=("entropy", "mutual_info"))
     time_mask: float = _f(0.2, "Augmentation: fraction of time steps masked in each view.", ge=0.0, lt=1.0)
     feature_dropout: float = _f(0.1, "Augmentation: feature dropout probability.", ge=0.0, lt=1.0)
     noise_std: float = _f(0.05, "Augmentation: Gaussian noise std.", ge=0.0)

@@ -49,10 +49,24 @@ def sup_con(a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor, temperature:
     return -((log_prob * pos).sum(1) / pos.sum(1).clamp_min(1.0)).mean()
 
 
-def compactness(scores: torch.Tensor) -> torch.Tensor:
-    """Mean entropy of each sample's routing mass over experts: low when mass sits on few experts."""
+def _entropy(p: torch.Tensor) -> torch.Tensor:
+    return -(p * p.clamp_min(1e-9).log()).sum(-1)
+
+
+def compactness(scores: torch.Tensor, form: str = "entropy") -> torch.Tensor:
+    """Routing compactness of [B, N] per-sample routing mass.
+
+    'entropy': mean entropy of each sample's routing mass (low when mass sits on few experts). It is
+    also minimised by sending every sample to the same expert.
+    'mutual_info': that minus the entropy of the global-batch mean routing, i.e. -I(sample; expert):
+    each sample concentrates on few experts *and* different samples use different experts.
+    """
     p = scores / scores.sum(-1, keepdim=True).clamp_min(1e-9)
-    return -(p * p.clamp_min(1e-9).log()).sum(-1).mean()
+    per_sample = _entropy(p).mean()
+    if form == "entropy":
+        return per_sample
+    marginal = gather_with_grad(p).mean(0)
+    return per_sample - _entropy(marginal)
 
 
 def pairs(modalities: list[str]) -> list[tuple[str, str]]:

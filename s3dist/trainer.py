@@ -111,7 +111,8 @@ def select_loss(engine, batch, cfg: RunConfig, modalities: list[str]):
     else:
         m = modalities[0]
         terms["supcon"] = losses.sup_con(emb[m], emb[m], y, st.temperature)
-    terms["compact"] = sum(losses.compactness(s) for s in out.sample_scores.values()) / max(1, len(out.sample_scores))
+    terms["compact"] = sum(losses.compactness(s, st.compactness) for s in out.sample_scores.values()) / max(
+        1, len(out.sample_scores))
     total = st.supcon_weight * terms["supcon"] + st.compact_weight * terms["compact"]
     return _add_router_terms(total, terms, out, cfg)
 

@@ -130,3 +130,16 @@ def test_stage2_changes_only_router_parameters(tmp_path):
     r = run_ranks(_router_only_step, 1, tmp_path)[0]
     assert r["changed"] and r["changed"] == r["routers"]
     assert r["n_opt"] == r["n_router"] < 0.05 * r["total"]
+
+
+def test_compactness_forms():
+    """'entropy' cannot tell a collapse (every sample on one expert) from specialisation; 'mutual_info'
+    prefers specialisation and is 0 for uniform routing."""
+    from s3dist.losses import compactness
+
+    collapse = torch.tensor([[1.0, 0, 0, 0]] * 4)
+    special = torch.eye(4)
+    uniform = torch.full((4, 4), 0.25)
+    assert compactness(collapse) == pytest.approx(0, abs=1e-6) and compactness(special) == pytest.approx(0, abs=1e-6)
+    assert compactness(special, "mutual_info") < compactness(collapse, "mutual_info") - 1.0
+    assert compactness(uniform, "mutual_info") == pytest.approx(0.0, abs=1e-6)
