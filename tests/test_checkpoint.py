@@ -260,7 +260,7 @@ def _save_with_full_disk(rank, world, out_dir):
     from s3dist.model.encoder import S3Encoder
 
     cfg = load_config(None, ["model.d_model=16", "moe.expert_hidden=8"])
-    dims = make_dims(*init_distributed(cfg.dist), 1)
+    make_dims(*init_distributed(cfg.dist), 1)
     model = S3Encoder({"a": 3}, cfg.model, cfg.moe)
     engine = build_engine(model, list(model.parameters()), lr=1e-3, total_steps=1, optim=cfg.optim,
                           dist_cfg=cfg.dist, micro_batch=2)
