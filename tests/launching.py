@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from s3dist.dist import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -15,12 +16,6 @@ TINY = ["data.synth.num_train=512", "data.synth.num_val=128", "data.synth.num_te
         "data.synth.modality_dims=12,8", "data.synth.seq_len=8", "data.batch_size=32",
         "model.d_model=32", "moe.expert_hidden=32", "logging.every_steps=5", "checkpoint.every_steps=20",
         "eval.keep_fractions=0.3,1.0", "eval.probe_Cs=1.0"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch_cmd(out: Path, overrides: list[str], *, launcher: str = "accelerate.commands.launch",

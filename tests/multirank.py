@@ -9,18 +9,13 @@ test with its traceback; a hang is bounded by pytest-timeout and the group's own
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from s3dist.dist import free_port as _free_port
 
 
 def _entry(rank, world, port, out_dir, fn, args):

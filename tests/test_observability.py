@@ -17,16 +17,15 @@ import os
 import pty
 import re
 import signal
-import socket
 import struct
 import subprocess
 import sys
 import termios
 import threading
 import time
-import warnings
 import urllib.parse
 import urllib.request
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -35,6 +34,7 @@ import pytest
 import torch
 import yaml
 
+from s3dist.dist import free_port as _free_port
 from tests.multirank import run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,12 +51,6 @@ def _train_cmd(out: Path, extra: list[str] = ()) -> tuple[list[str], dict]:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="2")
     return [sys.executable, "-m", "s3dist.train", "--output_dir", str(out), *TINY_RUN, *extra], env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import tempfile
 import time
@@ -35,6 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from s3dist.bench.common import print_table, record
+from s3dist.dist import free_port as _free_port
 
 MODALITIES = ("text", "audio", "vision")
 
@@ -42,12 +42,6 @@ MODALITIES = ("text", "audio", "vision")
 # ---------------------------------------------------------------------------------------------
 # Rank plumbing shared by the rank-level benchmarks
 # ---------------------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank_entry(rank, world, port, threads, out_dir, fn, args):
