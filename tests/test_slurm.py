@@ -223,6 +223,9 @@ def _final_loss(run_dir: Path) -> tuple[int, float]:
 INTERRUPT_AFTER_STEP = 15  # past the first checkpoint (every 10 steps), well before the end (40)
 
 
+REQUEUE_GRACE_S = 3.0
+
+
 @dataclass
 class TrainJob:
     job: int
@@ -231,6 +234,7 @@ class TrainJob:
     interrupted_at: int | None = None
     info: dict = field(default_factory=dict)
     seconds: float = 0.0
+    pending_since: float | None = None
 
 
 def _drive(cluster: SlurmCluster, jobs: dict[str, TrainJob], timeout: float) -> None:
@@ -257,8 +261,13 @@ def _drive(cluster: SlurmCluster, jobs: dict[str, TrainJob], timeout: float) -> 
                     else:  # SIGTERM to every process of the job, then SLURM itself requeues
                         cluster.scontrol("requeue", str(tj.job))
             elif tj.interrupted_at is not None and tj.info["JobState"] == "PENDING" and tj.info["Restarts"] != "0":
-                # requeued jobs wait on BeginTime; it may have started meanwhile ("no longer pending")
-                cluster.scontrol("update", f"jobid={tj.job}", "StartTime=now", check=False)
+                # Requeued jobs wait on BeginTime. Release them only after a grace period: slurmd
+                # revokes the old run's credential with one-second resolution, and a relaunch inside
+                # that second is killed as "Job credential revoked" (real requeues wait far longer).
+                tj.pending_since = tj.pending_since or time.monotonic()
+                if time.monotonic() - tj.pending_since >= REQUEUE_GRACE_S:
+                    # it may have started meanwhile ("no longer pending")
+                    cluster.scontrol("update", f"jobid={tj.job}", "StartTime=now", check=False)
         if not running:
             return
         if time.monotonic() - start > timeout:
