@@ -6,8 +6,9 @@ Pipeline per epoch (everything batch-wise, no per-row Python):
    (seed, epoch), identically on every rank;
 2. `datasets.load_dataset("parquet", streaming=True)` + `split_dataset_by_node` give this rank its part
    (whole shards when their count divides the world size, else every world_size-th row);
-3. a shuffle buffer of `shuffle_buffer` rows, seeded with (seed, epoch, rank), works on numpy column
-   blocks: each incoming row takes a random buffer slot and evicts the row that was there;
+3. a shuffle buffer of `shuffle_buffer` rows, seeded with (seed, epoch, rank), holds (block, row)
+   references into the decoded numpy column blocks: each incoming row takes a random buffer slot and
+   evicts the row that was there; each batch of evicted rows is gathered with one copy;
 4. rows are cut into batches, validated (NaN / inf) and handed out as torch tensors.
 
 Exactly-once resume. `datasets` does not restore its shuffle buffer from `IterableDataset.state_dict`,
@@ -255,8 +256,9 @@ class ShardStream:
         blocks = self._numpy_blocks(self._epoch_tables(epoch))
         if self.shuffle_buffer > 0:
             rng = np.random.default_rng([self.seed, epoch, 2, self.rank])
-            blocks = _shuffle_buffer(blocks, self.shuffle_buffer, rng)
-        yield from _rebatch(blocks, self.batch_size)
+            yield from _shuffled_batches(blocks, self.shuffle_buffer, rng, self.batch_size)
+        else:
+            yield from _rebatch(blocks, self.batch_size)
 
     def __iter__(self) -> Iterator[Batch]:
         if self._batches_done >= self.batches_per_epoch:  # state saved after the epoch's last batch
@@ -366,39 +368,102 @@ def _tensor(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(a)
 
 
-def _shuffle_buffer(blocks: Iterator[dict[str, np.ndarray]], size: int,
-                    rng: np.random.Generator) -> Iterator[dict[str, np.ndarray]]:
-    """Streaming shuffle: each incoming row takes a random slot of a `size`-row buffer and evicts the row
-    that held it; what is left is emitted permuted at the end. Vectorised per incoming block.
+def _shuffled_batches(blocks: Iterator[dict[str, np.ndarray]], size: int, rng: np.random.Generator,
+                      batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Streaming shuffle cut into `batch_size`-row batches (the last may be short).
 
-    Costs two copies per row (into the buffer, out into the batch). Holding (block, row) references
-    instead saves one copy but was measured slower end to end (blocks stay alive longer: more memory
-    traffic), so the buffer owns its rows."""
-    buf: dict[str, np.ndarray] | None = None
+    Each incoming row takes a random slot of a `size`-row buffer and evicts the row that held it; what
+    is left is emitted permuted at the end. Vectorised per incoming block. The buffer holds no feature
+    bytes: a slot is a (block, row) reference into the decoded (zero-copy Arrow) blocks, which stay alive
+    while any of their rows is still buffered or pending. Each batch is then gathered once, block by
+    block (`np.take` straight into contiguous slices of freshly allocated output arrays), so every
+    feature byte is copied exactly once between decode and torch. Within a batch the rows come grouped
+    by source block (in emission order within a group); which rows form which batch is the buffer's
+    emission order, cut every `batch_size` rows."""
+    live: dict[int, dict[str, np.ndarray]] = {}   # block number -> its decoded columns
+    left: dict[int, int] = {}                     # block number -> its rows not yet gathered into a batch
+    slot_blk = np.empty(size, np.int64)
+    slot_row = np.empty(size, np.int64)
     fill = 0
-    for block in blocks:
+    pend_blk: list[np.ndarray] = []
+    pend_row: list[np.ndarray] = []
+    pending = 0
+
+    def cut(final: bool) -> Iterator[dict[str, np.ndarray]]:
+        nonlocal pend_blk, pend_row, pending
+        if pending < batch_size and not (final and pending):
+            return
+        blk = np.concatenate(pend_blk) if len(pend_blk) > 1 else pend_blk[0]
+        row = np.concatenate(pend_row) if len(pend_row) > 1 else pend_row[0]
+        at = 0
+        while pending - at >= batch_size or (final and pending > at):
+            n = min(batch_size, pending - at)
+            yield _gather(live, left, blk[at:at + n], row[at:at + n])
+            at += n
+        pend_blk, pend_row, pending = ([blk[at:]], [row[at:]], pending - at) if pending > at else ([], [], 0)
+
+    def emit(blk: np.ndarray, row: np.ndarray) -> Iterator[dict[str, np.ndarray]]:
+        nonlocal pending
+        pend_blk.append(blk)
+        pend_row.append(row)
+        pending += len(blk)
+        yield from cut(False)
+
+    for number, block in enumerate(blocks):
         n, start = len(block["id"]), 0
-        if buf is None:
-            buf = {k: np.empty((size, *v.shape[1:]), v.dtype) for k, v in block.items()}
+        live[number], left[number] = block, n
         if fill < size:
             take = min(size - fill, n)
-            for k, v in block.items():
-                buf[k][fill:fill + take] = v[:take]
+            slot_blk[fill:fill + take] = number
+            slot_row[fill:fill + take] = np.arange(take)
             fill, start = fill + take, take
-        if start < n:
+        while start < n:
             slots = rng.choice(size, size=min(n - start, size), replace=False)
-            while start < n:
-                inc = slice(start, start + len(slots))
-                out = {k: buf[k][slots] for k in buf}
-                for k, v in block.items():
-                    buf[k][slots] = v[inc]
-                yield out
-                start += len(slots)
-                if start < n:
-                    slots = rng.choice(size, size=min(n - start, size), replace=False)
-    if buf is not None and fill:
+            out_blk, out_row = slot_blk[slots], slot_row[slots]
+            slot_blk[slots] = number
+            slot_row[slots] = np.arange(start, start + len(slots))
+            start += len(slots)
+            yield from emit(out_blk, out_row)
+    if fill:
         order = rng.permutation(fill)
-        yield {k: v[:fill][order] for k, v in buf.items()}
+        pend_blk.append(slot_blk[:fill][order])
+        pend_row.append(slot_row[:fill][order])
+        pending += fill
+    if pending:
+        yield from cut(True)
+
+
+def _gather(live: dict[int, dict[str, np.ndarray]], left: dict[int, int], blk: np.ndarray,
+            row: np.ndarray) -> dict[str, np.ndarray]:
+    """One batch from (block, row) references: one copy of every byte into new contiguous arrays;
+    blocks with no rows left to gather are released."""
+    n = len(blk)
+    order = np.argsort(blk, kind="stable")
+    blk, row = blk[order], row[order]
+    bounds = np.flatnonzero(blk[1:] != blk[:-1]) + 1
+    starts = np.concatenate(([0], bounds))
+    ends = np.concatenate((bounds, [n]))
+    first = live[int(blk[0])]
+    out = {k: _alloc((n, *v.shape[1:]), v.dtype) for k, v in first.items()}
+    for s, e in zip(starts.tolist(), ends.tolist()):
+        b = int(blk[s])
+        src = live[b]
+        idx = row[s:e]
+        for k, o in out.items():
+            np.take(src[k], idx, axis=0, out=o[s:e], mode="clip")  # 'raise' would buffer: a second copy
+        left[b] -= e - s
+        if not left[b]:
+            del live[b], left[b]
+    return out
+
+
+def _alloc(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """A writable, uninitialised numpy array in Arrow's memory pool (the pool the decoded blocks come
+    from, which reuses freed pages: measured cheaper than `np.empty`'s fresh, page-faulting memory)."""
+    dtype = np.dtype(dtype)
+    count = math.prod(shape)
+    buf = pa.allocate_buffer(max(count * dtype.itemsize, 1))
+    return np.frombuffer(buf, dtype=dtype, count=count).reshape(shape)
 
 
 def _rebatch(blocks: Iterator[dict[str, np.ndarray]], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
