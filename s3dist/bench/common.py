@@ -82,3 +82,36 @@ def record(name: str, figures: dict, *, command: list[str] | None = None, out: s
             json.dump(doc, f, indent=2)
             f.write("\n")
     return doc
+
+
+def interleaved_times(steps: dict, *, warmup: int, repeats: int) -> tuple[dict, dict, dict]:
+    """Time several step functions on every rank of a process group, alternating their order each
+    repetition so drift on a shared machine hits all of them alike.
+
+    Returns (wall, cpu, results) per name: wall seconds per repetition as the slowest rank's (a step
+    takes as long as its slowest rank), this rank's CPU seconds (all its threads, waiting excluded: the
+    figure that survives a machine shared with other jobs), and each call's return value. Must be called
+    on every rank.
+    """
+    import torch
+    import torch.distributed as dist
+
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    names = list(steps)
+    for _ in range(warmup):
+        for name in names:
+            steps[name]()
+    wall = {name: [] for name in names}
+    cpu = {name: [] for name in names}
+    results = {name: [] for name in names}
+    for rep in range(repeats):
+        for name in (names if rep % 2 == 0 else names[::-1]):
+            dist.barrier()
+            t0, c0 = time.perf_counter(), time.process_time()
+            results[name].append(steps[name]())
+            sync()
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    stacked = torch.tensor([wall[n] for n in names], dtype=torch.float64)
+    dist.all_reduce(stacked, op=dist.ReduceOp.MAX)
+    return {n: stacked[i].tolist() for i, n in enumerate(names)}, cpu, results

@@ -33,7 +33,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from s3dist.bench.common import print_table, record
+from s3dist.bench.common import interleaved_times, print_table, record
 from s3dist.dist import free_port as _free_port
 
 MODALITIES = ("text", "audio", "vision")
@@ -276,27 +276,10 @@ def _rank_main(rank: int, world: int, specs: dict, ep: int, warmup: int, repeats
 
 
 def _time_variants(variants: dict, warmup: int, repeats: int, profile_steps: int) -> dict:
-    import torch
     import torch.distributed as dist
 
     names = list(variants)
-    for _ in range(warmup):
-        for name in names:
-            variants[name][1]()
-    times = {name: [] for name in names}
-    cpu = {name: [] for name in names}
-    for rep in range(repeats):
-        for name in (names if rep % 2 == 0 else names[::-1]):
-            dist.barrier()
-            t0, c0 = time.perf_counter(), time.process_time()
-            variants[name][1]()
-            times[name].append(time.perf_counter() - t0)
-            cpu[name].append(time.process_time() - c0)
-    # A step takes as long as its slowest rank; CPU time (all threads of the rank, waiting excluded) is
-    # the figure that survives a machine shared with other jobs.
-    stacked = torch.tensor([times[n] for n in names], dtype=torch.float64)
-    dist.all_reduce(stacked, op=dist.ReduceOp.MAX)
-    times = {n: stacked[i].tolist() for i, n in enumerate(names)}
+    times, cpu, _ = interleaved_times({n: variants[n][1] for n in names}, warmup=warmup, repeats=repeats)
 
     counted, profiles = {}, {}
     for name in names:

@@ -22,10 +22,9 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 from dataclasses import asdict
 
-from s3dist.bench.common import print_table, record
+from s3dist.bench.common import interleaved_times, print_table, record
 from s3dist.bench.moe import count_collective_bytes, spawn_ranks
 
 PHASES = ("data", "forward", "all_to_all", "backward", "optimizer")
@@ -217,23 +216,8 @@ def _rank_main(rank: int, world: int, cfg_dict: dict, layouts: list[tuple[str, s
     torch.manual_seed(base.seed + 1000 * rank)  # per-rank augmentation noise, as s3dist.train
 
     names = list(built)
-    for _ in range(warmup):
-        for n in names:
-            built[n].step(next_batch)
-    times = {n: [] for n in names}
-    cpu = {n: [] for n in names}
-    tokens = {n: [] for n in names}
-    for rep in range(repeats):
-        for n in (names if rep % 2 == 0 else names[::-1]):
-            dist.barrier()
-            t0, c0 = time.perf_counter(), time.process_time()
-            tokens[n].append(built[n].step(next_batch))
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times[n].append(time.perf_counter() - t0)
-            cpu[n].append(time.process_time() - c0)
-    stacked = torch.tensor([times[n] for n in names], dtype=torch.float64)
-    dist.all_reduce(stacked, op=dist.ReduceOp.MAX)  # a step takes as long as its slowest rank
+    times, cpu, tokens = interleaved_times({n: (lambda lay=built[n]: lay.step(next_batch)) for n in names},
+                                           warmup=warmup, repeats=repeats)
     tok = torch.tensor([sum(tokens[n]) for n in names], dtype=torch.float64)
     dist.all_reduce(tok)
 
@@ -242,7 +226,7 @@ def _rank_main(rank: int, world: int, cfg_dict: dict, layouts: list[tuple[str, s
         lay = built[n]
         with count_collective_bytes() as c:
             lay.step(next_batch)
-        out[n] = {"times": stacked[i].tolist(), "cpu_times": cpu[n], "global_tokens_per_step": tok[i].item() / repeats,
+        out[n] = {"times": times[n], "cpu_times": cpu[n], "global_tokens_per_step": tok[i].item() / repeats,
                   "all_to_all_bytes_per_step": asdict(c), "parameter_bytes": lay.parameter_bytes(),
                   "expected_expert_bytes": expected_expert_bytes(lay.cfg), "ep": lay.dims.ep_size,
                   "active_parameters_per_token": lay.active_parameters_per_token(),
