@@ -130,9 +130,13 @@ def save(engine, run_dir: Path, state: TrainState, config: dict, stream_state: d
     return root / tag
 
 
+def _complete(root: Path) -> list[Path]:
+    """Published checkpoints (a meta file, not a `.tmp-` save in progress), oldest first."""
+    return sorted(p for p in root.iterdir() if p.is_dir() and (p / META).exists() and not p.name.startswith("."))
+
+
 def _prune(root: Path, keep_last: int) -> None:
-    complete = sorted(p for p in root.iterdir() if p.is_dir() and (p / META).exists() and not p.name.startswith("."))
-    for old in complete[:-keep_last]:
+    for old in _complete(root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -168,7 +172,7 @@ def find_latest(run_dir: Path) -> Path | None:
         check_safe_name("checkpoint tag in 'latest'", name)
         if (root / name / META).exists():
             return root / name
-    complete = sorted(p for p in root.iterdir() if p.is_dir() and (p / META).exists() and not p.name.startswith("."))
+    complete = _complete(root)
     return complete[-1] if complete else None
 
 

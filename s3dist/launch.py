@@ -23,7 +23,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-EXIT_REQUEUE = 75  # s3dist.train.EXIT_REQUEUE: "checkpoint written, requeue me"
+from s3dist import EXIT_REQUEUE
+
 DEFAULT_PORT_BASE = 20000
 
 

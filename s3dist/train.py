@@ -23,7 +23,6 @@ import torch
 from s3dist.config import ConfigError, RunConfig, load_config, save_config, validate_world
 
 log = logging.getLogger("s3dist")
-EXIT_REQUEUE = 75
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, RunConfig]:

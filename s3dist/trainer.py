@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from s3dist import EXIT_REQUEUE
 from s3dist import checkpoint as ckpt_io
 from s3dist import losses
 from s3dist.config import RunConfig, to_dict
@@ -26,7 +27,6 @@ from s3dist.model.encoder import S3Encoder
 
 log = logging.getLogger("s3dist")
 
-EXIT_REQUEUE = 75  # EX_TEMPFAIL: "checkpointed on a pre-emption signal, run me again with --resume auto"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -154,6 +154,7 @@ class Trainer:
         self._batches = None
         self._last_save = time.monotonic()
         self.window = _Window()
+        self._resume_meta: dict | None = None
 
     # -- stages --------------------------------------------------------------------------------
     def stage_params(self, stage: str) -> list[torch.nn.Parameter]:
@@ -168,7 +169,8 @@ class Trainer:
 
     def fit(self, resume_from: Path | None = None) -> ckpt_io.TrainState:
         training_stages = [s for s in self.cfg.stages.run if s in STAGE_LOSS]
-        resume_meta = ckpt_io.read_meta(resume_from) if resume_from else None
+        resume_meta = ckpt_io.read_meta(resume_from) if resume_from else None  # checksums verified here, once
+        self._resume_meta = resume_meta
         if resume_meta:
             ckpt_io.check_compatible(resume_meta, to_dict(self.cfg), resume_from)
             self.state = ckpt_io.TrainState(**resume_meta["state"])
@@ -290,8 +292,7 @@ class Trainer:
         return path
 
     def _load(self, engine, ckpt: Path, full: bool) -> None:
-        meta = ckpt_io.read_meta(ckpt)
-        ckpt_io.check_compatible(meta, to_dict(self.cfg), ckpt)
+        meta = self._resume_meta  # read, verified and checked for compatibility by fit()
         same_world = meta["world_size"] == self.dims.world_size
         load_optim = full and same_world
         if full and not same_world:
