@@ -67,6 +67,9 @@ class DataConfig:
     shuffle_buffer: int = _f(1024, "Rows in the streaming shuffle buffer (0 disables shuffling).", ge=0)
     nonfinite: str = _f("error", "NaN / inf in features: 'error' stops with the count, 'zero' replaces them.",
                         choices=("error", "zero"))
+    prefetch: int = _f(2, "Batches a background thread reads, shuffles and decodes ahead of the training "
+                          "step (Parquet decoding releases the GIL, so it overlaps the step); 0 reads in "
+                          "the training thread.", ge=0, le=64)
     synth: SynthConfig = field(default_factory=SynthConfig, metadata={"doc": "Embedded synthetic data set."})
 
 

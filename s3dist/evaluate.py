@@ -119,7 +119,8 @@ def _streams(cfg: RunConfig, data_url: str, rank: int, world: int):
 
     mk = lambda split: ShardStream(data_url, split, batch_size=cfg.data.eval_batch_size, rank=rank,  # noqa: E731
                                    world_size=world, modalities=cfg.data.modalities or None, seed=cfg.seed,
-                                   shuffle_buffer=0, drop_last=False, nonfinite=cfg.data.nonfinite)
+                                   shuffle_buffer=0, drop_last=False, nonfinite=cfg.data.nonfinite,
+                                   prefetch=cfg.data.prefetch)
     return {s: mk(s) for s in ("train", "val", "test")}
 
 

@@ -136,7 +136,8 @@ def run(cfg: RunConfig):
 
     stream = ShardStream(data_url, "train", batch_size=cfg.data.batch_size, rank=rank, world_size=world,
                          modalities=cfg.data.modalities or None, seed=cfg.seed,
-                         shuffle_buffer=cfg.data.shuffle_buffer, drop_last=True, nonfinite=cfg.data.nonfinite)
+                         shuffle_buffer=cfg.data.shuffle_buffer, drop_last=True, nonfinite=cfg.data.nonfinite,
+                         prefetch=cfg.data.prefetch)
     modalities = stream.modalities
     ep = validate_world(cfg, world, len(modalities))
     dims = make_dims(rank, local_rank, world, device, backend, ep)

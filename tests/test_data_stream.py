@@ -151,6 +151,92 @@ def test_shuffle_is_seeded_per_epoch_and_unshuffled_keeps_file_order(synth):
     assert functools.reduce(operator.iadd, ids_of(plain), []) == list(range(200))
 
 
+def _eviction_buffer(ids: list[int], size: int, batch_size: int, seed: int) -> tuple[list[int], list[int]]:
+    """The shuffle's definition, one row at a time: the first `size` rows fill the buffer, every later
+    row takes the next scheduled slot (drawn min(batch_size, size) at a time without replacement) and
+    evicts its occupant. Returns (evicted rows in order, rows left in the buffer)."""
+    rng = np.random.default_rng(seed)
+    buf, out, picks = [], [], []
+    for x in ids:
+        if len(buf) < size:
+            buf.append(x)
+            continue
+        if not picks:
+            picks = rng.choice(size, size=min(batch_size, size), replace=False).tolist()
+        s = picks.pop(0)
+        out.append(buf[s])
+        buf[s] = x
+    return out, buf
+
+
+@pytest.mark.parametrize("rows,size,batch_size,blocks", [
+    (300, 64, 16, [16]), (300, 40, 16, [7, 33, 1]), (500, 128, 32, [50, 3]), (37, 64, 8, [5]),
+    (64, 64, 64, [64]), (250, 5, 16, [16]), (1000, 96, 20, [17, 40]), (0, 8, 4, [4])])
+def test_shuffle_scatter_equals_the_eviction_buffer(rows, size, batch_size, blocks):
+    """The scatter-on-arrival shuffle emits exactly the rows a plain eviction buffer evicts, in the same
+    order, then the buffer's leftovers permuted; every row once, whole batches except the last, every
+    column of a row kept together, whatever the input block sizes."""
+    from s3dist.data.stream import _shuffled_batches
+
+    def input_blocks():
+        start, k = 0, 0
+        while start < rows:
+            n = blocks[k % len(blocks)]
+            ids = np.arange(start, min(start + n, rows))
+            yield {"id": ids, "x": np.repeat(ids[:, None], 300, axis=1).astype(np.float32) * 2,
+                   "m": (ids[:, None] % 3 == np.arange(4)[None, :])}
+            start, k = start + n, k + 1
+
+    out = list(_shuffled_batches(input_blocks(), size, np.random.default_rng(7), batch_size))
+    got = np.concatenate([b["id"] for b in out]).tolist() if out else []
+    evicted, left = _eviction_buffer(list(range(rows)), size, batch_size, seed=7)
+    assert got[:len(evicted)] == evicted
+    assert sorted(got[len(evicted):]) == sorted(left) and sorted(got) == list(range(rows))
+    assert [len(b["id"]) for b in out[:-1]] == [batch_size] * (len(out) - 1)
+    for b in out:
+        assert (b["x"] == b["id"][:, None] * 2).all()
+        assert (b["m"] == (b["id"][:, None] % 3 == np.arange(4)[None, :])).all()
+
+
+def test_shuffled_batches_held_by_the_consumer_are_never_overwritten(synth):
+    """Output arrays are recycled only once the consumer has let go of them: batches kept in a list keep
+    their contents through the rest of the epoch and the next one, while batches that are dropped get
+    their memory reused."""
+    s = ShardStream(synth, "train", batch_size=8, shuffle_buffer=24, seed=3)
+    kept = [(b, b.ids.clone(), b.features["text"].clone()) for b in s]
+    _ = ids_of(s)
+    for b, ids, text in kept:
+        assert torch.equal(b.ids, ids) and torch.equal(b.features["text"], text)
+    ptrs = {b.features["text"].data_ptr() for b in s}
+    assert len(ptrs) < s.batches_per_epoch
+
+
+def test_prefetch_keeps_order_and_stops_with_the_consumer(synth):
+    """Reading ahead in a thread changes nothing the consumer sees (same batches, same resume state),
+    and a consumer that stops early leaves no reader thread behind."""
+    import threading
+    kw = {"batch_size": 16, "shuffle_buffer": 48, "seed": 2}
+    a, b = ShardStream(synth, "train", prefetch=0, **kw), ShardStream(synth, "train", prefetch=3, **kw)
+    assert ids_of(a) + ids_of(a) == ids_of(b) + ids_of(b) and a.state_dict() == b.state_dict()
+    it = iter(ShardStream(synth, "train", prefetch=2, **kw))
+    next(it)
+    it.close()
+    assert not [t for t in threading.enumerate() if t.name == "s3dist-data-prefetch"]
+
+    from s3dist.data.stream import _prefetched
+
+    def failing():
+        yield 1
+        yield 2
+        raise DataError("shard x.parquet went away")
+
+    got = []
+    with pytest.raises(DataError, match="x.parquet went away"):
+        for x in _prefetched(failing(), 4):
+            got.append(x)
+    assert got == [1, 2]
+
+
 def test_modalities_narrowed_and_non_sequence_modality_gets_t1(tmp_path):
     """`modalities` narrows the batch; a [D] modality arrives as [B, 1, D] with an all-True mask."""
     n = 12
@@ -222,6 +308,23 @@ def test_resume_refuses_changed_pipeline_mid_epoch(synth):
         ShardStream(synth, "train", batch_size=8).load_state_dict(state)
     with pytest.raises(DataError, match="world_size 1 -> 2"):
         ShardStream(synth, "train", batch_size=16, world_size=2).load_state_dict(state)
+
+
+def test_resume_refuses_a_mid_epoch_state_from_another_shuffle_order(synth):
+    """A mid-epoch state written by an s3dist whose shuffle orders rows differently (no order_version:
+    version 1) is refused, since replaying the epoch would repeat and skip rows; at an epoch boundary
+    it loads."""
+    kw = {"batch_size": 16, "shuffle_buffer": 48, "seed": 9}
+    s = ShardStream(synth, "train", **kw)
+    next(iter(s))
+    old = {k: v for k, v in s.state_dict().items() if k != "order_version"}
+    with pytest.raises(DataError, match="order_version 1 -> 2"):
+        ShardStream(synth, "train", **kw).load_state_dict(old)
+    r = ShardStream(synth, "train", **kw)
+    r.load_state_dict({**old, "batches_done": 0, "epoch": 1})
+    ref = ShardStream(synth, "train", **kw)
+    ids_of(ref)
+    assert ids_of(r) == ids_of(ref)
 
 
 # ---------------------------------------------------------------------------------------------

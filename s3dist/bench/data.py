@@ -29,6 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rows", type=int, default=8192, help="rows of the generated data set (no --path)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--shuffle-buffer", type=int, default=1024, help="the stream's shuffle buffer (0: off)")
+    p.add_argument("--prefetch", type=int, default=2, help="the stream's read-ahead in batches (data.prefetch)")
     p.add_argument("--repeats", type=int, default=3, help="timed passes per reader")
     p.add_argument("--json", default="", help="write the record (command, versions, machine, figures) here")
 
@@ -95,8 +96,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         with timer() as t_open:
             stream = ShardStream(url, args.split, batch_size=args.batch_size, shuffle_buffer=args.shuffle_buffer,
-                                 drop_last=False, seed=0)
-        plain = ShardStream(url, args.split, batch_size=args.batch_size, shuffle_buffer=0, drop_last=False)
+                                 drop_last=False, seed=0, prefetch=args.prefetch)
+        plain = ShardStream(url, args.split, batch_size=args.batch_size, shuffle_buffer=0, drop_last=False,
+                            prefetch=args.prefetch)
         stream_pass(stream), pyarrow_pass(url, args.split, args.batch_size)  # warm the page cache and imports
         times: dict[str, list[float]] = {"stream": [], "stream_noshuffle": [], "pyarrow": []}
         cpu: dict[str, list[float]] = {k: [] for k in times}
@@ -115,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
         rate = {k: n / min(v) for k, v in times.items()}
         cpu_rate = {k: n / min(v) for k, v in cpu.items()}
         figures = {"rows": n, "batch_size": args.batch_size, "shuffle_buffer": args.shuffle_buffer,
-                   "stream_open_s": t_open(), "samples_per_s": rate, "samples_per_cpu_s": cpu_rate,
+                   "prefetch": args.prefetch, "stream_open_s": t_open(), "samples_per_s": rate, "samples_per_cpu_s": cpu_rate,
                    "ratio_stream_vs_pyarrow": rate["stream"] / rate["pyarrow"],
                    "ratio_stream_noshuffle_vs_pyarrow": rate["stream_noshuffle"] / rate["pyarrow"],
                    "cpu_ratio_stream_vs_pyarrow": cpu_rate["stream"] / cpu_rate["pyarrow"],
@@ -129,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"stream open (checksums + footers + labels): {t_open():.2f}s; rows per pass {n}")
         command = ["bench", "data", *(["--path", args.path] if args.path else ["--rows", str(args.rows)]),
                    "--split", args.split, "--batch-size", str(args.batch_size), "--shuffle-buffer",
-                   str(args.shuffle_buffer), "--repeats", str(args.repeats)]
+                   str(args.shuffle_buffer), "--prefetch", str(args.prefetch), "--repeats", str(args.repeats)]
         record("data", figures, command=command, out=args.json or None)
         return 0
     finally:
