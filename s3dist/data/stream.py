@@ -453,14 +453,21 @@ class _BufferPool:
 
     def __init__(self, per_shape: int = 16):
         self.per_shape = per_shape
-        self._free: dict[tuple, list[np.ndarray]] = {}
+        self._arrays: dict[tuple, list[np.ndarray]] = {}
+        # The reference count of an array only the pool holds, measured through the same code path
+        # as in `get` (the interpreter's own references differ between Python versions).
+        self._idle = min(n for _, n in self._counted([np.empty(0)]))
+
+    @staticmethod
+    def _counted(arrays: list[np.ndarray]) -> Iterator[tuple[np.ndarray, int]]:
+        for a in arrays:
+            yield a, sys.getrefcount(a)
 
     def get(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         dtype = np.dtype(dtype)
-        arrays = self._free.setdefault((shape, dtype.str), [])
-        for a in arrays:
-            # References: the list, the loop variable, getrefcount's argument. More = still in use.
-            if sys.getrefcount(a) <= 3:
+        arrays = self._arrays.setdefault((shape, dtype.str), [])
+        for a, refs in self._counted(arrays):
+            if refs <= self._idle:   # more references: a consumer or a pending batch still holds it
                 return a
         a = np.empty(shape, dtype)
         if len(arrays) < self.per_shape:
