@@ -143,6 +143,11 @@ class StagesConfig:
     intra_weight: float = _f(1.0, "Weight of intra-modal InfoNCE (two augmented views).", ge=0.0)
     cross_weight: float = _f(1.0, "Weight of cross-modal InfoNCE.", ge=0.0)
     supcon_weight: float = _f(1.0, "Stage 2: weight of the cross-modal supervised contrastive loss.", ge=0.0)
+    select_target: str = _f("label", "Stage 2: what the supervised contrastive loss calls the same: 'label' (the "
+                                     "task label, the method) or 'concepts' (a diagnostic for data sets with "
+                                     "generating concepts, i.e. synthetic ones: pairs are positive in proportion "
+                                     "to the Jaccard overlap of their active concepts).",
+                          choices=("label", "concepts"))
     compact_weight: float = _f(0.1, "Stage 2: weight of the compactness loss (entropy of per-sample routing "
                                      "mass).", ge=0.0)
     compactness: str = _f("entropy", "Stage 2 compactness form: 'entropy' (mean per-sample routing entropy; our reading "
@@ -404,8 +409,12 @@ def check_safe_name(key: str, value: str) -> None:
                           f"with no '/', '\\', '..' or control characters")
 
 
-def validate_world(cfg: RunConfig, world_size: int, num_modalities: int) -> int:
-    """Rules that need the world size and the data set's modalities. Returns the resolved ep_size."""
+def validate_world(cfg: RunConfig, world_size: int, num_modalities: int, has_concepts: bool = True) -> int:
+    """Rules that need the world size and the data set (its modalities, whether it carries generating
+    concepts). Returns the resolved ep_size."""
+    if cfg.stages.select_target == "concepts" and "select" in cfg.stages.run and not has_concepts:
+        raise ConfigError("config key 'stages.select_target' = 'concepts' needs a data set with generating "
+                          "concepts (the synthetic one); this data set has none: use stages.select_target=label")
     ep = cfg.dist.ep_size or world_size
     if world_size % ep:
         raise ConfigError(f"config key 'dist.ep_size' = {ep} must divide the world size {world_size}; "

@@ -39,13 +39,21 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tens
 
 
 def sup_con(a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Cross-modal supervised contrastive loss (Khosla et al.): anchors from `a`, candidates from `b`;
-    every `b` row with the anchor's label is a positive."""
+    """Cross-modal supervised contrastive loss (Khosla et al.): anchors from `a`, candidates from `b`
+    (global batch). `labels` [B]: every `b` row with the anchor's label is a positive. `labels` [B, K]
+    multi-hot (e.g. generating concepts): a row is positive with weight |c_i & c_j| / |c_i | c_j|
+    (Jaccard), the usual multi-label generalisation; with one-hot rows it is the [B] case."""
     a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
     gb = gather_with_grad(b)
-    glabels = gather_with_grad(labels.float()).long() if _world()[1] > 1 else labels
+    glabels = gather_with_grad(labels.float()) if _world()[1] > 1 else labels.float()
     log_prob = F.log_softmax(a @ gb.t() / temperature, dim=-1)
-    pos = (labels.unsqueeze(1) == glabels.unsqueeze(0)).float()
+    if labels.dim() == 1:
+        pos = (labels.float().unsqueeze(1) == glabels.unsqueeze(0)).float()
+    else:
+        c, gc = labels.float(), glabels
+        inter = c @ gc.t()
+        union = c.sum(1, keepdim=True) + gc.sum(1).unsqueeze(0) - inter
+        pos = inter / union.clamp_min(1.0)
     return -((log_prob * pos).sum(1) / pos.sum(1).clamp_min(1.0)).mean()
 
 

@@ -139,7 +139,7 @@ def run(cfg: RunConfig):
                          shuffle_buffer=cfg.data.shuffle_buffer, drop_last=True, nonfinite=cfg.data.nonfinite,
                          prefetch=cfg.data.prefetch)
     modalities = stream.modalities
-    ep = validate_world(cfg, world, len(modalities))
+    ep = validate_world(cfg, world, len(modalities), has_concepts=bool(stream.manifest.num_concepts))
     dims = make_dims(rank, local_rank, world, device, backend, ep)
     cfg.data.modalities = list(modalities)
 

@@ -102,7 +102,8 @@ def select_loss(engine, batch, cfg: RunConfig, modalities: list[str]):
     """Cross-modal SupCon with task labels + compactness of routing mass (routers only train)."""
     st = cfg.stages
     out = engine(batch.features, batch.masks)
-    emb, y = out.embeddings, batch.labels
+    emb = out.embeddings
+    y = batch.concepts if st.select_target == "concepts" else batch.labels  # train.py checked they exist
     prs = losses.pairs(modalities)
     terms = {}
     if prs:
@@ -247,7 +248,7 @@ class Trainer:
             if self._batches is None:
                 self._batches = iter(self.stream)
             try:
-                return next(self._batches)
+                return next(self._batches).to(self.dims.device)
             except StopIteration:  # the stream advanced its epoch; start the next one
                 self._batches = None
 

@@ -68,13 +68,17 @@ def test_yaml_errors_name_the_file(tmp_path):
 
 
 def test_world_rules():
-    """ep_size must divide the world size and the total number of experts; 0 means the world size."""
+    """ep_size must divide the world size and the total number of experts; 0 means the world size;
+    concept-supervised Selection needs a data set with concepts."""
     cfg = load_config(None, ["moe.num_experts=3"])
     assert validate_world(cfg, 2, 2) == 2          # 3 experts x 2 modalities = 6, divisible by 2
     with pytest.raises(ConfigError, match="must divide the world size 4"):
         validate_world(load_config(None, ["dist.ep_size=3"]), 4, 2)
     with pytest.raises(ConfigError, match="must divide the total number of experts 3"):
         validate_world(load_config(None, ["moe.num_experts=3", "moe.shared_experts=true"]), 2, 2)
+    with pytest.raises(ConfigError, match=r"stages.select_target' = 'concepts' needs a data set with generating"):
+        validate_world(load_config(None, ["stages.select_target=concepts"]), 2, 2, has_concepts=False)
+    assert validate_world(load_config(None, ["stages.select_target=concepts"]), 2, 2, has_concepts=True) == 2
 
 
 def test_shipped_recipes_validate():

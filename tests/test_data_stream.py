@@ -237,6 +237,17 @@ def test_prefetch_keeps_order_and_stops_with_the_consumer(synth):
     assert got == [1, 2]
 
 
+def test_batch_to_moves_every_tensor(synth):
+    """Batch.to (what the trainer calls on every batch) moves ids, labels, every feature, mask and the
+    concepts; on the device it is already on, it is a no-op. ('meta' stands in for CUDA here.)"""
+    b = next(iter(ShardStream(synth, "train", batch_size=8)))
+    assert b.to("cpu") is b
+    m = b.to("meta")
+    tensors = [m.ids, m.labels, m.concepts, *m.features.values(), *m.masks.values()]
+    assert all(t.device.type == "meta" for t in tensors) and len(tensors) == 3 + 2 * len(b.features)
+    assert m.features["text"].shape == b.features["text"].shape and m.concepts.dtype == torch.uint8
+
+
 def test_modalities_narrowed_and_non_sequence_modality_gets_t1(tmp_path):
     """`modalities` narrows the batch; a [D] modality arrives as [B, 1, D] with an all-True mask."""
     n = 12

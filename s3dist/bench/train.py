@@ -201,8 +201,7 @@ def _rank_main(rank: int, world: int, cfg_dict: dict, layouts: list[tuple[str, s
         nonlocal batches
         while True:
             try:
-                b = next(batches)
-                return b if device.type == "cpu" else _to(b, device)
+                return next(batches).to(device)
             except StopIteration:  # next epoch
                 batches = iter(stream)
 
@@ -235,13 +234,6 @@ def _rank_main(rank: int, world: int, cfg_dict: dict, layouts: list[tuple[str, s
                     "batch_size": base.data.batch_size, "modalities": modalities,
                     "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else None}
     return out
-
-
-def _to(batch, device):
-    from dataclasses import replace
-    return replace(batch, ids=batch.ids.to(device), labels=batch.labels.to(device),
-                   features={m: x.to(device, non_blocking=True) for m, x in batch.features.items()},
-                   masks={m: x.to(device, non_blocking=True) for m, x in batch.masks.items()})
 
 
 # ---------------------------------------------------------------------------------------------

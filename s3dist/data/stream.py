@@ -71,6 +71,17 @@ class Batch:
     def __len__(self) -> int:
         return int(self.ids.shape[0])
 
+    def to(self, device: torch.device | str) -> Batch:
+        """This batch on `device` (the same object when it is already there, e.g. on CPU)."""
+        device = torch.device(device)
+        if self.ids.device == device:
+            return self
+        move = lambda x: x.to(device, non_blocking=True)  # noqa: E731
+        return Batch(ids=move(self.ids), labels=move(self.labels),
+                     features={m: move(x) for m, x in self.features.items()},
+                     masks={m: move(x) for m, x in self.masks.items()},
+                     concepts=None if self.concepts is None else move(self.concepts))
+
 
 class ShardStream:
     """This rank's batches of one split of a data set; see the module docstring for the design."""
