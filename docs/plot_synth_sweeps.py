@@ -8,7 +8,7 @@ its seeds, with the p = 1.0 value dashed. The README's figure:
     .venv/bin/python docs/plot_synth_sweeps.py docs/synth_sweep_selection.png \
         "Stage 1 only=runs/synth-exp-noselect/s3/sweep_seeds.json" \
         "Stage 1 + Selection (S3)=runs/synth-exp-v2/s3/sweep_seeds.json" \
-        "Selection without SupCon=runs/synth-exp-nosupcon/s3/sweep_seeds.json"
+        "Selection, SupCon on concepts=runs/synth-exp-selconcepts/s3/sweep_seeds.json"
 """
 
 from __future__ import annotations
