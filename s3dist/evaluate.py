@@ -42,10 +42,11 @@ def extract(model, stream, keep_fractions: list[float], device) -> dict:
         pre = model.prelude(feats, masks)
         for p in keep_fractions:
             out = model.last_layer(pre, p, global_keep_masks if (use_mask and p < 1.0) else None)
-            emb[p].append(torch.cat([out.embeddings[m] for m in model.modalities], dim=1).cpu())
+            # .float(): numpy has no bfloat16 (a bf16-trained model's outputs)
+            emb[p].append(torch.cat([out.embeddings[m] for m in model.modalities], dim=1).float().cpu())
             if p == 1.0:
                 for m, s in out.sample_scores.items():
-                    scores[m].append(s.cpu())
+                    scores[m].append(s.float().cpu())
         labels.append(batch.labels.cpu())
         ids.append(batch.ids.cpu())
         if batch.concepts is not None:

@@ -31,7 +31,7 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
     """Symmetric InfoNCE: a[i] and b[i] are positives; every other global-batch row is a negative."""
     rank, _ = _world()
-    a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
+    a, b = F.normalize(a.float(), dim=-1), F.normalize(b.float(), dim=-1)  # fp32 logits also under bf16
     ga, gb = gather_with_grad(a), gather_with_grad(b)
     target = torch.arange(a.shape[0], device=a.device) + rank * a.shape[0]
     return 0.5 * (F.cross_entropy(a @ gb.t() / temperature, target)
@@ -43,7 +43,7 @@ def sup_con(a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor, temperature:
     (global batch). `labels` [B]: every `b` row with the anchor's label is a positive. `labels` [B, K]
     multi-hot (e.g. generating concepts): a row is positive with weight |c_i & c_j| / |c_i | c_j|
     (Jaccard), the usual multi-label generalisation; with one-hot rows it is the [B] case."""
-    a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
+    a, b = F.normalize(a.float(), dim=-1), F.normalize(b.float(), dim=-1)
     gb = gather_with_grad(b)
     glabels = gather_with_grad(labels.float()) if _world()[1] > 1 else labels.float()
     log_prob = F.log_softmax(a @ gb.t() / temperature, dim=-1)
@@ -69,6 +69,7 @@ def compactness(scores: torch.Tensor, form: str = "entropy") -> torch.Tensor:
     'mutual_info': that minus the entropy of the global-batch mean routing, i.e. -I(sample; expert):
     each sample concentrates on few experts *and* different samples use different experts.
     """
+    scores = scores.float()
     p = scores / scores.sum(-1, keepdim=True).clamp_min(1e-9)
     per_sample = _entropy(p).mean()
     if form == "entropy":

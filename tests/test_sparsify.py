@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -143,3 +144,46 @@ def test_compactness_forms():
     assert compactness(collapse) == pytest.approx(0, abs=1e-6) and compactness(special) == pytest.approx(0, abs=1e-6)
     assert compactness(special, "mutual_info") < compactness(collapse, "mutual_info") - 1.0
     assert compactness(uniform, "mutual_info") == pytest.approx(0.0, abs=1e-6)
+
+
+def _bf16_model_path(rank, world, out_dir):
+    from s3dist import losses
+    from s3dist.config import DistConfig
+    from s3dist.dist import attach_expert_groups, init_distributed, make_dims
+    from s3dist.evaluate import extract
+
+    dims = make_dims(*init_distributed(DistConfig()), 1)
+    model, _ = _model()
+    attach_expert_groups(model, dims)
+    model.to(torch.bfloat16)  # what DeepSpeed's bf16 mode does to the parameters (and only to them)
+    g = torch.Generator().manual_seed(2)
+    feats = {"text": torch.randn(6, 5, 5, generator=g), "audio": torch.randn(6, 5, 3, generator=g)}  # float32
+    masks = {m: torch.ones(6, 5, dtype=torch.bool) for m in feats}
+    out = model(feats, masks)
+    emb = out.embeddings
+    loss = (losses.info_nce(emb["text"], emb["audio"], 0.1)
+            + losses.sup_con(emb["text"], emb["audio"], torch.tensor([0, 1, 0, 1, 1, 0]), 0.1)
+            + losses.compactness(out.sample_scores["text"]))
+    loss.backward()
+
+    class Batch:
+        def __init__(self):
+            self.features, self.masks = feats, masks
+            self.labels, self.ids, self.concepts = torch.zeros(6, dtype=torch.long), torch.arange(6), None
+
+    res = extract(model, [Batch()], [0.5, 1.0], torch.device("cpu"))
+    return {"emb_dtype": str(emb["text"].dtype), "loss_dtype": str(loss.dtype), "loss": float(loss.detach()),
+            "grad_ok": all(p.grad is None or bool(torch.isfinite(p.grad.float()).all()) for p in model.parameters()),
+            "extract_dtype": str(res["emb"][1.0].dtype), "extract_finite": bool(np.isfinite(res["emb"][0.5]).all()),
+            "scores_dtype": str(res["scores"]["text"].dtype)}
+
+
+@pytest.mark.slow
+def test_bf16_parameters_take_float32_batches(tmp_path):
+    """With bf16 parameters (DeepSpeed's bf16 mode casts parameters, not inputs) the encoder takes the
+    stream's float32 features, the losses are computed in float32 and backpropagate, and extraction for
+    the probe hands numpy float32 (numpy has no bfloat16)."""
+    r = run_ranks(_bf16_model_path, 1, tmp_path)[0]
+    assert r["emb_dtype"] == "torch.bfloat16" and r["loss_dtype"] == "torch.float32"
+    assert np.isfinite(r["loss"]) and r["grad_ok"]
+    assert r["extract_dtype"] == "float32" and r["extract_finite"] and r["scores_dtype"] == "float32"

@@ -115,8 +115,11 @@ class S3Encoder(nn.Module):
     def prelude(self, features, masks) -> "Prelude":
         """Stems and every MoE layer but the last; returns the normed input of the last layer."""
         h, valid = {}, {}
+        # Under DeepSpeed bf16 the parameters are bf16 but nothing casts the inputs (it does so only for
+        # fp16 auto_cast): the data stream's float32 features are cast here, once, for every caller.
+        dtype = self.norms[0].weight.dtype
         for m in self.modalities:
-            x = self.stems[m](features[m], masks[m])
+            x = self.stems[m](features[m].to(dtype), masks[m])
             v = masks[m]
             if self.pooled_tokens:
                 x = _masked_mean(x, v).unsqueeze(1)
