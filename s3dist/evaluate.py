@@ -37,9 +37,8 @@ def extract(model, stream, keep_fractions: list[float], device) -> dict:
     emb = {p: [] for p in keep_fractions}
     labels, ids, concepts, scores = [], [], [], {m: [] for m in model.modalities}
     for batch in stream:
-        feats = {m: batch.features[m].to(device) for m in model.modalities}
-        masks = {m: batch.masks[m].to(device) for m in model.modalities}
-        pre = model.prelude(feats, masks)
+        batch = batch.to(device)
+        pre = model.prelude(batch.features, batch.masks)
         for p in keep_fractions:
             out = model.last_layer(pre, p, global_keep_masks if (use_mask and p < 1.0) else None)
             # .float(): numpy has no bfloat16 (a bf16-trained model's outputs)

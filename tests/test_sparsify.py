@@ -149,6 +149,7 @@ def test_compactness_forms():
 def _bf16_model_path(rank, world, out_dir):
     from s3dist import losses
     from s3dist.config import DistConfig
+    from s3dist.data.stream import Batch
     from s3dist.dist import attach_expert_groups, init_distributed, make_dims
     from s3dist.evaluate import extract
 
@@ -166,12 +167,9 @@ def _bf16_model_path(rank, world, out_dir):
             + losses.compactness(out.sample_scores["text"]))
     loss.backward()
 
-    class Batch:
-        def __init__(self):
-            self.features, self.masks = feats, masks
-            self.labels, self.ids, self.concepts = torch.zeros(6, dtype=torch.long), torch.arange(6), None
-
-    res = extract(model, [Batch()], [0.5, 1.0], torch.device("cpu"))
+    batch = Batch(ids=torch.arange(6), labels=torch.zeros(6, dtype=torch.long), features=feats, masks=masks,
+                  concepts=None)
+    res = extract(model, [batch], [0.5, 1.0], torch.device("cpu"))
     return {"emb_dtype": str(emb["text"].dtype), "loss_dtype": str(loss.dtype), "loss": float(loss.detach()),
             "grad_ok": all(p.grad is None or bool(torch.isfinite(p.grad.float()).all()) for p in model.parameters()),
             "extract_dtype": str(res["emb"][1.0].dtype), "extract_finite": bool(np.isfinite(res["emb"][0.5]).all()),
