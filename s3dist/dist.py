@@ -72,13 +72,30 @@ def init_distributed(cfg: DistConfig) -> tuple[int, int, int, torch.device, str]
     if cuda:
         torch.cuda.set_device(device)
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cuda else "cpu")
-    if not dist.is_initialized():
-        import deepspeed
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
 
+    # DeepSpeed picks its accelerator once, at first import, from DS_ACCELERATOR or its own probe. If
+    # it disagrees with torch's device, the engine silently keeps the model on its own device and the
+    # first collective fails far from the cause (e.g. "No backend type associated with device type cpu").
+    ds_device = get_accelerator().device_name()
+    if ds_device != device.type:
+        raise ConfigError(f"DeepSpeed's accelerator is {ds_device!r} (DS_ACCELERATOR="
+                          f"{os.environ.get('DS_ACCELERATOR', '<unset>')!r}) but torch's device is {device.type!r}: "
+                          f"unset DS_ACCELERATOR or set DS_ACCELERATOR={'cuda' if cuda else 'cpu'}")
+    if not dist.is_initialized():
         # The timeout bounds how long survivors wait in a collective when a rank dies.
         deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=cfg.timeout_s),
                                    verbose=False)
     return rank, local_rank, world, device, backend
+
+
+def collective_device() -> torch.device:
+    """Where a tensor must live to go through the default process group: nccl moves only CUDA tensors,
+    gloo (here) CPU ones. For host-side figures (timings, counts) that are reduced across ranks."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def make_dims(rank: int, local_rank: int, world: int, device: torch.device, backend: str, ep_size: int) -> ParallelDims:

@@ -362,8 +362,9 @@ class _Window:
     def reduce(self, dims: ParallelDims) -> dict[str, float]:
         elapsed = time.perf_counter() - self.t0
         keys = sorted(self.sums)
-        vec = torch.stack([self.sums[k] for k in keys] + [torch.tensor(float(self.samples)),
-                                                          torch.tensor(float(self.tokens))]).to(dims.device)
+        # one vector, built on the device (the loss sums live there; nccl reduces only CUDA tensors)
+        counts = torch.tensor([float(self.samples), float(self.tokens)], device=dims.device)
+        vec = torch.cat([*(self.sums[k].to(dims.device).reshape(1) for k in keys), counts])
         if dims.world_size > 1:
             dist.all_reduce(vec)
         vals = vec.tolist()

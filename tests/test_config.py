@@ -97,3 +97,28 @@ def test_train_arguments_in_any_order():
 
     _, cfg = parse_args(["moe.num_experts=8", "--output_dir", "/tmp/x", "stages.select_steps=3", "--overwrite"])
     assert (cfg.moe.num_experts, cfg.output_dir, cfg.stages.select_steps, cfg.overwrite) == (8, "/tmp/x", 3, True)
+
+
+def test_deepspeed_accelerator_must_match_torch_device():
+    """A DeepSpeed accelerator that disagrees with torch's device (DS_ACCELERATOR=cpu on a GPU node,
+    the bug `s3dist bench train` had) is refused before the engine quietly keeps the model elsewhere.
+    Run in a fresh interpreter: DeepSpeed's accelerator is process-global."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os, torch\n"
+        "from deepspeed.accelerator import set_accelerator\n"
+        "from deepspeed.accelerator.cuda_accelerator import CUDA_Accelerator\n"
+        "from s3dist.config import ConfigError, DistConfig\n"
+        "from s3dist.dist import init_distributed\n"
+        "assert not torch.cuda.is_available()\n"
+        "set_accelerator(CUDA_Accelerator())\n"
+        "try:\n"
+        "    init_distributed(DistConfig())\n"
+        "except ConfigError as e:\n"
+        "    print('REFUSED', e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "REFUSED" in out.stdout and "'cuda'" in out.stdout and "DS_ACCELERATOR" in out.stdout, out.stdout

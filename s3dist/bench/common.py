@@ -112,6 +112,8 @@ def interleaved_times(steps: dict, *, warmup: int, repeats: int) -> tuple[dict, 
             sync()
             wall[name].append(time.perf_counter() - t0)
             cpu[name].append(time.process_time() - c0)
-    stacked = torch.tensor([wall[n] for n in names], dtype=torch.float64)
+    from s3dist.dist import collective_device
+
+    stacked = torch.tensor([wall[n] for n in names], dtype=torch.float64, device=collective_device())
     dist.all_reduce(stacked, op=dist.ReduceOp.MAX)
     return {n: stacked[i].tolist() for i, n in enumerate(names)}, cpu, results

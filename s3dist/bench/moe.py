@@ -48,8 +48,9 @@ def _rank_entry(rank, world, port, threads, out_dir, fn, args):
     import torch
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"),
-                      OMP_NUM_THREADS=str(threads))
+                      MASTER_PORT=str(port), OMP_NUM_THREADS=str(threads))
+    # DS_ACCELERATOR is left to init_distributed (cuda where torch sees a GPU, else cpu): forcing cpu
+    # here made DeepSpeed keep the model on the CPU under nccl on a GPU machine.
     torch.set_num_threads(threads)
     try:
         result = fn(rank, world, *args)
