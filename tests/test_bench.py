@@ -109,7 +109,7 @@ def test_bench_train_record_memory_split_and_counted_bytes_match_plan(tmp_path, 
             "data.synth.modality_dims=12,8", "data.synth.seq_len=6", "data.batch_size=8", "model.d_model=16",
             "moe.expert_hidden=16", "model.num_moe_layers=2"]
     _bench(monkeypatch, ["bench", "train", "--ranks", "2", "--ep", "2", "--repeats", "1", "--warmup", "1",
-                         "--profile-steps", "1", "--json", str(out), *over])
+                         "--profile-steps", "1", "--peak-tflops", "2", "--json", str(out), *over])
     fig = _record(out, "train")
     assert set(fig["layouts"]) == {"s3 ep=2", "s3 ep=1", "dense"}
     assert fig["ratio_ep2_vs_ep1"] > 0 and fig["ratio_dense_vs_s3"] > 0
@@ -127,3 +127,9 @@ def test_bench_train_record_memory_split_and_counted_bytes_match_plan(tmp_path, 
     predicted.pop("bytes_per_call")
     assert ep2["all_to_all_bytes_per_step"] == predicted
     assert ep1["all_to_all_bytes_per_step"]["calls"] == 0
+    # Counted model FLOPs: sharding experts moves work between ranks but conserves it (E/ep experts x
+    # ep*capacity slots per rank), and each layout's MFU is its TFLOP/s over the given peak.
+    assert sum(ep2["flops_per_step_per_rank"]) == sum(ep1["flops_per_step_per_rank"]) > 0
+    assert fig["peak_tflops_per_device"] == 2.0
+    for v in fig["layouts"].values():
+        assert v["mfu"] == pytest.approx(sum(v["model_tflops_per_s_per_rank"]) / 2 / 2.0)

@@ -40,6 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads per rank (0: cores / ranks)")
     p.add_argument("--no-compare", action="store_true", help="time only the S3 layout at --ep")
     p.add_argument("--json", default="", help="write the record (command, versions, machine, figures) here")
+    p.add_argument("--peak-tflops", type=float, default=0.0,
+                   help="per-device dense peak for MFU (0: the GPU's bf16 peak where known, none on CPU)")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.batch_size=32")
 
 
@@ -107,15 +109,44 @@ class Layout:
         return cfg.model.num_moe_layers * per_layer
 
 
-def expected_expert_bytes(cfg, bytes_per_param: int = 4) -> int:
+def expected_expert_bytes(cfg) -> int:
     """All expert bytes of the model, over every rank (what ep ranks share between them)."""
     if cfg.moe.kind == "dense":
         return 0
+    bytes_per_param = 2 if cfg.dist.dtype == "bf16" else 4  # DeepSpeed's bf16 mode keeps bf16 module params
     d, h = cfg.model.d_model, cfg.moe.expert_hidden
     n_mod = len(cfg.data.modalities)
     n = cfg.moe.resolved_num_experts()
     experts = n if (cfg.moe.kind == "s3" and cfg.moe.shared_experts) else n * n_mod
     return cfg.model.num_moe_layers * experts * (2 * d * h + h + d) * bytes_per_param
+
+
+def count_step_flops(layout: Layout, next_batch) -> int:
+    """Model FLOPs of one full step on this rank (forward + backward + the augmentations' matmuls), as
+    torch's FlopCounterMode counts them: matmuls, convolutions and attention, not elementwise ops or
+    communication, i.e. the numerator MFU conventionally uses (torchtitan, nanoGPT count the same ops
+    analytically). Measured, not derived, so routing, capacity drops and the dense/MoE difference
+    are all in it."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        layout.step(next_batch)
+    return int(counter.get_total_flops())
+
+
+# Dense bf16 tensor-core peak per device (no sparsity), by name substring: the MFU denominator.
+BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0}
+
+
+def device_peak_tflops(requested: float) -> float | None:
+    import torch
+
+    if requested > 0:
+        return requested
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(0)
+    return next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,7 +248,7 @@ def _rank_main(rank: int, world: int, cfg_dict: dict, layouts: list[tuple[str, s
     names = list(built)
     times, cpu, tokens = interleaved_times({n: (lambda lay=built[n]: lay.step(next_batch)) for n in names},
                                            warmup=warmup, repeats=repeats)
-    tok = torch.tensor([sum(tokens[n]) for n in names], dtype=torch.float64)
+    tok = torch.tensor([sum(tokens[n]) for n in names], dtype=torch.float64, device=device)
     dist.all_reduce(tok)
 
     out = {}
@@ -229,6 +260,7 @@ def _rank_main(rank: int, world: int, cfg_dict: dict, layouts: list[tuple[str, s
                   "all_to_all_bytes_per_step": asdict(c), "parameter_bytes": lay.parameter_bytes(),
                   "expected_expert_bytes": expected_expert_bytes(lay.cfg), "ep": lay.dims.ep_size,
                   "active_parameters_per_token": lay.active_parameters_per_token(),
+                  "flops_per_step": count_step_flops(lay, next_batch),
                   **profile_step(lay, next_batch, profile_steps)}
     out["_rank"] = {"max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
                     "batch_size": base.data.batch_size, "modalities": modalities,
@@ -251,7 +283,7 @@ def layouts_for(ep: int, compare: bool) -> list[tuple[str, str, int]]:
 
 
 def measure(cfg, ranks: int, ep: int, *, compare: bool = True, warmup: int = 3, repeats: int = 10,
-            profile_steps: int = 3, threads: int = 0) -> dict:
+            profile_steps: int = 3, threads: int = 0, peak_tflops: float | None = None) -> dict:
     import tempfile
 
     from s3dist.config import to_dict
@@ -287,16 +319,23 @@ def measure(cfg, ranks: int, ep: int, *, compare: bool = True, warmup: int = 3, 
             "parameter_bytes_per_rank": pb, "expert_bytes_all_ranks": expert_total,
             "expert_fraction_per_rank": (pb[0]["expert"] / expert_total) if expert_total else None,
             "active_parameters_per_token": r0["active_parameters_per_token"],
-            "all_to_all_bytes_per_step": r0["all_to_all_bytes_per_step"]}
+            "all_to_all_bytes_per_step": r0["all_to_all_bytes_per_step"],
+            "flops_per_step_per_rank": [r[name]["flops_per_step"] for r in res],
+            # per device: this rank's counted FLOPs over the slowest rank's step time
+            "model_tflops_per_s_per_rank": [r[name]["flops_per_step"] / med / 1e12 for r in res]}
+        v = figures["layouts"][name]
+        v["mfu"] = (statistics.mean(v["model_tflops_per_s_per_rank"]) / peak_tflops) if peak_tflops else None
     lay = figures["layouts"]
     s3 = lay[f"s3 ep={ep}"]
     for other, key in (("s3 ep=1", f"ep{ep}_vs_ep1"), ("dense", "dense_vs_s3")):
-        if other not in lay:
+        if other not in lay or (other == "s3 ep=1" and ep == 1):  # not the S3 layout against itself
             continue
         a, b = (s3, lay[other]) if other == "s3 ep=1" else (lay[other], s3)
         figures[f"ratio_{key}"] = a["samples_per_s"] / b["samples_per_s"]
         figures[f"cpu_ratio_{key}"] = b["cpu_ms_per_rank_median"] / a["cpu_ms_per_rank_median"]
     figures["load_average_1min"] = os.getloadavg()[0]
+    figures["peak_tflops_per_device"] = peak_tflops
+    figures["dtype"] = cfg.dist.dtype
     return figures
 
 
@@ -306,7 +345,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, list(args.overrides))
     ep = args.ep or args.ranks
     fig = measure(cfg, args.ranks, ep, compare=not args.no_compare, warmup=args.warmup, repeats=args.repeats,
-                  profile_steps=args.profile_steps, threads=args.threads)
+                  profile_steps=args.profile_steps, threads=args.threads,
+                  peak_tflops=device_peak_tflops(args.peak_tflops))
     rows = []
     for name, v in fig["layouts"].items():
         pb = v["parameter_bytes_per_rank"][0]
@@ -317,7 +357,10 @@ def run(args: argparse.Namespace) -> int:
                     "params MiB/rank": pb["total"] / 2 ** 20, "expert MiB/rank": pb["expert"] / 2 ** 20,
                     "expert share": (f"1/{round(1 / v['expert_fraction_per_rank'])}"
                                      if v["expert_fraction_per_rank"] else "-"),
-                    "active params": v["active_parameters_per_token"]})
+                    "active params": v["active_parameters_per_token"],
+                    "TFLOP/s/rank": statistics.mean(v["model_tflops_per_s_per_rank"])})
+        if v["mfu"] is not None:
+            row["MFU"] = f"{100 * v['mfu']:.2f}%"
         rows.append(row)
     print_table(rows)
     for name, v in fig["layouts"].items():
@@ -327,7 +370,9 @@ def run(args: argparse.Namespace) -> int:
     ratios = {k: v for k, v in fig.items() if "ratio_" in k}
     print(f"{args.ranks} ranks; median of {args.repeats} interleaved Stage-1 steps after {args.warmup} warm-up; "
           f"phases from {args.profile_steps} profiled steps (rank 0); peak = live tensors above the step start; "
-          f"load average {os.getloadavg()[0]:.1f}")
+          f"load average {os.getloadavg()[0]:.1f}; TFLOP/s = matmul FLOPs counted by torch's FlopCounterMode"
+          + (f"; MFU against {fig['peak_tflops_per_device']:g} TFLOP/s dense bf16 peak per device"
+             if fig["peak_tflops_per_device"] else ""))
     print("ratios (samples/s; cpu_: per CPU-second): " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()))
     record("train", fig, out=args.json or None)
     return 0
