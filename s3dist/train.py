@@ -156,7 +156,9 @@ def run(cfg: RunConfig):
     with open(run_dir / "ranks.jsonl", "a") as f:
         f.write(json.dumps({"rank": rank, "hostname": socket.gethostname(), "local_rank": local_rank,
                             "node_rank": int(os.environ.get("GROUP_RANK", os.environ.get("NODE_RANK", "0"))),
-                            "ep_rank": dims.ep_rank, "pid": os.getpid()}) + "\n")
+                            "ep_rank": dims.ep_rank, "pid": os.getpid(), "device": str(device),
+                            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                            "backend": backend, "dtype": cfg.dist.dtype}) + "\n")
 
     torch.manual_seed(cfg.seed)  # dense init identical on all ranks; experts seed themselves by index
     dims_in = {m: stream.manifest.modalities[m].shape[-1] for m in modalities}

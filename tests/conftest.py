@@ -13,7 +13,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# The suite runs on CPU/gloo on every machine, GPU nodes included: its multi-rank tests start 2 ranks
+# on one host, which nccl cannot place on one GPU, and CI has none. tests/test_cuda.py opts back in
+# (with the devices saved here) for the checks that need a GPU.
+GPU_DEVICES = os.environ.get("CUDA_VISIBLE_DEVICES")
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+os.environ["DS_ACCELERATOR"] = "cpu"
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 
 
