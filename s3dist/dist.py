@@ -166,7 +166,7 @@ def build_engine(model: nn.Module, params: list[nn.Parameter], *, lr: float, tot
         "gradient_accumulation_steps": 1,
         "gradient_clipping": optim.grad_clip,
         "zero_optimization": {"stage": zero_stage},
-        "bf16": {"enabled": dist_cfg.dtype == "bf16"},
+        "bf16": {"enabled": dist_cfg.dtype == "bf16", "check_grad_overflow": dist_cfg.bf16_grad_check},
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,

@@ -353,3 +353,24 @@ def test_dead_rank_stops_the_others_within_the_timeout(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode != 0
     assert time.monotonic() - killed_at < 120
+
+
+def _engine_precision_settings(rank, world, out_dir, check):
+    from s3dist.config import load_config
+    from s3dist.dist import build_engine, init_distributed, make_dims
+    from s3dist.model.encoder import S3Encoder
+
+    cfg = load_config(None, ["model.d_model=16", "moe.expert_hidden=8", f"dist.bf16_grad_check={check}"])
+    make_dims(*init_distributed(cfg.dist), 1)
+    model = S3Encoder({"a": 3}, cfg.model, cfg.moe)
+    engine = build_engine(model, list(model.parameters()), lr=1e-3, total_steps=1, optim=cfg.optim,
+                          dist_cfg=cfg.dist, micro_batch=2)
+    bf16 = engine._config.bfloat16_config
+    return {"enabled": bf16.enabled, "check": bf16.check_grad_overflow}
+
+
+@pytest.mark.parametrize("check", [True, False])
+def test_bf16_grad_check_reaches_deepspeed(tmp_path, check):
+    """`dist.bf16_grad_check` is what DeepSpeed's engine reads (bf16 itself needs CUDA; fp32 here)."""
+    res = run_ranks(_engine_precision_settings, 1, tmp_path, check)[0]
+    assert res == {"enabled": False, "check": check}
