@@ -68,8 +68,9 @@ class DataConfig:
     nonfinite: str = _f("error", "NaN / inf in features: 'error' stops with the count, 'zero' replaces them.",
                         choices=("error", "zero"))
     prefetch: int = _f(2, "Batches a background thread reads, shuffles and decodes ahead of the training "
-                          "step (Parquet decoding releases the GIL, so it overlaps the step); 0 reads in "
-                          "the training thread.", ge=0, le=64)
+                          "step (Parquet decoding releases the GIL, so it overlaps the step), and the next "
+                          "epoch's reader starts while the last of them are trained on; 0 reads in the "
+                          "training thread.", ge=0, le=64)
     synth: SynthConfig = field(default_factory=SynthConfig, metadata={"doc": "Embedded synthetic data set."})
 
 

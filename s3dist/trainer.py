@@ -175,16 +175,20 @@ class Trainer:
         if resume_meta:
             ckpt_io.check_compatible(resume_meta, to_dict(self.cfg), resume_from)
             self.state = ckpt_io.TrainState(**resume_meta["state"])
-        for stage in training_stages:
-            if resume_meta and stage in training_stages and self.state.stage in training_stages:
-                if training_stages.index(stage) < training_stages.index(self.state.stage):
-                    continue
-                # a finished stage is skipped only if it reached the steps configured *now*
-                if stage == self.state.stage and self.state.stage_step >= self._total_steps(stage):
-                    continue
-            self.run_stage(stage, resume_from if (resume_meta and stage == self.state.stage) else None,
-                           load_weights_from=resume_from if resume_meta else None)
-            resume_meta = None
+        try:
+            for stage in training_stages:
+                if resume_meta and stage in training_stages and self.state.stage in training_stages:
+                    if training_stages.index(stage) < training_stages.index(self.state.stage):
+                        continue
+                    # a finished stage is skipped only if it reached the steps configured *now*
+                    if stage == self.state.stage and self.state.stage_step >= self._total_steps(stage):
+                        continue
+                self.run_stage(stage, resume_from if (resume_meta and stage == self.state.stage) else None,
+                               load_weights_from=resume_from if resume_meta else None)
+                resume_meta = None
+        finally:
+            self._batches = None
+            self.stream.close()  # the reader it may have started for the next epoch
         return self.state
 
     def _total_steps(self, stage: str) -> int:

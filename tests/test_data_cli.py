@@ -71,7 +71,14 @@ def test_bench_data_runs_on_a_given_path(tmp_path, capsys):
     out = str(tmp_path / "s")
     assert main(["data", "synth", "--out", out, "num_train=256", "num_val=16", "num_test=16"]) == 0
     rec = tmp_path / "bench.json"
-    assert main(["bench", "data", "--path", out, "--batch-size", "64", "--repeats", "1", "--json", str(rec)]) == 0
+    assert main(["bench", "data", "--path", out, "--batch-size", "64", "--repeats", "1", "--step-ms", "1",
+                 "--epochs", "3", "--json", str(rec)]) == 0
     doc = json.loads(rec.read_text())
     assert doc["figures"]["rows"] == 256 and doc["figures"]["samples_per_s"]["pyarrow"] > 0
     assert {"command", "versions", "machine", "date"} <= set(doc) and "bench data" in doc["command"]
+    # the epoch-start stall of a training stream, with and without reading the next epoch ahead:
+    # one wait per epoch after the first, and the same batches per epoch either way
+    start = doc["figures"]["epoch_start"]
+    assert "--step-ms 1" in doc["command"]
+    for key in ("read_ahead", "no_read_ahead"):
+        assert len(start[key]["epoch_start_wait_ms"]) == 2 and start[key]["batches_per_epoch"] == 4

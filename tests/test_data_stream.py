@@ -218,10 +218,11 @@ def test_prefetch_keeps_order_and_stops_with_the_consumer(synth):
     kw = {"batch_size": 16, "shuffle_buffer": 48, "seed": 2}
     a, b = ShardStream(synth, "train", prefetch=0, **kw), ShardStream(synth, "train", prefetch=3, **kw)
     assert ids_of(a) + ids_of(a) == ids_of(b) + ids_of(b) and a.state_dict() == b.state_dict()
+    b.close()  # b read two whole epochs, so it reads the third ahead (see the next test)
     it = iter(ShardStream(synth, "train", prefetch=2, **kw))
     next(it)
     it.close()
-    assert not [t for t in threading.enumerate() if t.name == "s3dist-data-prefetch"]
+    assert not _readers_left()
 
     from s3dist.data.stream import _prefetched
 
@@ -235,6 +236,74 @@ def test_prefetch_keeps_order_and_stops_with_the_consumer(synth):
         for x in _prefetched(failing(), 4):
             got.append(x)
     assert got == [1, 2]
+
+
+def _readers_left() -> list:
+    """Reader threads still alive once stopped ones had time to finish (a stream collected without
+    close() signals its reader, which ends at its next hand-over)."""
+    import gc
+    import threading
+    gc.collect()
+    threads = [t for t in threading.enumerate() if t.name == "s3dist-data-prefetch"]
+    for t in threads:
+        t.join(timeout=2)
+    return [t for t in threads if t.is_alive()]
+
+
+def _reading_ahead(stream) -> bool:
+    ahead = stream._ahead_box[0]
+    return ahead is not None and ahead[1]._thread.is_alive()
+
+
+def test_next_epoch_is_read_ahead_without_changing_any_batch(synth):
+    """A training stream starts reading epoch e+1 while the last batches of epoch e are handed out, so
+    the next epoch's first batch is ready when asked for. Nothing the consumer sees changes (batches and
+    states over three epochs equal those of a stream without any prefetch), loading a state drops the
+    reader started ahead, close() stops it, and an evaluation stream (drop_last=False) starts none."""
+    kw = {"batch_size": 16, "shuffle_buffer": 48, "seed": 2}
+    ref = ShardStream(synth, "train", prefetch=0, **kw)
+    s = ShardStream(synth, "train", prefetch=2, **kw)
+    assert s.prefetch_next_epoch and not ref.prefetch_next_epoch
+    want = [ids_of(ref) for _ in range(3)]
+    assert ids_of(s) == want[0] and s.state_dict() == {**ref.state_dict(), "epoch": 1}
+    assert _reading_ahead(s)  # epoch 1's reader, started before epoch 0 ended
+
+    opened = []
+    real = s._numpy_batches
+    s._numpy_batches = lambda epoch: (opened.append(epoch), real(epoch))[1]
+    it = iter(s)
+    assert next(it).ids.tolist() == want[1][0] and opened == []  # served by the reader started ahead
+    assert [b.ids.tolist() for b in it] == want[1][1:] and opened == [2]
+    assert ids_of(s) == want[2] and opened == [2, 3]
+    del s._numpy_batches, real  # the counting wrapper holds a reference to the stream
+
+    # A state loaded while a reader runs ahead replaces it: the replay is exact.
+    mid = ShardStream(synth, "train", prefetch=0, **kw)
+    first = next(iter(mid))
+    state = mid.state_dict()
+    assert _reading_ahead(s)
+    s.load_state_dict(state)
+    assert not _reading_ahead(s)
+    assert [first.ids.tolist()] + ids_of(s) == want[0]
+    s.close()
+    assert not _reading_ahead(s)
+
+    ev = ShardStream(synth, "train", prefetch=2, drop_last=False, **kw)
+    assert not ev.prefetch_next_epoch
+    ids_of(ev)
+    assert not _reading_ahead(ev)
+
+    # At interpreter exit, readers of streams nobody closed are stopped and joined (a daemon thread
+    # still decoding while Python tears down aborts the process).
+    from s3dist.data.stream import _close_live_readers
+    assert ids_of(s) == want[1]
+    thread = s._ahead_box[0][1]._thread
+    assert thread.is_alive()
+    _close_live_readers()
+    assert not thread.is_alive()
+    assert ids_of(s) == want[2]  # a reader stopped that way is not used: the epoch is read anew
+    del s, ref, mid, ev, it
+    assert not _readers_left()  # and a training stream dropped without close() stops its reader
 
 
 def test_batch_to_moves_every_tensor(synth):

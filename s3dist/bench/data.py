@@ -13,6 +13,7 @@ machine the second is the one other people's jobs do not move.
 from __future__ import annotations
 
 import argparse
+import itertools
 import tempfile
 import time
 
@@ -31,6 +32,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shuffle-buffer", type=int, default=1024, help="the stream's shuffle buffer (0: off)")
     p.add_argument("--prefetch", type=int, default=2, help="the stream's read-ahead in batches (data.prefetch)")
     p.add_argument("--repeats", type=int, default=3, help="timed passes per reader")
+    p.add_argument("--step-ms", type=float, default=0.0,
+                   help="also time the epoch-start stall of a training stream (drop_last) whose consumer "
+                        "spends this long per batch (a GPU step: the CPU is free meanwhile), with and "
+                        "without reading the next epoch ahead; 0: skip")
+    p.add_argument("--epochs", type=int, default=5, help="epochs for --step-ms")
     p.add_argument("--json", default="", help="write the record (command, versions, machine, figures) here")
 
 
@@ -82,6 +88,24 @@ def stream_pass(stream) -> int:
     return sum(len(b) for b in stream)
 
 
+def epoch_start_waits(stream, epochs: int, step_s: float) -> tuple[list[float], list[float]]:
+    """Seconds the consumer waited for the first batch of each epoch after the first, and for every
+    other batch, when it spends `step_s` per batch outside the stream (sleeping: the CPU is free, as
+    during a GPU step)."""
+    first, rest = [], []
+    for epoch in range(epochs):
+        it = iter(stream)
+        for i in itertools.count():
+            t0 = time.perf_counter()
+            if next(it, None) is None:
+                break
+            if epoch > 0:  # the first epoch's start is the stream's cold start, the same either way
+                (first if i == 0 else rest).append(time.perf_counter() - t0)
+            time.sleep(step_s)
+    stream.close()
+    return first, rest
+
+
 def run(args: argparse.Namespace) -> int:
     from s3dist.data.stream import ShardStream
 
@@ -129,9 +153,26 @@ def run(args: argparse.Namespace) -> int:
                       "samples/cpu-s": cpu_rate[k], "cpu vs pyarrow": cpu_rate[k] / cpu_rate["pyarrow"]}
                      for k in labels])
         print(f"stream open (checksums + footers + labels): {t_open():.2f}s; rows per pass {n}")
+        if args.step_ms > 0:
+            import statistics
+
+            stall = {}
+            for ahead in (True, False):
+                s = ShardStream(url, args.split, batch_size=args.batch_size, shuffle_buffer=args.shuffle_buffer,
+                                drop_last=True, seed=0, prefetch=args.prefetch, prefetch_next_epoch=ahead)
+                first, rest = epoch_start_waits(s, args.epochs, args.step_ms / 1e3)
+                stall["read_ahead" if ahead else "no_read_ahead"] = {
+                    "epoch_start_wait_ms_median": 1e3 * statistics.median(first),
+                    "other_batch_wait_ms_median": 1e3 * statistics.median(rest),
+                    "epoch_start_wait_ms": [1e3 * x for x in first], "batches_per_epoch": s.batches_per_epoch}
+            figures["epoch_start"] = {"step_ms": args.step_ms, **stall}
+            print_table([{"training stream": k.replace("_", " "), "batches/epoch": v["batches_per_epoch"],
+                          "epoch-start wait ms": v["epoch_start_wait_ms_median"],
+                          "other batches ms": v["other_batch_wait_ms_median"]} for k, v in stall.items()])
         command = ["bench", "data", *(["--path", args.path] if args.path else ["--rows", str(args.rows)]),
                    "--split", args.split, "--batch-size", str(args.batch_size), "--shuffle-buffer",
-                   str(args.shuffle_buffer), "--prefetch", str(args.prefetch), "--repeats", str(args.repeats)]
+                   str(args.shuffle_buffer), "--prefetch", str(args.prefetch), "--repeats", str(args.repeats),
+                   *(["--step-ms", str(args.step_ms), "--epochs", str(args.epochs)] if args.step_ms > 0 else [])]
         record("data", figures, command=command, out=args.json or None)
         return 0
     finally:

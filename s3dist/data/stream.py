@@ -10,7 +10,8 @@ Pipeline per epoch (everything batch-wise, no per-row Python):
    a random buffer slot and evicts the row that was there (see `_shuffled_batches`: the slot schedule
    is drawn ahead, so most rows are copied once, straight from the decoded block into their batch);
 4. rows are cut into batches, validated (NaN / inf) and handed out as torch tensors; steps 1-3 run in
-   a background thread `prefetch` batches ahead of the consumer.
+   a background thread `prefetch` batches ahead of the consumer, and a training stream starts the next
+   epoch's thread while the last `prefetch` batches of this one are consumed (`prefetch_next_epoch`).
 
 Exactly-once resume. `datasets` does not restore its shuffle buffer from `IterableDataset.state_dict`,
 so the stream's state is only (epoch, batches handed out). Every step above is a deterministic
@@ -34,6 +35,8 @@ reads the shards again while iterating.
 
 from __future__ import annotations
 
+import atexit
+import copy
 import hashlib
 import io
 import math
@@ -41,6 +44,7 @@ import queue
 import sys
 import threading
 import warnings
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -88,7 +92,8 @@ class ShardStream:
 
     def __init__(self, url: str, split: str, *, batch_size: int, rank: int = 0, world_size: int = 1,
                  modalities: list[str] | None = None, seed: int = 0, shuffle_buffer: int = 0,
-                 drop_last: bool = True, nonfinite: str = "error", prefetch: int = 2):
+                 drop_last: bool = True, nonfinite: str = "error", prefetch: int = 2,
+                 prefetch_next_epoch: bool | None = None):
         if batch_size < 1:
             raise DataError(f"batch_size = {batch_size} must be >= 1")
         if not 0 <= rank < world_size:
@@ -101,6 +106,16 @@ class ShardStream:
             raise DataError(f"prefetch = {prefetch} must be >= 0 (batches read ahead; 0 reads in the caller's thread)")
         self.seed, self.shuffle_buffer, self.drop_last, self.nonfinite = seed, shuffle_buffer, drop_last, nonfinite
         self.prefetch = prefetch
+        # Start reading the next epoch while the last batches of this one are consumed: the epoch start
+        # (a new load_dataset, refilling the shuffle buffer) otherwise stalls the consumer once per epoch,
+        # which matters for small data sets on many ranks (MOSI: ~5 steps per epoch on 8 GPUs). On for
+        # training streams (drop_last, read epoch after epoch); an evaluation stream, read once, would
+        # leave a reader waiting for an epoch nobody asks for.
+        # Needs the reader thread, so never with prefetch=0.
+        self.prefetch_next_epoch = prefetch > 0 and (drop_last if prefetch_next_epoch is None else prefetch_next_epoch)
+        # [(epoch, reader)] or [None]: a box the finalizer below can see without referencing the stream
+        self._ahead_box: list[tuple[int, _Prefetcher] | None] = [None]
+        weakref.finalize(self, _stop_ahead, self._ahead_box)
         self.manifest: Manifest = read_manifest(url)
         m = self.manifest
         if split not in m.splits:
@@ -290,7 +305,10 @@ class ShardStream:
             self._epoch, self._batches_done = self._epoch + 1, 0
         epoch, skip = self._epoch, self._batches_done
         produced = 0
-        for block in _prefetched(self._numpy_batches(epoch), self.prefetch):
+        # Start the next epoch's reader when this many batches of the epoch are left to hand out: the
+        # batches it reads ahead plus those it must read to fill its shuffle buffer before its first one.
+        ahead_at = self.prefetch + -(-self.shuffle_buffer // self.batch_size) if self.prefetch_next_epoch else 0
+        for block in self._epoch_source(epoch):
             if produced == self.batches_per_epoch:
                 if self.drop_last:
                     break  # this rank's surplus rows of the epoch
@@ -303,6 +321,9 @@ class ShardStream:
                 continue
             batch = self._to_torch(block)
             self._batches_done = produced
+            if ahead_at and self.batches_per_epoch - produced <= ahead_at - 1:
+                self._start_ahead(epoch + 1)
+                ahead_at = 0
             yield batch
         if produced < self.batches_per_epoch:
             if self.drop_last:
@@ -316,6 +337,29 @@ class ShardStream:
                 self._batches_done = produced
                 yield self._to_torch(empty)
         self._epoch, self._batches_done = epoch + 1, 0
+
+    def _epoch_source(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
+        """The epoch's numpy batches: from the reader started ahead for it, else a new one."""
+        ahead, self._ahead_box[0] = self._ahead_box[0], None
+        if ahead is not None and ahead[0] == epoch and not ahead[1].closed:
+            return iter(ahead[1])
+        if ahead is not None:
+            ahead[1].close()
+        return _prefetched(self._numpy_batches(epoch), self.prefetch)
+
+    def _start_ahead(self, epoch: int) -> None:
+        # Every epoch is a deterministic function of (seed, epoch, rank, world_size): reading it early
+        # changes no batch. The reader thread works on a shallow copy of the stream (same files, pool
+        # and settings), so it holds no reference to this object: a stream dropped without close() is
+        # still collected, and its finalizer stops the reader.
+        self.close()
+        reader = copy.copy(self)
+        reader._ahead_box = [None]
+        self._ahead_box[0] = (epoch, _Prefetcher(reader._numpy_batches(epoch), self.prefetch))
+
+    def close(self) -> None:
+        """Stop a reader started ahead for the next epoch (the trainer calls this when it is done)."""
+        _stop_ahead(self._ahead_box, wait=True)
 
     def _empty_block(self) -> dict[str, np.ndarray]:
         block = {"id": np.zeros(0, np.int64), "label": np.zeros(0, np.int64)}
@@ -383,6 +427,7 @@ class ShardStream:
             if state["batches_done"] > self.batches_per_epoch:
                 raise DataError(f"stream state says {state['batches_done']} batches done, more than this split's "
                                 f"{self.batches_per_epoch} per epoch; the data set changed since the checkpoint")
+        self.close()  # a reader started ahead belongs to the position being replaced
         self._epoch, self._batches_done = int(state["epoch"]), int(state["batches_done"])
 
 
@@ -394,51 +439,90 @@ class _Raised:
 _END = object()
 
 
-def _prefetched(items: Iterator, depth: int) -> Iterator:
-    """`items`, produced by a background thread up to `depth` items ahead of the consumer.
+def _stop_ahead(box: list, wait: bool = False) -> None:
+    """Stop the reader in `box` (a ShardStream's read-ahead slot); also its finalizer, hence no join
+    unless asked (a finalizer may run in any thread)."""
+    ahead, box[0] = box[0], None
+    if ahead is not None:
+        ahead[1].close(wait=wait)
+
+
+class _Prefetcher:
+    """`items`, produced by a background thread up to `depth` items ahead of the consumer; the thread
+    starts at construction, so a producer can be set going before anyone asks for its first item.
 
     Parquet decoding (Arrow) and numpy's large copies release the GIL, so reading and shuffling the next
     batches overlaps whatever the consumer does with this one (a training step, or, in the benchmark,
     Arrow's own decode threads). Order and content are exactly those of `items`; an exception raised
-    while producing is re-raised in the consumer at the position where it happened. If the consumer
-    stops early, the thread stops at its next hand-over."""
-    if depth <= 0:
-        yield from items
-        return
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
+    while producing is re-raised in the consumer at the position where it happened. `close()` (also
+    run when the consumer stops iterating early) stops the thread at its next hand-over."""
 
-    def hand_over(x) -> bool:
-        while not stop.is_set():
+    def __init__(self, items: Iterator, depth: int):
+        self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, args=(items,), name="s3dist-data-prefetch",
+                                        daemon=True)
+        self._thread.start()
+        _LIVE_READERS.add(self)
+
+    def _hand_over(self, x) -> bool:
+        while not self._stop.is_set():
             try:
-                q.put(x, timeout=0.05)
+                self._q.put(x, timeout=0.05)
                 return True
             except queue.Full:
                 pass
         return False
 
-    def produce() -> None:
+    def _produce(self, items: Iterator) -> None:
         try:
             for x in items:
-                if not hand_over(x):
+                if not self._hand_over(x):
                     return
-            hand_over(_END)
+            self._hand_over(_END)
         except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
-            hand_over(_Raised(e))
+            self._hand_over(_Raised(e))
 
-    thread = threading.Thread(target=produce, name="s3dist-data-prefetch", daemon=True)
-    thread.start()
-    try:
-        while True:
-            x = q.get()
-            if x is _END:
-                return
-            if isinstance(x, _Raised):
-                raise x.error
-            yield x
-    finally:
-        stop.set()
-        thread.join()
+    def __iter__(self) -> Iterator:
+        try:
+            while True:
+                x = self._q.get()
+                if x is _END:
+                    return
+                if isinstance(x, _Raised):
+                    raise x.error
+                yield x
+        finally:
+            self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._stop.is_set()
+
+    def close(self, wait: bool = True) -> None:
+        self._stop.set()
+        if wait and threading.current_thread() is not self._thread:
+            self._thread.join()
+
+
+# Readers still running when the interpreter exits (a stream read ahead and never closed) are stopped
+# and joined first: a daemon thread still inside Arrow's decoder while Python tears down aborts the
+# process (SIGABRT, seen in the 2-rank resume test under load).
+_LIVE_READERS: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_readers() -> None:
+    for reader in list(_LIVE_READERS):
+        reader.close()
+
+
+def _prefetched(items: Iterator, depth: int) -> Iterator:
+    """`items` through a `_Prefetcher` of `depth` (0: in the caller's thread)."""
+    if depth <= 0:
+        yield from items
+    else:
+        yield from _Prefetcher(items, depth)
 
 
 def _tensor(a: np.ndarray) -> torch.Tensor:
@@ -465,6 +549,7 @@ class _BufferPool:
     def __init__(self, per_shape: int = 16):
         self.per_shape = per_shape
         self._arrays: dict[tuple, list[np.ndarray]] = {}
+        self._lock = threading.Lock()
         # The reference count of an array only the pool holds, measured through the same code path
         # as in `get` (the interpreter's own references differ between Python versions).
         self._idle = min(n for _, n in self._counted([np.empty(0)]))
@@ -476,14 +561,17 @@ class _BufferPool:
 
     def get(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         dtype = np.dtype(dtype)
-        arrays = self._arrays.setdefault((shape, dtype.str), [])
-        for a, refs in self._counted(arrays):
-            if refs <= self._idle:   # more references: a consumer or a pending batch still holds it
-                return a
-        a = np.empty(shape, dtype)
-        if len(arrays) < self.per_shape:
-            arrays.append(a)
-        return a
+        # Around an epoch boundary two readers (this epoch's, the next one's) take arrays at once: the
+        # idle test and the hand-out must be one step, or both could take the same array.
+        with self._lock:
+            arrays = self._arrays.setdefault((shape, dtype.str), [])
+            for a, refs in self._counted(arrays):
+                if refs <= self._idle:   # more references: a consumer or a pending batch still holds it
+                    return a
+            a = np.empty(shape, dtype)
+            if len(arrays) < self.per_shape:
+                arrays.append(a)
+            return a
 
 
 _ROW_COPY_BYTES = 2048  # rows at least this wide are copied one by one (cheaper than a gathered temporary)
