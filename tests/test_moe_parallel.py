@@ -152,3 +152,48 @@ def test_uneven_and_empty_batches_do_not_hang(tmp_path):
     res = run_ranks(_uneven, 2, tmp_path)
     assert res[0]["text"] == 5 and res[1]["text"] == 0
     assert res[0]["finite"] and res[1]["finite"]
+
+
+def _count_blocking_reduces(rank, world, out_dir, drop_tokens):
+    """all_reduce calls during one forward of a 2-layer encoder, in training and in evaluation."""
+    import torch.distributed as dist
+
+    from s3dist.dist import attach_expert_groups, init_distributed, make_dims
+    from s3dist.model.encoder import S3Encoder
+
+    cfg = _cfg("s3", drop_tokens)
+    cfg.model.num_moe_layers = 2
+    dims = make_dims(*init_distributed(cfg.dist), 2)
+    torch.manual_seed(0)
+    model = S3Encoder(MODS, cfg.model, cfg.moe, ep_size=2, ep_rank=dims.ep_rank)
+    attach_expert_groups(model, dims)
+    feats, masks, _ = _batch()
+    calls = []
+    real = dist.all_reduce
+
+    def counting(tensor, *a, **kw):
+        calls.append(kw.get("group") is not None)
+        return real(tensor, *a, **kw)
+
+    dist.all_reduce = counting
+    try:
+        counts = {}
+        for mode in ("train", "eval"):
+            model.train(mode == "train")
+            calls.clear()
+            with torch.set_grad_enabled(mode == "train"):
+                model(feats, masks)
+            counts[mode] = len(calls)
+    finally:
+        dist.all_reduce = real
+    return counts
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("drop_tokens", [True, False])
+def test_router_agrees_in_one_collective_per_layer(tmp_path, drop_tokens):
+    """With experts sharded (ep=2), a training forward costs one blocking all-reduce per MoE layer
+    (capacity MAX over the EP group and the global balance statistics travel together; the 2-rank
+    equivalence tests above pin that the values are the same), evaluation one (capacity only)."""
+    res = run_ranks(_count_blocking_reduces, 2, tmp_path, drop_tokens)
+    assert res[0] == res[1] == {"train": 2, "eval": 2}

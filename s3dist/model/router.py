@@ -164,7 +164,11 @@ class S3Router(nn.Module):
         for seg, d in zip(plan.segments, seg_demand):
             off = self.offset(seg.modality)
             demand[off:off + self.n] += d
-        capacity = self._capacity(plan, demand)
+        # The two statistics the ranks must agree on, in one collective where possible (see _agree).
+        balance = (torch.cat([torch.cat(seg_demand), torch.stack(valid_counts).float()])
+                   if self.training and prob_sums else None)
+        cap_stat, balance, world = self._agree(self._capacity_stat(plan, demand), balance)
+        capacity = self._capacity(cap_stat)
         locations = self._locations(idx, route_on)
         route_on = route_on & (locations < capacity)
         gates = gates * route_on
@@ -172,7 +176,7 @@ class S3Router(nn.Module):
         gates = gates / gates.sum(-1, keepdim=True).clamp_min(torch.finfo(gates.dtype).eps)
         kept = _count_routes(idx, route_on, self.num_experts)
 
-        l_aux = self._balance_loss(prob_sums, valid_counts, seg_demand) if self.training else demand.new_zeros(())
+        l_aux = self._balance_loss(prob_sums, balance, world) if balance is not None else demand.new_zeros(())
         n_valid = torch.stack(valid_counts).sum() if valid_counts else tokens.new_zeros(())
         self.z_loss = (torch.stack(z_parts).sum() / n_valid.clamp_min(1)) if z_parts else tokens.new_zeros(())
         if self.training:
@@ -191,19 +195,45 @@ class S3Router(nn.Module):
         return l_aux, capacity, self.num_experts, indices, locs, gates.t().contiguous(), demand
 
     # ------------------------------------------------------------------------------------------
-    def _capacity(self, plan: RoutingPlan, demand: torch.Tensor) -> int:
-        """Per-expert slots; the same number on every expert-parallel rank (one tiny all-reduce)."""
+    def _capacity_stat(self, plan: RoutingPlan, demand: torch.Tensor) -> torch.Tensor:
+        """What capacity is sized from, before the MAX over the expert-parallel group."""
         if self.drop_tokens:
             # Sized from the largest per-modality token count across EP ranks, so a rank holding a
             # short or empty batch still sends buffers of the agreed shape.
             local = [0] * len(self.modalities)
             for seg in plan.segments:
                 local[self.modalities.index(seg.modality)] += seg.tokens
-            stat = torch.tensor(local, dtype=torch.float32, device=demand.device)
-        else:
-            stat = demand.max().reshape(1) if demand.numel() else demand.new_zeros(1)
-        if self.ep_group is not None and dist.get_world_size(self.ep_group) > 1:
-            dist.all_reduce(stat, op=dist.ReduceOp.MAX, group=self.ep_group)
+            return torch.tensor(local, dtype=torch.float32, device=demand.device)
+        return demand.max().reshape(1) if demand.numel() else demand.new_zeros(1)
+
+    def _agree(self, cap_stat: torch.Tensor, balance: torch.Tensor | None
+               ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """MAX of `cap_stat` over the expert-parallel group (every EP rank must size its all-to-all
+        buffers alike) and SUM of the balance statistics over the world (exact global routing
+        fractions). Returns both and the world size.
+
+        In training both are needed, and one blocking collective serves both: a SUM over the world
+        of [balance | a world x len(cap_stat) table where each rank fills only its own row]; the EP
+        group's MAX is then read off its members' rows. One host sync per MoE layer instead of two."""
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        ep_wide = self.ep_group is not None and dist.get_world_size(self.ep_group) > 1
+        if balance is not None and world > 1:
+            if not ep_wide:
+                dist.all_reduce(balance)
+                return cap_stat, balance, world
+            table = cap_stat.new_zeros(world, cap_stat.numel())
+            table[dist.get_rank()] = cap_stat
+            vec = torch.cat([balance, table.flatten()])
+            dist.all_reduce(vec)
+            rows = vec[balance.numel():].view(world, -1)
+            members = torch.tensor(dist.get_process_group_ranks(self.ep_group), device=rows.device)
+            return rows.index_select(0, members).amax(0), vec[:balance.numel()], world
+        if ep_wide:
+            dist.all_reduce(cap_stat, op=dist.ReduceOp.MAX, group=self.ep_group)
+        return cap_stat, balance, world
+
+    def _capacity(self, stat: torch.Tensor) -> int:
+        """Per-expert slots from the agreed statistic; the same number on every expert-parallel rank."""
         if self.drop_tokens:
             cf = self.capacity_factor if self.training else self.eval_capacity_factor
             per_mod = [math.ceil(cf * self.k * s / self.n) for s in stat.tolist()]
@@ -227,20 +257,13 @@ class S3Router(nn.Module):
         pos = torch.empty_like(pos_sorted).scatter_(0, order, pos_sorted)
         return pos.view(k, s).t()
 
-    def _balance_loss(self, prob_sums, valid_counts, seg_demand) -> torch.Tensor:
+    def _balance_loss(self, prob_sums, stat: torch.Tensor, world: int) -> torch.Tensor:
         """Switch-style balance loss per modality on global fractions, scaled so that its mean over
         data-parallel ranks is the loss of the whole global batch (DeepSpeed averages gradients).
 
-        One all-reduce of (per-segment demand, per-segment token counts) over the whole world; the
-        routing fractions it gives are exact for the global batch, not a per-rank estimate.
-        """
-        if not prob_sums:
-            return torch.zeros((), device=self._counters.device)
-        stat = torch.cat([torch.cat(seg_demand), torch.stack(valid_counts).float()])
-        world = 1
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            world = dist.get_world_size()
-            dist.all_reduce(stat)
+        `stat` is (per-segment demand, per-segment token counts) summed over the whole world (by
+        `_agree`): the routing fractions it gives are exact for the global batch, not a per-rank
+        estimate."""
         nseg = len(prob_sums)
         g_demand, g_counts = stat[:nseg * self.n].view(nseg, self.n), stat[nseg * self.n:]
         loss = stat.new_zeros(())
