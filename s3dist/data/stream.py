@@ -11,7 +11,8 @@ Pipeline per epoch (everything batch-wise, no per-row Python):
    is drawn ahead, so most rows are copied once, straight from the decoded block into their batch);
 4. rows are cut into batches, validated (NaN / inf) and handed out as torch tensors; steps 1-3 run in
    a background thread `prefetch` batches ahead of the consumer, and a training stream starts the next
-   epoch's thread while the last `prefetch` batches of this one are consumed (`prefetch_next_epoch`).
+   epoch's thread while the last batches of this one are consumed (`prefetch_next_epoch`; early enough
+   to fill its shuffle buffer and read `prefetch` batches).
 
 Exactly-once resume. `datasets` does not restore its shuffle buffer from `IterableDataset.state_dict`,
 so the stream's state is only (epoch, batches handed out). Every step above is a deterministic
