@@ -88,11 +88,16 @@ class S3Router(nn.Module):
         #  router-entropy sum per modality | valid tokens per modality]
         self.register_buffer("_counters", torch.zeros(2 * self.num_experts + 2 * len(self.modalities)),
                              persistent=False)
+        # Global ranks of the expert-parallel group, on the module's device: `_agree` reads their rows on
+        # every training forward (a buffer, so it follows `.to(device)` and is not rebuilt per call).
+        self.register_buffer("_ep_members", torch.zeros(0, dtype=torch.long), persistent=False)
 
     # DeepSpeed sets the expert-parallel group once the process groups exist; allow re-setting
     # (unlike TopKGate) because eval, export and the engine may each attach the same module.
     def _set_ep_group(self, ep_group) -> None:
         self.ep_group = ep_group
+        ranks = dist.get_process_group_ranks(ep_group) if ep_group is not None else []
+        self._ep_members = torch.tensor(ranks, dtype=torch.long, device=self._counters.device)
 
     def offset(self, modality: str) -> int:
         return 0 if self.shared else self.modalities.index(modality) * self.n
@@ -226,8 +231,7 @@ class S3Router(nn.Module):
             vec = torch.cat([balance, table.flatten()])
             dist.all_reduce(vec)
             rows = vec[balance.numel():].view(world, -1)
-            members = torch.tensor(dist.get_process_group_ranks(self.ep_group), device=rows.device)
-            return rows.index_select(0, members).amax(0), vec[:balance.numel()], world
+            return rows.index_select(0, self._ep_members).amax(0), vec[:balance.numel()], world
         if ep_wide:
             dist.all_reduce(cap_stat, op=dist.ReduceOp.MAX, group=self.ep_group)
         return cap_stat, balance, world
