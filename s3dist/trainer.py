@@ -28,7 +28,6 @@ from s3dist.model.encoder import S3Encoder
 log = logging.getLogger("s3dist")
 
 
-
 class NonFiniteLossError(RuntimeError):
     pass
 

@@ -96,6 +96,8 @@ def interleaved_times(steps: dict, *, warmup: int, repeats: int) -> tuple[dict, 
     import torch
     import torch.distributed as dist
 
+    from s3dist.dist import collective_device
+
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     names = list(steps)
     for _ in range(warmup):
@@ -112,8 +114,6 @@ def interleaved_times(steps: dict, *, warmup: int, repeats: int) -> tuple[dict, 
             sync()
             wall[name].append(time.perf_counter() - t0)
             cpu[name].append(time.process_time() - c0)
-    from s3dist.dist import collective_device
-
     stacked = torch.tensor([wall[n] for n in names], dtype=torch.float64, device=collective_device())
     dist.all_reduce(stacked, op=dist.ReduceOp.MAX)
     return {n: stacked[i].tolist() for i, n in enumerate(names)}, cpu, results

@@ -341,11 +341,11 @@ class ShardStream:
 
     def _epoch_source(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
         """The epoch's numpy batches: from the reader started ahead for it, else a new one."""
-        ahead, self._ahead_box[0] = self._ahead_box[0], None
+        ahead = self._ahead_box[0]
         if ahead is not None and ahead[0] == epoch and not ahead[1].closed:
+            self._ahead_box[0] = None
             return iter(ahead[1])
-        if ahead is not None:
-            ahead[1].close()
+        self.close()  # started for another position
         return _prefetched(self._numpy_batches(epoch), self.prefetch)
 
     def _start_ahead(self, epoch: int) -> None:
