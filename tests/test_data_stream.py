@@ -238,6 +238,26 @@ def test_prefetch_keeps_order_and_stops_with_the_consumer(synth):
     assert got == [1, 2]
 
 
+def test_readers_closed_in_any_order_stop_without_hanging():
+    """Readers chained into each other (parallel shard readers feeding the shuffle's reader) can be
+    closed in any order, as the exit hook does: closing the inner one first makes the outer one's
+    producer fail instead of waiting forever, and a consumer still iterating a reader stopped from
+    elsewhere gets an error, not a silently shortened epoch."""
+    import threading
+
+    from s3dist.data.stream import _Prefetcher
+    inner = _Prefetcher(iter(range(10**6)), 2)
+    outer = _Prefetcher((x for x in inner), 2)
+    it = iter(outer)
+    assert next(it) == 0
+    closer = threading.Thread(target=lambda: (inner.close(), outer.close()))
+    closer.start()
+    closer.join(timeout=20)
+    assert not closer.is_alive() and not inner._thread.is_alive() and not outer._thread.is_alive()
+    with pytest.raises(RuntimeError, match="stopped while its items were still being consumed"):
+        list(it)
+
+
 def _readers_left() -> list:
     """Reader threads still alive once stopped ones had time to finish (a stream collected without
     close() signals its reader, which ends at its next hand-over)."""
@@ -304,6 +324,72 @@ def test_next_epoch_is_read_ahead_without_changing_any_batch(synth):
     assert ids_of(s) == want[2]  # a reader stopped that way is not used: the epoch is read anew
     del s, ref, mid, ev, it
     assert not _readers_left()  # and a training stream dropped without close() stops its reader
+
+
+@pytest.fixture(scope="module")
+def uneven(tmp_path_factory) -> str:
+    """8 shards of 37 rows and a last one of 24: shard ends fall inside batches and row groups."""
+    n = 283
+    rng = np.random.default_rng(0)
+    split = SplitArrays(features={"seq": rng.standard_normal((n, 3, 4), dtype=np.float32),
+                                  "vec": rng.standard_normal((n, 5), dtype=np.float32)}, labels=np.arange(n) % 3)
+    url = str(tmp_path_factory.mktemp("uneven") / "ds")
+    write_dataset(url, name="uneven", splits={"train": split}, label=LabelSpec("multiclass", 3), source="t",
+                  rows_per_shard=37)
+    return url
+
+
+@pytest.mark.parametrize("world,shuffle,drop_last", [(1, 32, True), (1, 0, False), (2, 32, True), (2, 0, False),
+                                                     (4, 16, False)])
+def test_parallel_readers_hand_out_the_same_batches(uneven, world, shuffle, drop_last):
+    """Shards decoded by 2 or 3 reader threads give exactly the batches (rows, order, feature values) of
+    one reader, for every rank, shuffled or not, over two epochs; and the readers really run: each
+    opens its own part of the rank's shards, together all of them once."""
+    kw = {"batch_size": 10, "shuffle_buffer": shuffle, "drop_last": drop_last, "world_size": world, "seed": 4}
+
+    def batches(stream):
+        return [(b.ids.tolist(), b.features["seq"].clone(), b.features["vec"].clone()) for b in stream]
+
+    for rank in range(world):
+        one = ShardStream(uneven, "train", rank=rank, read_threads=1, **kw)
+        want = batches(one) + batches(one)
+        for k in (2, 3):
+            s = ShardStream(uneven, "train", rank=rank, read_threads=k, **kw)
+            opened: list[list[str]] = []
+            real = s._read
+            s._read = lambda files: (opened.append(files), real(files))[1]
+            got = batches(s) + batches(s)
+            s.close()
+            del s._read, real
+            assert [g[0] for g in got] == [w[0] for w in want]
+            assert all(torch.equal(g[1], w[1]) and torch.equal(g[2], w[2]) for g, w in zip(got, want))
+            readers = min(k, 8 // world)
+            epoch0 = opened[:readers]   # the next epoch's readers may have opened after these
+            assert len(epoch0) == readers and sorted(f for fs in epoch0 for f in fs) == sorted(read_manifest(
+                uneven).splits["train"].files)
+
+
+def test_parallel_readers_only_where_whole_shards_are_split(uneven):
+    """One reader where split_dataset_by_node splits rows (shard count not a multiple of the world size),
+    where prefetch=0 asks for reading in the caller's thread, and never more than a rank's shards."""
+    assert ShardStream(uneven, "train", batch_size=10, read_threads=4)._readers(8) == 4
+    assert ShardStream(uneven, "train", batch_size=10, read_threads=4, world_size=4)._readers(8) == 2
+    assert ShardStream(uneven, "train", batch_size=10, read_threads=4, world_size=3)._readers(8) == 1
+    assert ShardStream(uneven, "train", batch_size=10, read_threads=4, prefetch=0)._readers(8) == 1
+    with pytest.raises(DataError, match="read_threads = 0 must be >= 1"):
+        ShardStream(uneven, "train", batch_size=10, read_threads=0)
+
+
+def test_a_shard_lost_while_reading_in_parallel_stops_every_reader(tmp_path, uneven):
+    """A shard that disappears after the stream opened raises in the consumer, naming the file, and
+    leaves no reader thread behind."""
+    url = copy_dataset(uneven, tmp_path / "a")
+    s = ShardStream(url, "train", batch_size=10, shuffle_buffer=16, read_threads=3)
+    (Path(url) / "train-00005.parquet").unlink()
+    with pytest.raises(FileNotFoundError, match=r"train-00005\.parquet"):
+        ids_of(s)
+    s.close()
+    assert not _readers_left()
 
 
 def test_batch_to_moves_every_tensor(synth):

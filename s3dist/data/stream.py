@@ -5,7 +5,9 @@ Pipeline per epoch (everything batch-wise, no per-row Python):
 1. shard order: with shuffling on, the split's shard files are permuted by a generator seeded with
    (seed, epoch), identically on every rank;
 2. `datasets.load_dataset("parquet", streaming=True)` + `split_dataset_by_node` give this rank its part
-   (whole shards when their count divides the world size, else every world_size-th row);
+   (whole shards when their count divides the world size, else every world_size-th row); with whole
+   shards, `read_threads` readers decode them in parallel, merged back into the one-reader row order
+   (see `_epoch_tables`);
 3. a shuffle buffer of `shuffle_buffer` rows, seeded with (seed, epoch, rank): each incoming row takes
    a random buffer slot and evicts the row that was there (see `_shuffled_batches`: the slot schedule
    is drawn ahead, so most rows are copied once, straight from the decoded block into their batch);
@@ -56,6 +58,7 @@ import torch
 
 from s3dist.data import DataError
 from s3dist.data.manifest import Manifest, dataset_fs, read_manifest
+from s3dist.data.writer import ROW_GROUP_ROWS
 
 _STATE_KEYS = ("epoch", "batches_done", "seed", "rank", "world_size", "batch_size", "shuffle_buffer", "split",
                "drop_last")
@@ -94,7 +97,7 @@ class ShardStream:
     def __init__(self, url: str, split: str, *, batch_size: int, rank: int = 0, world_size: int = 1,
                  modalities: list[str] | None = None, seed: int = 0, shuffle_buffer: int = 0,
                  drop_last: bool = True, nonfinite: str = "error", prefetch: int = 2,
-                 prefetch_next_epoch: bool | None = None):
+                 prefetch_next_epoch: bool | None = None, read_threads: int = 2):
         if batch_size < 1:
             raise DataError(f"batch_size = {batch_size} must be >= 1")
         if not 0 <= rank < world_size:
@@ -107,6 +110,9 @@ class ShardStream:
             raise DataError(f"prefetch = {prefetch} must be >= 0 (batches read ahead; 0 reads in the caller's thread)")
         self.seed, self.shuffle_buffer, self.drop_last, self.nonfinite = seed, shuffle_buffer, drop_last, nonfinite
         self.prefetch = prefetch
+        if read_threads < 1:
+            raise DataError(f"read_threads = {read_threads} must be >= 1 (threads decoding shards in parallel)")
+        self.read_threads = read_threads
         # Start reading the next epoch while the last batches of this one are consumed: the epoch start
         # (a new load_dataset, refilling the shuffle buffer) otherwise stalls the consumer once per epoch,
         # which matters for small data sets on many ranks (MOSI: ~5 steps per epoch on 8 GPUs). On for
@@ -142,10 +148,10 @@ class ShardStream:
         if m.num_concepts:
             self._columns.append("concepts")
         file_rows = [self._verify_file(f) for f in self._spec.files]
+        self._file_rows = dict(zip(self._spec.files, file_rows))
         if sum(file_rows) != self._spec.rows:
             raise DataError(f"{self.url}/manifest.json: split '{split}' declares {self._spec.rows} rows but its "
                             f"shards hold {sum(file_rows)}; re-create the data set")
-        self._file_rows = file_rows
         self.batches_per_epoch = self._count_batches(file_rows)
         # Output batches of the shuffle, recycled across batches and epochs (see _BufferPool): the
         # batches pending in the shuffle (about 3 buffers' worth) plus a few the consumer still holds.
@@ -246,7 +252,56 @@ class ShardStream:
     # Iteration
     # ------------------------------------------------------------------------------------------
 
+    def _epoch_files(self, epoch: int) -> list[str]:
+        """The split's shard files in this epoch's order: permuted by (seed, epoch) when shuffling, the
+        same on every rank."""
+        files = list(self._spec.files)
+        if self.shuffle_buffer > 0:
+            order = np.random.default_rng([self.seed, epoch, 1]).permutation(len(files))
+            files = [files[i] for i in order]
+        return files
+
+    def _readers(self, n_files: int) -> int:
+        """How many threads decode this rank's shards in parallel: only where `split_dataset_by_node`
+        hands out whole shards (so they can be read in any grouping), at most one per shard of this rank,
+        and never with prefetch=0 (which reads in the caller's thread)."""
+        w = self.world_size
+        if self.prefetch == 0 or n_files % w:
+            return 1
+        return max(1, min(self.read_threads, n_files // w))
+
     def _epoch_tables(self, epoch: int) -> Iterator[pa.Table]:
+        """This rank's rows of `epoch`, as Arrow tables in shard order.
+
+        With k > 1 reader threads the row sequence is exactly that of one reader. `split_dataset_by_node`
+        gives rank r shards r, r + w, r + 2w, ... of the epoch's list, so the list is cut into groups of w
+        consecutive shards, reader i gets groups i, i + k, ... (each its own `load_dataset` +
+        `split_dataset_by_node`, which picks shard r of every group), and the merge takes each shard's rows
+        from its reader in the original group order. Each reader decodes up to `_READER_DEPTH` blocks
+        ahead, so while one shard is consumed the next ones are being decoded on other cores (Arrow
+        releases the GIL). Why: decoding is the stream's main cost and Arrow decodes a row group's
+        columns in parallel only as far as the columns allow (one wide modality dominates), so a single
+        reader leaves cores idle. Shuffling depends only on the row sequence, so batches are the same for
+        any k (tested)."""
+        files = self._epoch_files(epoch)
+        k = self._readers(len(files))
+        if k == 1:
+            yield from self._read(files)
+            return
+        w = self.world_size
+        groups = [files[g:g + w] for g in range(0, len(files), w)]
+        readers = [_Prefetcher(self._read([f for group in groups[i::k] for f in group]), _READER_DEPTH)
+                   for i in range(k)]
+        try:
+            rows = [_RowTaker(iter(r)) for r in readers]
+            for g, group in enumerate(groups):
+                yield from rows[g % k].take(self._file_rows[group[self.rank]], group[self.rank])
+        finally:
+            for r in readers:
+                r.close()
+
+    def _read(self, files: list[str]) -> Iterator[pa.Table]:
+        """`files` (shard names, in order) through `datasets` streaming, split for this rank."""
         import datasets
         from datasets import Features, List, Value, load_dataset
         from datasets.distributed import split_dataset_by_node
@@ -255,10 +310,6 @@ class ShardStream:
         # per call, i.e. per epoch, on machines without network).
         datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
 
-        files = list(self._spec.files)
-        if self.shuffle_buffer > 0:
-            order = np.random.default_rng([self.seed, epoch, 1]).permutation(len(files))
-            files = [files[i] for i in order]
         fs = self._fs
         local = type(fs).__name__ == "LocalFileSystem"
         urls = [f"{self._root}/{f}" if local else fs.unstrip_protocol(f"{self._root}/{f}") for f in files]
@@ -271,11 +322,19 @@ class ShardStream:
                 feats[f"{name}__mask"] = List(Value("bool"), length=spec.steps)
         if m.num_concepts:
             feats["concepts"] = List(Value("uint8"), length=m.num_concepts)
-        ds = load_dataset("parquet", data_files={self.split: urls}, split=self.split, streaming=True,
-                          columns=self._columns, features=Features(feats))
-        if self.world_size > 1:
-            ds = split_dataset_by_node(ds, rank=self.rank, world_size=self.world_size)
-        yield from ds.with_format("arrow").iter(batch_size=self.batch_size)
+        # One at a time: parallel readers (and the next epoch's) open their parts concurrently, and
+        # load_dataset's file resolution runs tqdm's thread_map, whose class-level lock set-up is not
+        # thread-safe (AttributeError: type object 'tqdm' has no attribute '_lock'). Only the opening is
+        # serialised; the decoding below runs in parallel.
+        with _OPEN_LOCK:
+            ds = load_dataset("parquet", data_files={self.split: urls}, split=self.split, streaming=True,
+                              columns=self._columns, features=Features(feats))
+            if self.world_size > 1:
+                ds = split_dataset_by_node(ds, rank=self.rank, world_size=self.world_size)
+        # Blocks of whole row groups whatever the batch size: the shuffle and the re-batching below take
+        # any block size, so cutting here into batch-sized slices would only add per-block overhead (and
+        # make `_READER_DEPTH` blocks a shorter read-ahead).
+        yield from ds.with_format("arrow").iter(batch_size=ROW_GROUP_ROWS)
 
     def _numpy_blocks(self, tables: Iterator[pa.Table]) -> Iterator[dict[str, np.ndarray]]:
         for t in tables:
@@ -432,6 +491,29 @@ class ShardStream:
         self._epoch, self._batches_done = int(state["epoch"]), int(state["batches_done"])
 
 
+_OPEN_LOCK = threading.Lock()
+_READER_DEPTH = 4  # blocks (row groups) a parallel reader decodes ahead: a default 1024-row shard
+
+
+class _RowTaker:
+    """Cuts a reader's stream of tables at given row counts (its shards' ends), carrying the rest over."""
+
+    def __init__(self, tables: Iterator[pa.Table]):
+        self._tables, self._rest = tables, None
+
+    def take(self, n: int, where: str) -> Iterator[pa.Table]:
+        while n > 0:
+            t, self._rest = self._rest, None
+            if t is None:
+                t = next(self._tables, None)
+                if t is None:
+                    raise RuntimeError(f"the reader of {where} ended {n} rows early; this is a bug in ShardStream")
+            if t.num_rows > n:
+                t, self._rest = t.slice(0, n), t.slice(n)
+            n -= t.num_rows
+            yield t
+
+
 class _Raised:
     def __init__(self, error: BaseException):
         self.error = error
@@ -483,11 +565,26 @@ class _Prefetcher:
             self._hand_over(_END)
         except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
             self._hand_over(_Raised(e))
+        finally:
+            # Now, in this thread: a generator's cleanup (e.g. stopping the readers it started) must not
+            # wait for garbage collection.
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
 
     def __iter__(self) -> Iterator:
         try:
             while True:
-                x = self._q.get()
+                try:
+                    x = self._q.get(timeout=0.05)
+                except queue.Empty:
+                    # Stopped from elsewhere (the exit hook closes every reader, in any order): the
+                    # producer hands over nothing more, so waiting would hang; a silent end would
+                    # shorten the epoch.
+                    if self._stop.is_set():
+                        raise RuntimeError("a data reader was stopped while its items were still being "
+                                           "consumed (its stream was closed, or the interpreter is exiting)")
+                    continue
                 if x is _END:
                     return
                 if isinstance(x, _Raised):
