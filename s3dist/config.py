@@ -71,6 +71,10 @@ class DataConfig:
                           "step (Parquet decoding releases the GIL, so it overlaps the step), and the next "
                           "epoch's reader starts while the last of them are trained on; 0 reads in the "
                           "training thread.", ge=0, le=64)
+    read_threads: int = _f(2, "Threads decoding this rank's Parquet shards in parallel (each its own datasets "
+                              "stream over part of the shards; batches are the same for any value). Used where "
+                              "ranks get whole shards (shard count a multiple of the world size) and prefetch > "
+                              "0; at most one per shard of the rank.", ge=1, le=64)
     synth: SynthConfig = field(default_factory=SynthConfig, metadata={"doc": "Embedded synthetic data set."})
 
 

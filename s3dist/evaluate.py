@@ -120,7 +120,7 @@ def _streams(cfg: RunConfig, data_url: str, rank: int, world: int):
     mk = lambda split: ShardStream(data_url, split, batch_size=cfg.data.eval_batch_size, rank=rank,  # noqa: E731
                                    world_size=world, modalities=cfg.data.modalities or None, seed=cfg.seed,
                                    shuffle_buffer=0, drop_last=False, nonfinite=cfg.data.nonfinite,
-                                   prefetch=cfg.data.prefetch)
+                                   prefetch=cfg.data.prefetch, read_threads=cfg.data.read_threads)
     return {s: mk(s) for s in ("train", "val", "test")}
 
 

@@ -137,7 +137,7 @@ def run(cfg: RunConfig):
     stream = ShardStream(data_url, "train", batch_size=cfg.data.batch_size, rank=rank, world_size=world,
                          modalities=cfg.data.modalities or None, seed=cfg.seed,
                          shuffle_buffer=cfg.data.shuffle_buffer, drop_last=True, nonfinite=cfg.data.nonfinite,
-                         prefetch=cfg.data.prefetch)
+                         prefetch=cfg.data.prefetch, read_threads=cfg.data.read_threads)
     modalities = stream.modalities
     ep = validate_world(cfg, world, len(modalities), has_concepts=bool(stream.manifest.num_concepts))
     dims = make_dims(rank, local_rank, world, device, backend, ep)

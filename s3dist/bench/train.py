@@ -222,7 +222,8 @@ def _rank_main(rank: int, world: int, cfg_dict: dict, layouts: list[tuple[str, s
     rank, local_rank, world, device, backend = init_distributed(base.dist)
     stream = ShardStream(data_url, "train", batch_size=base.data.batch_size, rank=rank, world_size=world,
                          modalities=base.data.modalities or None, seed=base.seed,
-                         shuffle_buffer=base.data.shuffle_buffer, drop_last=True, prefetch=base.data.prefetch)
+                         shuffle_buffer=base.data.shuffle_buffer, drop_last=True, prefetch=base.data.prefetch,
+                         read_threads=base.data.read_threads)
     modalities = stream.modalities
     base.data.modalities = list(modalities)
     dims_in = {m: stream.manifest.modalities[m].shape[-1] for m in modalities}
