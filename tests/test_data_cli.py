@@ -69,12 +69,16 @@ def test_bench_data_runs_on_a_given_path(tmp_path, capsys):
     versions, machine, date and figures."""
     import json
     out = str(tmp_path / "s")
-    assert main(["data", "synth", "--out", out, "num_train=256", "num_val=16", "num_test=16"]) == 0
+    assert main(["data", "synth", "--out", out, "num_train=256", "num_val=16", "num_test=16",
+                 "rows_per_shard=64"]) == 0
     rec = tmp_path / "bench.json"
     assert main(["bench", "data", "--path", out, "--batch-size", "64", "--repeats", "1", "--step-ms", "1",
                  "--epochs", "3", "--json", str(rec)]) == 0
     doc = json.loads(rec.read_text())
     assert doc["figures"]["rows"] == 256 and doc["figures"]["samples_per_s"]["pyarrow"] > 0
+    # 4 shards, 2 read threads: the stream decoded in parallel, and pyarrow was also timed that way
+    assert doc["figures"]["readers_used"] == 2 and "--read-threads 2" in doc["command"]
+    assert doc["figures"]["samples_per_s"]["pyarrow_parallel"] > 0
     assert {"command", "versions", "machine", "date"} <= set(doc) and "bench data" in doc["command"]
     # the epoch-start stall of a training stream, with and without reading the next epoch ahead:
     # one wait per epoch after the first, and the same batches per epoch either way

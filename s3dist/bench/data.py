@@ -31,6 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--shuffle-buffer", type=int, default=1024, help="the stream's shuffle buffer (0: off)")
     p.add_argument("--prefetch", type=int, default=2, help="the stream's read-ahead in batches (data.prefetch)")
+    p.add_argument("--read-threads", type=int, default=2, help="the stream's parallel shard readers (data.read_threads)")
     p.add_argument("--repeats", type=int, default=3, help="timed passes per reader")
     p.add_argument("--step-ms", type=float, default=0.0,
                    help="also time the epoch-start stall of a training stream (drop_last) whose consumer "
@@ -58,8 +59,12 @@ def make_mosi_like(url: str, rows: int, rows_per_shard: int = 1024, seed: int = 
                   rows_per_shard=rows_per_shard)
 
 
-def pyarrow_pass(url: str, split: str, batch_size: int) -> int:
-    """Plain pyarrow: iter_batches over the split's shards -> torch tensors. Returns rows read."""
+def pyarrow_pass(url: str, split: str, batch_size: int, threads: int = 1) -> int:
+    """Plain pyarrow: iter_batches over the split's shards -> torch tensors. Returns rows read.
+    `threads` > 1 reads that many shards at once (a thread pool over the files), the same parallelism
+    the stream's `read_threads` gives it; 1 is the plain baseline."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import pyarrow.parquet as pq
 
     from s3dist.data.manifest import dataset_fs, read_manifest
@@ -68,8 +73,9 @@ def pyarrow_pass(url: str, split: str, batch_size: int) -> int:
     )
     m = read_manifest(url)
     fs, root = dataset_fs(url)
-    rows = 0
-    for fname in m.splits[split].files:
+
+    def read(fname: str) -> int:
+        rows = 0
         with fs.open(f"{root}/{fname}", "rb") as f:
             for rb in pq.ParquetFile(f).iter_batches(batch_size=batch_size):
                 n = rb.num_rows
@@ -81,7 +87,13 @@ def pyarrow_pass(url: str, split: str, batch_size: int) -> int:
                     if spec.sequence:
                         _tensor(rb.column(f"{name}__mask").flatten().to_numpy(zero_copy_only=False).reshape(n, spec.steps))
                 rows += n
-    return rows
+        return rows
+
+    files = m.splits[split].files
+    if threads <= 1:
+        return sum(map(read, files))
+    with ThreadPoolExecutor(threads) as pool:
+        return sum(pool.map(read, files))
 
 
 def stream_pass(stream) -> int:
@@ -120,16 +132,20 @@ def run(args: argparse.Namespace) -> int:
     try:
         with timer() as t_open:
             stream = ShardStream(url, args.split, batch_size=args.batch_size, shuffle_buffer=args.shuffle_buffer,
-                                 drop_last=False, seed=0, prefetch=args.prefetch)
+                                 drop_last=False, seed=0, prefetch=args.prefetch, read_threads=args.read_threads)
         plain = ShardStream(url, args.split, batch_size=args.batch_size, shuffle_buffer=0, drop_last=False,
-                            prefetch=args.prefetch)
+                            prefetch=args.prefetch, read_threads=args.read_threads)
         stream_pass(stream), pyarrow_pass(url, args.split, args.batch_size)  # warm the page cache and imports
-        times: dict[str, list[float]] = {"stream": [], "stream_noshuffle": [], "pyarrow": []}
+        readers = [("stream", lambda: stream_pass(stream)), ("stream_noshuffle", lambda: stream_pass(plain)),
+                   ("pyarrow", lambda: pyarrow_pass(url, args.split, args.batch_size))]
+        n_readers = stream._readers(len(stream._spec.files))
+        if n_readers > 1:  # the baseline with the parallelism the stream used, to show what it buys each
+            readers.append(("pyarrow_parallel", lambda: pyarrow_pass(url, args.split, args.batch_size, n_readers)))
+        times: dict[str, list[float]] = {key: [] for key, _ in readers}
         cpu: dict[str, list[float]] = {k: [] for k in times}
         rows = {}
         for _ in range(args.repeats):
-            for key, fn in (("stream", lambda: stream_pass(stream)), ("stream_noshuffle", lambda: stream_pass(plain)),
-                            ("pyarrow", lambda: pyarrow_pass(url, args.split, args.batch_size))):
+            for key, fn in readers:
                 c0 = time.process_time()
                 with timer() as t:
                     rows[key] = fn()
@@ -141,25 +157,31 @@ def run(args: argparse.Namespace) -> int:
         rate = {k: n / min(v) for k, v in times.items()}
         cpu_rate = {k: n / min(v) for k, v in cpu.items()}
         figures = {"rows": n, "batch_size": args.batch_size, "shuffle_buffer": args.shuffle_buffer,
-                   "prefetch": args.prefetch, "stream_open_s": t_open(), "samples_per_s": rate, "samples_per_cpu_s": cpu_rate,
+                   "prefetch": args.prefetch, "read_threads": args.read_threads, "readers_used": n_readers,
+                   "stream_open_s": t_open(), "samples_per_s": rate, "samples_per_cpu_s": cpu_rate,
                    "ratio_stream_vs_pyarrow": rate["stream"] / rate["pyarrow"],
                    "ratio_stream_noshuffle_vs_pyarrow": rate["stream_noshuffle"] / rate["pyarrow"],
                    "cpu_ratio_stream_vs_pyarrow": cpu_rate["stream"] / cpu_rate["pyarrow"],
                    "cpu_ratio_stream_noshuffle_vs_pyarrow": cpu_rate["stream_noshuffle"] / cpu_rate["pyarrow"],
                    "pass_seconds": times, "pass_cpu_seconds": cpu, "path": args.path or "(generated MOSI-shaped)"}
         labels = {"stream": f"ShardStream (shuffle buffer {args.shuffle_buffer})",
-                  "stream_noshuffle": "ShardStream (no shuffle)", "pyarrow": "pyarrow iter_batches -> torch"}
-        print_table([{"reader": labels[k], "samples/s": rate[k], "vs pyarrow": rate[k] / rate["pyarrow"],
-                      "samples/cpu-s": cpu_rate[k], "cpu vs pyarrow": cpu_rate[k] / cpu_rate["pyarrow"]}
-                     for k in labels])
-        print(f"stream open (checksums + footers + labels): {t_open():.2f}s; rows per pass {n}")
+                  "stream_noshuffle": "ShardStream (no shuffle)", "pyarrow": "pyarrow iter_batches -> torch",
+                  "pyarrow_parallel": f"pyarrow, {n_readers} shards at once"}
+        if n_readers > 1:
+            figures["ratio_stream_vs_pyarrow_parallel"] = rate["stream"] / rate["pyarrow_parallel"]
+        print_table([{"reader": labels[key], "samples/s": rate[key], "vs pyarrow": rate[key] / rate["pyarrow"],
+                      "samples/cpu-s": cpu_rate[key], "cpu vs pyarrow": cpu_rate[key] / cpu_rate["pyarrow"]}
+                     for key in times])
+        print(f"stream open (checksums + footers + labels): {t_open():.2f}s; rows per pass {n}; the stream "
+              f"decoded with {n_readers} reader thread{'s' if n_readers > 1 else ''}")
         if args.step_ms > 0:
             import statistics
 
             stall = {}
             for ahead in (True, False):
                 s = ShardStream(url, args.split, batch_size=args.batch_size, shuffle_buffer=args.shuffle_buffer,
-                                drop_last=True, seed=0, prefetch=args.prefetch, prefetch_next_epoch=ahead)
+                                drop_last=True, seed=0, prefetch=args.prefetch, prefetch_next_epoch=ahead,
+                                read_threads=args.read_threads)
                 first, rest = epoch_start_waits(s, args.epochs, args.step_ms / 1e3)
                 stall["read_ahead" if ahead else "no_read_ahead"] = {
                     "epoch_start_wait_ms_median": 1e3 * statistics.median(first),
@@ -171,7 +193,8 @@ def run(args: argparse.Namespace) -> int:
                           "other batches ms": v["other_batch_wait_ms_median"]} for k, v in stall.items()])
         command = ["bench", "data", *(["--path", args.path] if args.path else ["--rows", str(args.rows)]),
                    "--split", args.split, "--batch-size", str(args.batch_size), "--shuffle-buffer",
-                   str(args.shuffle_buffer), "--prefetch", str(args.prefetch), "--repeats", str(args.repeats),
+                   str(args.shuffle_buffer), "--prefetch", str(args.prefetch), "--read-threads",
+                   str(args.read_threads), "--repeats", str(args.repeats),
                    *(["--step-ms", str(args.step_ms), "--epochs", str(args.epochs)] if args.step_ms > 0 else [])]
         record("data", figures, command=command, out=args.json or None)
         return 0
