@@ -565,8 +565,9 @@ def test_shape_disagreeing_with_manifest(tmp_path, synth):
         ShardStream(url, "train", batch_size=4)
 
 
-def test_nonfinite_features_error_with_count_or_zero(tmp_path, synth):
-    """NaN / inf in features: an error with the count and row ids, or zeros with nonfinite='zero'."""
+def test_nonfinite_features_error_with_count_or_zero(tmp_path, synth, capsys):
+    """NaN / inf in features of a manifest without counts (s3dist <= 0.1, or hand-made): found per batch
+    while streaming, an error with the count and row ids, or zeros with nonfinite='zero'."""
     url = copy_dataset(synth, tmp_path / "a")
 
     def poison(t: pa.Table) -> pa.Table:
@@ -576,10 +577,50 @@ def test_nonfinite_features_error_with_count_or_zero(tmp_path, synth):
         return t.set_column(t.schema.get_field_index("text"), "text", col)
 
     rewrite_shard(url, "train-00000.parquet", poison)
+    rewrite_manifest(url, lambda d: d["splits"]["train"].pop("nonfinite"))
+    from s3dist.cli import main
+    assert main(["data", "inspect", url]) == 0
+    assert "NaN/inf    train: not counted" in capsys.readouterr().out
+    s = ShardStream(url, "train", batch_size=40)
+    assert s._finite_check == set(s.modalities)  # not counted: every batch is checked
     with pytest.raises(DataError, match=r"3 NaN/inf values in modality 'text' \(rows with id \[0\]"):
-        list(ShardStream(url, "train", batch_size=40))
+        list(s)
     b = next(iter(ShardStream(url, "train", batch_size=40, nonfinite="zero")))
     assert torch.isfinite(b.features["text"]).all() and (b.features["text"][0, 0, :2] == 0).all()
+
+
+def test_nonfinite_counted_when_written_stop_the_stream_at_open(tmp_path, capsys):
+    """The writer counts NaN / inf per shard and modality: import warns, `data inspect` shows the counts,
+    the stream stops when it opens (count, row ids, shard) before any batch, nonfinite='zero' replaces
+    them; modalities counted clean are not checked per batch."""
+    from s3dist.cli import main
+    n = 30
+    rng = np.random.default_rng(0)
+    x, v = rng.standard_normal((n, 4, 3)).astype(np.float32), rng.standard_normal((n, 2)).astype(np.float32)
+    x[12, 1, 2], x[13, 0, 0], x[25, 3, 1] = np.nan, np.inf, np.nan
+    np.save(tmp_path / "x.npy", x), np.save(tmp_path / "v.npy", v), np.save(tmp_path / "y.npy", np.arange(n) % 2)
+    assert main(["data", "import-arrays", "--modality", f"x={tmp_path / 'x.npy'}", "--modality",
+                 f"v={tmp_path / 'v.npy'}", "--labels", str(tmp_path / "y.npy"), "--out", str(tmp_path / "i")]) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "NaN/inf" in line]
+    assert warned and all("modality 'x'" in w for w in warned)
+    assert sum(int(w.split(" holds ")[1].split()[0]) for w in warned) == 3  # over whichever splits got them
+
+    url = str(tmp_path / "d")
+    write_dataset(url, name="d", splits={"train": SplitArrays(features={"x": x, "v": v}, labels=np.arange(n) % 2)},
+                  label=LabelSpec("binary", 2), source="t", rows_per_shard=10)
+    spec = read_manifest(url).splits["train"]
+    assert spec.nonfinite == {"train-00001.parquet": {"x": 2}, "train-00002.parquet": {"x": 1}}
+    assert main(["data", "inspect", url]) == 0
+    assert "NaN/inf    train: x 3" in capsys.readouterr().out
+    with pytest.raises(DataError, match=r"train': 3 NaN/inf values in modality 'x' \(rows with id \[12, 13\]\.\.\. "
+                                        r"in train-00001\.parquet and 1 more shard\)"):
+        ShardStream(url, "train", batch_size=5)
+    clean = ShardStream(url, "train", batch_size=5, modalities=["v"])  # the clean modality alone: fine
+    assert clean._finite_check == set()
+    z = ShardStream(url, "train", batch_size=5, nonfinite="zero")
+    assert z._finite_check == {"x"}
+    got = torch.cat([b.features["x"] for b in z])
+    assert torch.isfinite(got).all() and len(got) == n and int((got == 0).sum()) >= 3
 
 
 def test_labels_outside_declared_classes(tmp_path, synth):

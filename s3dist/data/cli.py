@@ -64,11 +64,30 @@ def _guarded(fn):
     return run
 
 
+def _nonfinite_totals(spec) -> dict[str, int] | None:
+    """NaN / inf values per modality of one split, from the manifest (None: not counted)."""
+    if spec.nonfinite is None:
+        return None
+    totals: dict[str, int] = {}
+    for counts in spec.nonfinite.values():
+        for m, c in counts.items():
+            totals[m] = totals.get(m, 0) + c
+    return totals
+
+
+def _report(out: str, m) -> None:
+    print(f"wrote {out}: " + ", ".join(f"{s} {sp.rows} rows" for s, sp in m.splits.items()))
+    for s, spec in m.splits.items():
+        for name, c in (_nonfinite_totals(spec) or {}).items():
+            print(f"warning: split '{s}' modality '{name}' holds {c} NaN/inf values; training stops on them "
+                  f"unless data.nonfinite=zero (replace with 0)", file=sys.stderr)
+
+
 def _import_multibench(args) -> int:
     from s3dist.data.multibench import import_multibench
     m = import_multibench(args.benchmark, args.source, args.out, task=args.task, rows_per_shard=args.rows_per_shard,
                           overwrite=args.overwrite)
-    print(f"wrote {args.out}: " + ", ".join(f"{s} {sp.rows} rows" for s, sp in m.splits.items()))
+    _report(args.out, m)
     return 0
 
 
@@ -83,7 +102,7 @@ def _import_arrays(args) -> int:
         mods[name] = path
     m = import_arrays(mods, args.labels, args.out, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
                       seed=args.seed, name=args.name, rows_per_shard=args.rows_per_shard, overwrite=args.overwrite)
-    print(f"wrote {args.out}: " + ", ".join(f"{s} {sp.rows} rows" for s, sp in m.splits.items()))
+    _report(args.out, m)
     return 0
 
 
@@ -99,7 +118,7 @@ def _synth(args) -> int:
     from s3dist.data.synth import generate
     cfg = synth_config(args.overrides)
     m = generate(args.out, cfg, name=args.name, overwrite=args.overwrite)
-    print(f"wrote {args.out}: " + ", ".join(f"{s} {sp.rows} rows" for s, sp in m.splits.items()))
+    _report(args.out, m)
     return 0
 
 
@@ -128,6 +147,12 @@ def _inspect(args) -> int:
         total = max(int(counts.sum()), 1)
         balance = " ".join(f"{c}:{n} ({100 * n / total:.1f}%)" for c, n in enumerate(counts))
         print(f"{s:<8} {spec.rows:>8} {len(spec.files):>6}  {balance}")
+    for s, spec in m.splits.items():
+        totals = _nonfinite_totals(spec)
+        if totals is None:
+            print(f"NaN/inf    {s}: not counted (older manifest; checked per batch while streaming)")
+        elif totals:
+            print(f"NaN/inf    {s}: " + ", ".join(f"{name} {c}" for name, c in totals.items()))
     return 0
 
 

@@ -1,8 +1,8 @@
 """The data-set manifest: `manifest.json` in a data set's folder, next to its Parquet shards.
 
 It is the single description of a data set that everything else reads: which modalities exist and
-their shapes, what the label means, which shard files make up each split, their row counts and
-sha256 checksums. Parquet column layout (written by `s3dist.data.writer`):
+their shapes, what the label means, which shard files make up each split, their row counts,
+sha256 checksums and NaN / inf counts per modality. Parquet column layout (written by `s3dist.data.writer`):
 
 - `id` int64, unique within the data set; `label` int64 class id; `label_raw` float64 (optional,
   the value before binarisation);
@@ -58,6 +58,10 @@ class SplitSpec:
     rows: int
     checksums: dict[str, str] = field(default_factory=dict)   # file -> sha256 hex
     file_rows: dict[str, int] = field(default_factory=dict)   # file -> rows (per-rank batch counts)
+    # file -> {modality: NaN/inf values}, files with none left out; None: not counted (a manifest from
+    # s3dist <= 0.1, or written by hand). Counted when the shards are written, so the stream can stop
+    # at open, before training, on data it would have to stop on later.
+    nonfinite: dict[str, dict[str, int]] | None = None
 
 
 @dataclass
@@ -99,7 +103,10 @@ class Manifest:
                 files = [str(f) for f in need(spec, "files", f"splits.{s}.")]
                 splits[s] = SplitSpec(files=files, rows=int(need(spec, "rows", f"splits.{s}.")),
                                       checksums=dict(spec.get("checksums", {})),
-                                      file_rows={k: int(v) for k, v in spec.get("file_rows", {}).items()})
+                                      file_rows={k: int(v) for k, v in spec.get("file_rows", {}).items()},
+                                      nonfinite=None if spec.get("nonfinite") is None else {
+                                          f: {m: int(c) for m, c in counts.items()}
+                                          for f, counts in spec["nonfinite"].items()})
             k = doc.get("num_concepts")
             return cls(name=str(need(doc, "name", "")), modalities=mods, label=label, splits=splits,
                        num_concepts=None if k is None else int(k), source=str(doc.get("source", "")))

@@ -68,6 +68,11 @@ def _split_table(arr: SplitArrays, mods: dict[str, ModalitySpec], ids: np.ndarra
     return pa.table(cols)
 
 
+def _count_nonfinite(x: np.ndarray) -> int:
+    x = np.asarray(x)
+    return int(np.count_nonzero(~np.isfinite(x))) if np.issubdtype(x.dtype, np.floating) else 0
+
+
 def _check_splits(splits: dict[str, SplitArrays], label: LabelSpec) -> dict[str, ModalitySpec]:
     """Modality specs shared by every split; raise DataError on any disagreement."""
     first = next(iter(splits.values()))
@@ -125,9 +130,12 @@ def write_dataset(out_url: str, *, name: str, splits: dict[str, SplitArrays], la
             ids = np.arange(next_id, next_id + n) if arr.ids is None else np.asarray(arr.ids, np.int64)
             next_id += n
             table = _split_table(arr, mods, ids)
-            spec = SplitSpec(files=[], rows=n)
+            spec = SplitSpec(files=[], rows=n, nonfinite={})
             for i, start in enumerate(range(0, n, rows_per_shard)):
                 fname = f"{s}-{i:05d}.parquet"
+                counts = {m: _count_nonfinite(arr.features[m][start:start + rows_per_shard]) for m in mods}
+                if any(counts.values()):
+                    spec.nonfinite[fname] = {m: c for m, c in counts.items() if c}
                 buf = io.BytesIO()
                 pq.write_table(table.slice(start, rows_per_shard), buf, row_group_size=ROW_GROUP_ROWS)
                 data = buf.getvalue()
