@@ -622,6 +622,17 @@ def test_nonfinite_counted_when_written_stop_the_stream_at_open(tmp_path, capsys
     got = torch.cat([b.features["x"] for b in z])
     assert torch.isfinite(got).all() and len(got) == n and int((got == 0).sum()) >= 3
 
+    # Counted on the float32 values written: a float64 value beyond float32's range is stored as inf.
+    big = rng.standard_normal((n, 2))
+    big[7, 1] = 1e39
+    url2 = str(tmp_path / "f64")
+    with np.errstate(over="ignore"):  # numpy's own warning about the cast is not what is tested here
+        write_dataset(url2, name="f64", splits={"train": SplitArrays(features={"v": big}, labels=np.arange(n) % 2)},
+                      label=LabelSpec("binary", 2), source="t", rows_per_shard=10)
+    assert read_manifest(url2).splits["train"].nonfinite == {"train-00000.parquet": {"v": 1}}
+    with pytest.raises(DataError, match=r"1 NaN/inf values in modality 'v' \(rows with id \[7\] in train-00000"):
+        ShardStream(url2, "train", batch_size=5)
+
 
 def test_labels_outside_declared_classes(tmp_path, synth):
     """A label outside 0..num_classes-1 names the file, row, id and value."""

@@ -68,9 +68,11 @@ def _split_table(arr: SplitArrays, mods: dict[str, ModalitySpec], ids: np.ndarra
     return pa.table(cols)
 
 
-def _count_nonfinite(x: np.ndarray) -> int:
-    x = np.asarray(x)
-    return int(np.count_nonzero(~np.isfinite(x))) if np.issubdtype(x.dtype, np.floating) else 0
+def _count_nonfinite(column: pa.ChunkedArray) -> int:
+    """NaN / inf values in a written feature column (fixed-size list<float32>). Counted on what is
+    written, not on the caller's arrays: a float64 value beyond float32's range becomes inf in the cast."""
+    flat = column.combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    return int(np.count_nonzero(~np.isfinite(flat)))
 
 
 def _check_splits(splits: dict[str, SplitArrays], label: LabelSpec) -> dict[str, ModalitySpec]:
@@ -133,11 +135,12 @@ def write_dataset(out_url: str, *, name: str, splits: dict[str, SplitArrays], la
             spec = SplitSpec(files=[], rows=n, nonfinite={})
             for i, start in enumerate(range(0, n, rows_per_shard)):
                 fname = f"{s}-{i:05d}.parquet"
-                counts = {m: _count_nonfinite(arr.features[m][start:start + rows_per_shard]) for m in mods}
+                shard = table.slice(start, rows_per_shard)
+                counts = {m: _count_nonfinite(shard.column(m)) for m in mods}
                 if any(counts.values()):
                     spec.nonfinite[fname] = {m: c for m, c in counts.items() if c}
                 buf = io.BytesIO()
-                pq.write_table(table.slice(start, rows_per_shard), buf, row_group_size=ROW_GROUP_ROWS)
+                pq.write_table(shard, buf, row_group_size=ROW_GROUP_ROWS)
                 data = buf.getvalue()
                 with fs.open(f"{tmp}/{fname}", "wb") as f:
                     f.write(data)
