@@ -64,21 +64,10 @@ def _guarded(fn):
     return run
 
 
-def _nonfinite_totals(spec) -> dict[str, int] | None:
-    """NaN / inf values per modality of one split, from the manifest (None: not counted)."""
-    if spec.nonfinite is None:
-        return None
-    totals: dict[str, int] = {}
-    for counts in spec.nonfinite.values():
-        for m, c in counts.items():
-            totals[m] = totals.get(m, 0) + c
-    return totals
-
-
 def _report(out: str, m) -> None:
     print(f"wrote {out}: " + ", ".join(f"{s} {sp.rows} rows" for s, sp in m.splits.items()))
     for s, spec in m.splits.items():
-        for name, c in (_nonfinite_totals(spec) or {}).items():
+        for name, c in (spec.nonfinite_totals() or {}).items():
             print(f"warning: split '{s}' modality '{name}' holds {c} NaN/inf values; training stops on them "
                   f"unless data.nonfinite=zero (replace with 0)", file=sys.stderr)
 
@@ -148,7 +137,7 @@ def _inspect(args) -> int:
         balance = " ".join(f"{c}:{n} ({100 * n / total:.1f}%)" for c, n in enumerate(counts))
         print(f"{s:<8} {spec.rows:>8} {len(spec.files):>6}  {balance}")
     for s, spec in m.splits.items():
-        totals = _nonfinite_totals(spec)
+        totals = spec.nonfinite_totals()
         if totals is None:
             print(f"NaN/inf    {s}: not counted (older manifest; checked per batch while streaming)")
         elif totals:

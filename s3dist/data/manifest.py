@@ -63,6 +63,17 @@ class SplitSpec:
     # at open, before training, on data it would have to stop on later.
     nonfinite: dict[str, dict[str, int]] | None = None
 
+    def nonfinite_totals(self) -> dict[str, int] | None:
+        """NaN / inf values per modality over the split's shards (modalities with none left out);
+        None when they were not counted."""
+        if self.nonfinite is None:
+            return None
+        totals: dict[str, int] = {}
+        for counts in self.nonfinite.values():
+            for m, c in counts.items():
+                totals[m] = totals.get(m, 0) + c
+        return {m: c for m, c in totals.items() if c}
+
 
 @dataclass
 class Manifest:

@@ -217,14 +217,13 @@ class ShardStream:
         guarantee the shards are the ones it counted, so a count of zero needs no check per batch (it
         costs ~5% of the stream's CPU time on MOSI-shaped rows) and a count above zero can stop the run
         now rather than when training reaches that row. Manifests without counts are checked per batch."""
-        counts = self._spec.nonfinite
-        if counts is None:
+        totals = self._spec.nonfinite_totals()
+        if totals is None:
             return set(self.modalities)
-        bad = {m: sum(c.get(m, 0) for c in counts.values()) for m in self.modalities}
-        bad = {m: n for m, n in bad.items() if n}
+        bad = {m: totals[m] for m in self.modalities if m in totals}
         if bad and self.nonfinite == "error":
             name, total = next(iter(bad.items()))
-            files = [f for f in self._spec.files if counts.get(f, {}).get(name)]
+            files = [f for f in self._spec.files if self._spec.nonfinite.get(f, {}).get(name)]
             ids = self._nonfinite_ids(files[0], name)
             more = f" and {len(files) - 1} more shard{'s' if len(files) > 2 else ''}" if len(files) > 1 else ""
             raise DataError(f"{self.url} split '{self.split}': {total} NaN/inf values in modality '{name}' (rows "
