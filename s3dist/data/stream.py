@@ -234,8 +234,7 @@ class ShardStream:
     def _nonfinite_ids(self, fname: str, name: str, limit: int = 5) -> list[int]:
         with self._fs.open(f"{self._root}/{fname}", "rb") as f:
             t = pq.read_table(f, columns=["id", name])
-        x = t.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(t.num_rows, -1)
-        rows = np.flatnonzero(~np.isfinite(x).all(axis=1))[:limit]
+        rows = np.flatnonzero(~np.isfinite(_column_numpy(t.column(name))).all(axis=1))[:limit]
         return t.column("id").to_numpy()[rows].tolist()
 
     def _check_schema(self, where: str, schema: pa.Schema) -> None:
@@ -370,18 +369,8 @@ class ShardStream:
 
     def _numpy_blocks(self, tables: Iterator[pa.Table]) -> Iterator[dict[str, np.ndarray]]:
         for t in tables:
-            n = t.num_rows
-            if n == 0:
-                continue
-            block = {}
-            for col in self._columns:
-                chunked = t.column(col)
-                arr = chunked.chunk(0) if chunked.num_chunks == 1 else chunked.combine_chunks()
-                if pa.types.is_fixed_size_list(arr.type):
-                    block[col] = arr.flatten().to_numpy(zero_copy_only=False).reshape(n, arr.type.list_size)
-                else:
-                    block[col] = arr.to_numpy(zero_copy_only=False)
-            yield block
+            if t.num_rows:
+                yield {col: _column_numpy(t.column(col)) for col in self._columns}
 
     def _numpy_batches(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
         """This rank's rows of `epoch`, shuffled and cut into batches (the last one may be short)."""
@@ -654,6 +643,15 @@ def _prefetched(items: Iterator, depth: int) -> Iterator:
         yield from items
     else:
         yield from _Prefetcher(items, depth)
+
+
+def _column_numpy(chunked: pa.ChunkedArray) -> np.ndarray:
+    """A column as numpy: [n] for scalars, [n, size] for fixed-size lists (zero-copy where Arrow's
+    layout allows: one chunk, not bool)."""
+    arr = chunked.chunk(0) if chunked.num_chunks == 1 else chunked.combine_chunks()
+    if pa.types.is_fixed_size_list(arr.type):
+        return arr.flatten().to_numpy(zero_copy_only=False).reshape(len(arr), arr.type.list_size)
+    return arr.to_numpy(zero_copy_only=False)
 
 
 def _tensor(a: np.ndarray) -> torch.Tensor:
