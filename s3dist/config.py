@@ -40,18 +40,34 @@ def _f(default: Any, doc: str, *, choices: tuple | None = None, ge: float | None
 
 @dataclass
 class SynthConfig:
-    """The synthetic concept-structured data set (see `s3dist.data.synth` for the mechanism)."""
+    """The synthetic data sets (see `s3dist.data.synth` for both mechanisms). `kind` picks the generator;
+    fields marked "concepts kind" or "factors kind" are read by that generator only."""
 
+    kind: str = _f("concepts", "Generator: 'concepts' (binary concepts seen by every modality, binary label) or "
+                               "'factors' (FactorCL-style shared / modality-unique / nuisance Gaussian factors; "
+                               "8-class label from shared and unique factors, see label_mode).",
+                   choices=("concepts", "factors"))
     num_train: int = _f(4096, "Training samples generated.", ge=8)
     num_val: int = _f(512, "Validation samples (probe regularisation is chosen on these).", ge=8)
     num_test: int = _f(1024, "Test samples (probe accuracy is reported on these).", ge=8)
-    num_concepts: int = _f(8, "K latent concepts shared by all modalities.", ge=2, le=64)
-    concept_rate: float = _f(0.25, "Probability that a sample activates each concept.", gt=0.0, lt=1.0)
-    label_concepts: int = _f(2, "The label is 1 when any of the first `label_concepts` concepts is active.", ge=1)
+    num_concepts: int = _f(8, "Concepts kind: K latent concepts shared by all modalities.", ge=2, le=64)
+    concept_rate: float = _f(0.25, "Concepts kind: probability that a sample activates each concept.",
+                             gt=0.0, lt=1.0)
+    label_concepts: int = _f(2, "Concepts kind: the label is 1 when any of the first `label_concepts` concepts "
+                                "is active.", ge=1)
     seq_len: int = _f(16, "Time steps per sequence (padded at the front, as MultiBench does).", ge=1, le=512)
     modality_dims: list = _f([24, 16, 12], "Feature width of each synthetic modality (one entry per modality).")
-    nuisance_dim: int = _f(4, "Modality-private nuisance factors per modality.", ge=0)
-    nuisance_scale: float = _f(1.0, "Amplitude of the nuisance factors relative to the concept signal.", ge=0.0)
+    shared_dim: int = _f(4, "Factors kind: shared factors s ~ N(0, I), seen by every modality.", ge=1, le=64)
+    unique_dim: int = _f(4, "Factors kind: unique factors u_m ~ N(0, I) per modality, independent across "
+                            "modalities.", ge=0, le=64)
+    label_mode: str = _f("shared_unique", "Factors kind: the 8-class label's 3 sign bits: 'shared_unique' (shared "
+                                          "factor 0, unique factor 0 of the first and of the second modality) or "
+                                          "'shared' (the control: shared factors 0, 1, 2).",
+                         choices=("shared_unique", "shared"))
+    nuisance_dim: int = _f(4, "Modality-private nuisance factors per modality (never in the label).", ge=0)
+    nuisance_scale: float = _f(1.0, "Amplitude of the nuisance factors relative to the concept signal (concepts "
+                                    "kind) or to the unit-variance shared and unique factors (factors kind).",
+                               ge=0.0)
     noise_std: float = _f(0.3, "Std of i.i.d. Gaussian observation noise.", ge=0.0)
     rows_per_shard: int = _f(1024, "Rows per Parquet shard written by the generator.", ge=1)
     seed: int = _f(0, "Seed of the generator (mixing weights, samples, splits).")
@@ -391,9 +407,7 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"config key 'data.synth.modality_dims' holds {d!r}; each must be an int >= 1")
     if len(cfg.data.synth.modality_dims) < 1:
         raise ConfigError("config key 'data.synth.modality_dims' is empty; give at least one width")
-    if cfg.data.synth.label_concepts > cfg.data.synth.num_concepts:
-        raise ConfigError(f"config key 'data.synth.label_concepts' = {cfg.data.synth.label_concepts} exceeds "
-                          f"data.synth.num_concepts = {cfg.data.synth.num_concepts}")
+    _validate_synth(cfg.data.synth)
     if cfg.moe.kind != "dense":
         n, k = cfg.moe.resolved_num_experts(), cfg.moe.resolved_top_k()
         if k > n:
@@ -408,6 +422,27 @@ def validate(cfg: RunConfig) -> None:
     if cfg.moe.kind == "dense" and ("select" in cfg.stages.run or "sparsify" in cfg.stages.run):
         raise ConfigError("moe.kind='dense' has no routers: set stages.run=[specialize] for the dense baseline")
     check_safe_name("name", cfg.name)
+
+
+def _validate_synth(sy: SynthConfig) -> None:
+    """Cross-field rules of the synthetic generators (ranges are checked from the field metadata)."""
+    if sy.kind == "concepts":
+        if sy.label_concepts > sy.num_concepts:
+            raise ConfigError(f"config key 'data.synth.label_concepts' = {sy.label_concepts} exceeds "
+                              f"data.synth.num_concepts = {sy.num_concepts}")
+        return
+    if len(sy.modality_dims) < 2:
+        raise ConfigError(f"config key 'data.synth.modality_dims' = {sy.modality_dims} gives one modality; "
+                          f"data.synth.kind=factors needs at least 2 (shared factors are what modalities have "
+                          f"in common), e.g. data.synth.modality_dims=[24,16]")
+    if sy.label_mode == "shared" and sy.shared_dim < 3:
+        raise ConfigError(f"config key 'data.synth.shared_dim' = {sy.shared_dim} is too small for "
+                          f"data.synth.label_mode=shared, whose label uses shared factors 0, 1, 2: set "
+                          f"data.synth.shared_dim=3 or more")
+    if sy.label_mode == "shared_unique" and sy.unique_dim < 1:
+        raise ConfigError(f"config key 'data.synth.unique_dim' = {sy.unique_dim} leaves no unique factor for "
+                          f"data.synth.label_mode=shared_unique, whose label uses unique factor 0 of the first "
+                          f"two modalities: set data.synth.unique_dim=1 or more, or data.synth.label_mode=shared")
 
 
 def check_safe_name(key: str, value: str) -> None:

@@ -39,16 +39,20 @@ def add_subcommands(subparsers, name: str, help_text: str) -> None:
     ar.add_argument("--overwrite", action="store_true")
     ar.set_defaults(func=_guarded(_import_arrays))
 
-    sy = sub.add_parser("synth", help="generate the synthetic concept-structured data set")
+    sy = sub.add_parser("synth", help="generate a synthetic data set (kind=concepts, the default, or kind=factors: "
+                                      "shared / unique / nuisance factors)")
     sy.add_argument("--out", required=True)
     sy.add_argument("--name", default="synth")
     sy.add_argument("--overwrite", action="store_true")
     sy.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                    help="SynthConfig fields, e.g. num_concepts=8 seq_len=32 (data.synth.* also accepted)")
+                    help="SynthConfig fields, e.g. num_concepts=8 seq_len=32, or kind=factors "
+                         "label_mode=shared (data.synth.* also accepted)")
     sy.set_defaults(func=_guarded(_synth))
 
     ins = sub.add_parser("inspect", help="print a data set's manifest, split sizes and label balance")
     ins.add_argument("url")
+    ins.add_argument("--verify", action="store_true",
+                     help="first check every shard's sha256 against the manifest; exit 2 listing the bad ones")
     ins.set_defaults(func=_guarded(_inspect))
 
 
@@ -111,17 +115,95 @@ def _synth(args) -> int:
     return 0
 
 
+def _index_ranges(idx: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'."""
+    parts, start = [], None
+    for i, v in enumerate(idx):
+        if start is None:
+            start = v
+        if i + 1 == len(idx) or idx[i + 1] != v + 1:
+            parts.append(str(start) if start == v else f"{start}-{v}")
+            start = None
+    return ", ".join(parts)
+
+
+def _shard_problem(fs, root: str, f: str, expected: str | None) -> tuple[bytes | None, str | None]:
+    """(shard bytes, None) or (bytes or None, what is wrong) from comparing the shard with its manifest sha256."""
+    import hashlib
+    try:
+        with fs.open(f"{root}/{f}", "rb") as fh:
+            data = fh.read()
+    except FileNotFoundError:
+        return None, "missing"
+    if expected is None:
+        return data, None
+    got = hashlib.sha256(data).hexdigest()
+    if got != expected:
+        return data, f"sha256 {got[:12]}... does not match the manifest's {expected[:12]}... ({len(data)} bytes)"
+    return data, None
+
+
+def _verify(url: str, m) -> tuple[int, int]:
+    """Check every shard against the manifest; raise DataError listing the bad ones. Returns (shards checked,
+    shards the manifest holds no checksum for)."""
+    from s3dist.data import DataError
+    from s3dist.data.manifest import dataset_fs
+    fs, root = dataset_fs(url)
+    bad, checked, unchecked = [], 0, 0
+    for s, spec in m.splits.items():
+        for f in spec.files:
+            _, problem = _shard_problem(fs, root, f, spec.checksums.get(f))
+            checked += f in spec.checksums
+            unchecked += f not in spec.checksums
+            if problem:
+                bad.append(f"  {f} (split '{s}'): {problem}")
+    if bad:
+        raise DataError(f"{len(bad)} of the shards of {url} do not match its manifest:\n" + "\n".join(bad)
+                        + "\nthey were truncated or changed after writing: copy them again from where the data set "
+                          "came from, or re-create it (s3dist data import-... / synth --overwrite)")
+    return checked, unchecked
+
+
+def _read_labels(fs, root: str, url: str, s: str, f: str, spec):
+    """The label column of one shard. A shard that cannot be read is checked against its manifest sha256, so
+    the error says whether the file changed after it was written."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from s3dist.data import DataError
+    data, problem = _shard_problem(fs, root, f, spec.checksums.get(f))
+    if data is None:
+        raise DataError(f"shard {url.rstrip('/')}/{f} of split '{s}' is listed in the manifest but missing; copy the "
+                        f"data set again or re-create it")
+    try:  # parse from memory: pyarrow reading a Python file object can abort the interpreter at exit
+        return pq.read_table(pa.BufferReader(data), columns=["label"]).column("label").to_numpy()
+    except (pa.ArrowException, OSError) as e:
+        if problem:
+            why = f"its {problem}: the file was truncated or changed after it was written"
+        elif f in spec.checksums:
+            why = "its sha256 matches the manifest, so it was written this way"
+        else:
+            why = "the manifest holds no checksum for it"
+        raise DataError(f"shard {url.rstrip('/')}/{f} of split '{s}' cannot be read ({e}); {why}. Copy it again from "
+                        f"where the data set came from or re-create the data set; `s3dist data inspect --verify "
+                        f"{url}` lists every bad shard") from e
+
+
 def _inspect(args) -> int:
     import numpy as np
-    import pyarrow.parquet as pq
 
     from s3dist.data.manifest import dataset_fs, read_manifest
     m = read_manifest(args.url)
+    checked = _verify(args.url, m) if args.verify else None
     print(f"data set   {m.name}")
     print(f"source     {m.source}")
     print(f"label      {m.label.kind}, {m.label.num_classes} classes ({m.label.binarize})")
     if m.num_concepts:
-        print(f"concepts   {m.num_concepts}")
+        print(f"concepts   {m.num_concepts}" + (" (sign bits of the generating factors)" if m.concept_groups else ""))
+    for group, idx in (m.concept_groups or {}).items():
+        print(f"  {group:<18} {_index_ranges(idx)}")
+    if m.label_concepts is not None:
+        print(f"  {'label built from':<18} {m.label_concepts}")
     print("modalities")
     for name, spec in m.modalities.items():
         print(f"  {name:<12} shape {spec.shape} {spec.dtype} {'sequence' if spec.sequence else 'vector'}")
@@ -130,8 +212,7 @@ def _inspect(args) -> int:
     for s, spec in m.splits.items():
         counts = np.zeros(max(m.label.num_classes, 1), np.int64)
         for f in spec.files:
-            with fs.open(f"{root}/{f}", "rb") as fh:
-                labels = pq.read_table(fh, columns=["label"]).column("label").to_numpy()
+            labels = _read_labels(fs, root, args.url, s, f, spec)
             counts += np.bincount(labels.clip(0), minlength=len(counts))[: len(counts)]
         total = max(int(counts.sum()), 1)
         balance = " ".join(f"{c}:{n} ({100 * n / total:.1f}%)" for c, n in enumerate(counts))
@@ -142,6 +223,9 @@ def _inspect(args) -> int:
             print(f"NaN/inf    {s}: not counted (older manifest; checked per batch while streaming)")
         elif totals:
             print(f"NaN/inf    {s}: " + ", ".join(f"{name} {c}" for name, c in totals.items()))
+    if checked is not None:
+        print(f"verified   {checked[0]} shards: sha256 matches the manifest"
+              + (f"; {checked[1]} have no checksum in the manifest (not checked)" if checked[1] else ""))
     return 0
 
 

@@ -9,7 +9,10 @@ sha256 checksums and NaN / inf counts per modality. Parquet column layout (writt
 - per modality `<name>`: fixed-size list<float32> of length prod(shape) (row-major [T*D]);
 - per sequence modality `<name>__mask`: fixed-size list<bool> of length T (True = real step;
   MultiBench pads at the front);
-- synthetic data sets only: `concepts` fixed-size list<uint8> of length `num_concepts`.
+- synthetic data sets only: `concepts` fixed-size list<uint8> of length `num_concepts`. For the factors
+  kind these are the sign bits of the generating factors; the optional manifest fields `concept_groups`
+  (group name -> concept indices, e.g. "shared", "unique:text", "nuisance:text") and `label_concepts`
+  (the indices the label is built from) say which is which. Manifests without them still load.
 """
 
 from __future__ import annotations
@@ -83,9 +86,17 @@ class Manifest:
     splits: dict[str, SplitSpec]
     num_concepts: int | None = None
     source: str = ""
+    # Optional (None: absent, and then left out of manifest.json so older manifests read and write unchanged):
+    # which stored concepts are which generating factors, and which of them the label is built from.
+    concept_groups: dict[str, list[int]] | None = None
+    label_concepts: list[int] | None = None
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"
+        doc = asdict(self)
+        for key in _OPTIONAL_KEYS:
+            if doc[key] is None:
+                del doc[key]
+        return json.dumps(doc, indent=2, sort_keys=False) + "\n"
 
     @classmethod
     def from_dict(cls, doc: dict, where: str = MANIFEST_FILE) -> Manifest:
@@ -119,12 +130,38 @@ class Manifest:
                                           f: {m: int(c) for m, c in counts.items()}
                                           for f, counts in spec["nonfinite"].items()})
             k = doc.get("num_concepts")
+            k = None if k is None else int(k)
+            groups, label_concepts = _concept_indices(doc, k, where)
             return cls(name=str(need(doc, "name", "")), modalities=mods, label=label, splits=splits,
-                       num_concepts=None if k is None else int(k), source=str(doc.get("source", "")))
+                       num_concepts=k, source=str(doc.get("source", "")), concept_groups=groups,
+                       label_concepts=label_concepts)
         except (TypeError, ValueError, AttributeError) as e:
             if isinstance(e, DataError):
                 raise
             raise DataError(f"{where}: malformed manifest ({e}); re-create the data set with s3dist data ...") from e
+
+
+_OPTIONAL_KEYS = ("concept_groups", "label_concepts")
+
+
+def _concept_indices(doc: dict, k: int | None, where: str) -> tuple[dict[str, list[int]] | None, list[int] | None]:
+    """The optional `concept_groups` / `label_concepts`, checked against `num_concepts`."""
+    def indices(value, key: str) -> list[int]:
+        if not isinstance(value, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
+            raise DataError(f"{where}: {key} = {value!r} must be a list of concept indices")
+        bad = [i for i in value if k is None or not 0 <= i < k]
+        if bad:
+            raise DataError(f"{where}: {key} holds {bad}, outside the {k or 0} concepts (num_concepts); "
+                            f"re-create the data set with s3dist data synth")
+        return list(value)
+
+    groups = doc.get("concept_groups")
+    if groups is not None:
+        if not isinstance(groups, dict):
+            raise DataError(f"{where}: concept_groups must map a group name to concept indices, got {groups!r}")
+        groups = {str(g): indices(v, f"concept_groups.{g}") for g, v in groups.items()}
+    label = doc.get("label_concepts")
+    return groups, None if label is None else indices(label, "label_concepts")
 
 
 def dataset_fs(url: str):

@@ -107,8 +107,10 @@ def _check_splits(splits: dict[str, SplitArrays], label: LabelSpec) -> dict[str,
 
 def write_dataset(out_url: str, *, name: str, splits: dict[str, SplitArrays], label: LabelSpec, source: str,
                   rows_per_shard: int = 1024, num_concepts: int | None = None,
+                  concept_groups: dict[str, list[int]] | None = None, label_concepts: list[int] | None = None,
                   overwrite: bool = False) -> Manifest:
-    """Write `splits` as a data set at `out_url` atomically and return its manifest."""
+    """Write `splits` as a data set at `out_url` atomically and return its manifest. `concept_groups` and
+    `label_concepts` (synthetic factors kind) go into the manifest as given."""
     try:
         check_safe_name("data set name", name)
     except ConfigError as e:
@@ -123,7 +125,7 @@ def write_dataset(out_url: str, *, name: str, splits: dict[str, SplitArrays], la
     parent, base = root.rsplit("/", 1) if "/" in root else ("", root)
     tmp = f"{parent}/.{base}.tmp-{uuid.uuid4().hex[:8]}" if parent else f".{base}.tmp-{uuid.uuid4().hex[:8]}"
     manifest = Manifest(name=name, modalities=mods, label=label, splits={}, num_concepts=num_concepts,
-                        source=source)
+                        source=source, concept_groups=concept_groups, label_concepts=label_concepts)
     try:
         fs.makedirs(tmp, exist_ok=True)
         next_id = 0
