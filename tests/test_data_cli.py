@@ -86,3 +86,51 @@ def test_bench_data_runs_on_a_given_path(tmp_path, capsys):
     assert "--step-ms 1" in doc["command"]
     for key in ("read_ahead", "no_read_ahead"):
         assert len(start[key]["epoch_start_wait_ms"]) == 2 and start[key]["batches_per_epoch"] == 4
+
+
+def test_import_arrays_reports_nonfinite_counts_per_split_and_modality(tmp_path, capsys):
+    """`data import-arrays` on an array holding NaN / inf writes the data set and says, per split and
+    modality, how many values are non-finite and what data.nonfinite=zero does; a clean modality is
+    not named."""
+    n = 50
+    x = np.random.default_rng(0).normal(size=(n, 3, 2)).astype(np.float32)
+    x[:, 1, 0] = np.nan                # one NaN in every row: each split's count is its row count
+    x[0, 2, 1] = np.inf                # row 0 lands in some split: that split counts one more
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "clean.npy", np.zeros((n, 4), np.float32))
+    np.save(tmp_path / "y.npy", np.arange(n) % 2)
+    out = str(tmp_path / "d")
+    capsys.readouterr()
+    assert main(["data", "import-arrays", "--modality", f"x={tmp_path / 'x.npy'}", "--modality",
+                 f"clean={tmp_path / 'clean.npy'}", "--labels", str(tmp_path / "y.npy"), "--out", out]) == 0
+    err = capsys.readouterr().err
+    m = read_manifest(out)
+    rows = {s: sp.rows for s, sp in m.splits.items()}
+    with_inf = next(s for s, sp in m.splits.items() if sp.nonfinite_totals()["x"] == sp.rows + 1)
+    for s, r in rows.items():
+        assert f"split '{s}' modality 'x' holds {r + (s == with_inf)} NaN/inf values" in err, err
+    assert "'clean'" not in err and err.count("data.nonfinite=zero (replace with 0)") == 3
+
+
+def test_inspect_names_a_truncated_shard_and_verify_lists_bad_shards(tmp_path, capsys):
+    """`data inspect` on a data set with a truncated shard exits 2 naming the shard, saying its sha256 no
+    longer matches the manifest and what to do (no pyarrow traceback); `inspect --verify` exits 2 listing
+    exactly the bad shards, and passes on an intact data set."""
+    out = tmp_path / "s"
+    assert main(["data", "synth", "--out", str(out), "num_train=96", "num_val=16", "num_test=16", "seq_len=4",
+                 "rows_per_shard=32"]) == 0
+    capsys.readouterr()
+    assert main(["data", "inspect", "--verify", str(out)]) == 0
+    assert "verified   5 shards" in capsys.readouterr().out
+    shard = out / "train-00001.parquet"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    (out / "test-00000.parquet").unlink()
+    assert main(["data", "inspect", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "train-00001.parquet" in err and "does not match the manifest" in err and "--verify" in err, err
+    assert "Traceback" not in err
+    assert main(["data", "inspect", "--verify", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "2 of the shards" in err and "train-00001.parquet" in err
+    assert "test-00000.parquet (split 'test'): missing" in err
+    assert "train-00000.parquet" not in err and "train-00002.parquet" not in err
