@@ -188,11 +188,12 @@ def check_compatible(meta: dict, config: dict, ckpt: Path) -> None:
     """Refuse a resume whose model shape differs from the checkpoint's."""
     old = meta["config"]
     keys = [("moe", "kind"), ("moe", "num_experts"), ("moe", "granularity"), ("moe", "expansion"), ("moe", "top_k"),
-            ("moe", "expert_hidden"), ("moe", "shared_experts"), ("model", "d_model"), ("model", "num_moe_layers"),
+            ("moe", "expert_hidden"), ("moe", "shared_experts"), ("model", "arch"), ("model", "d_model"),
+            ("model", "num_layers"), ("model", "num_heads"), ("model", "representation"),
             ("model", "temporal"), ("model", "tokens"), ("data", "modalities"), ("data", "path")]
     for sec, key in keys:
-        if old[sec][key] != config[sec][key]:
-            raise CheckpointError(f"cannot resume from '{ckpt}': {sec}.{key} was {old[sec][key]!r} there but is "
+        if old[sec].get(key) != config[sec][key]:
+            raise CheckpointError(f"cannot resume from '{ckpt}': {sec}.{key} was {old[sec].get(key)!r} there but is "
                                   f"{config[sec][key]!r} now; use the same value or start a new output_dir")
 
 

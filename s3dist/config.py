@@ -96,14 +96,26 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    arch: str = _f("transformer", "Encoder per modality: 'transformer' (the paper's form: input projection, "
+                                  "positions, `num_layers` pre-norm blocks of masked self-attention + an MoE FFN, "
+                                  "residuals around both) or 'stem' (the earlier form: a conv / GRU stem, then "
+                                  "`num_layers` residual MoE blocks without attention; kept for ablation).",
+                   choices=("transformer", "stem"))
     d_model: int = _f(64, "Width of the latent space shared by all modalities (expert input and output).", ge=4)
-    temporal: str = _f("conv", "Per-modality temporal encoder before the MoE layers: 'conv' (causal depthwise "
+    num_layers: int = _f(2, "Blocks per encoder; each holds one MoE layer (one all-to-all pair for all modalities).",
+                         ge=1, le=16)
+    num_heads: int = _f(4, "'transformer': attention heads (must divide d_model).", ge=1)
+    representation: str = _f("residual", "What is pooled into the representation: 'residual' (the final normed "
+                                         "residual stream: a pruned routing path removes only its contribution; the "
+                                         "paper's form) or 'expert_output' (the last MoE layer's bare output, the "
+                                         "earlier form: pruning then deletes representation mass; ablation).",
+                              choices=("residual", "expert_output"))
+    temporal: str = _f("conv", "'stem' only: temporal encoder before the MoE blocks: 'conv' (causal depthwise "
                                "conv + MLP), 'gru', or 'none'.", choices=("conv", "gru", "none"))
-    temporal_kernel: int = _f(3, "Kernel width of the 'conv' temporal encoder.", ge=1, le=31)
-    tokens: str = _f("step", "Token granularity fed to the MoE: 'step' (one token per time step, pooled after "
-                             "the MoE) or 'pooled' (one token per sample and modality).", choices=("step", "pooled"))
-    num_moe_layers: int = _f(1, "MoE layers per encoder (residual between layers; the representation is the "
-                                "pooled output of the last one).", ge=1, le=8)
+    temporal_kernel: int = _f(3, "'stem' only: kernel width of the 'conv' temporal encoder.", ge=1, le=31)
+    tokens: str = _f("step", "Token granularity: 'step' (one token per time step, pooled at the end) or 'pooled' "
+                             "(one token per sample and modality after the input projection / stem).",
+                     choices=("step", "pooled"))
 
 
 @dataclass
@@ -121,7 +133,9 @@ class MoEConfig:
                                      "The paper's exact choice is not public.")
     capacity_factor: float = _f(1.25, "Training capacity factor: each expert takes at most "
                                       "ceil(cf * k * tokens / N) tokens per rank.", gt=0.0)
-    eval_capacity_factor: float = _f(2.0, "Capacity factor in evaluation.", gt=0.0)
+    eval_capacity_factor: float = _f(2.0, "Unused by the S3 router (kept for DeepSpeed's gate signature): "
+                                          "evaluation never drops tokens, so every method's representation is "
+                                          "extracted with all its routes.", gt=0.0)
     min_capacity: int = _f(4, "Lower bound on the per-expert capacity.", ge=0)
     drop_tokens: bool = _f(True, "Drop tokens over capacity. False sizes capacity to the largest demand across "
                                  "expert-parallel ranks (no drops, one extra tiny all-reduce).")
@@ -158,8 +172,23 @@ class StagesConfig:
                    "specialize / select / sparsify.")
     specialize_steps: int = _f(150, "Stage 1 (Specialization) optimizer steps.", ge=0)
     select_steps: int = _f(60, "Stage 2 (Selection, routers only) optimizer steps.", ge=0)
-    keep_fraction: float = _f(0.3, "Stage 3: fraction p of (sample, expert) routing pairs kept, ranked over the "
-                                    "global batch.", gt=0.0, le=1.0)
+    keep_fraction: float = _f(0.3, "Stage 3: fraction p of routing units kept (see prune_unit); 0 keeps none "
+                                    "(the representation is then the residual stream without the pruned layers' "
+                                    "expert contributions).", ge=0.0, le=1.0)
+    prune_unit: str = _f("token_pairs", "Stage 3 unit: 'token_pairs' (the paper: the router's selected top-k "
+                                        "(token, expert) pairs, ranked by gate score) or 'sample_pairs' (the earlier "
+                                        "form: (sample, expert) pairs ranked by mean gate probability over all N "
+                                        "experts).", choices=("token_pairs", "sample_pairs"))
+    prune_layers: str = _f("all", "Stage 3: prune in 'all' MoE layers (our reading of the paper) or only the "
+                                  "'last'.", choices=("all", "last"))
+    prune_renormalize: bool = _f(False, "Stage 3: renormalise the kept gates of a token to sum to 1. False (default): "
+                                        "a kept path keeps its unpruned gate, so pruning only removes contributions.")
+    prune_threshold: str = _f("calibrated", "Stage 3 threshold: 'batch' (the paper's rule: the top p of each "
+                                            "evaluation batch, one threshold agreed by all ranks) or 'calibrated' "
+                                            "(each layer's threshold fixed on the training split, layer by layer, "
+                                            "then applied to every split: a sample's representation does not "
+                                            "depend on its batch-mates, the eval batch size or the number of "
+                                            "ranks).", choices=("calibrated", "batch"))
     temperature: float = _f(0.1, "Temperature of the InfoNCE / SupCon losses.", gt=0.0)
     intra_weight: float = _f(1.0, "Weight of intra-modal InfoNCE (two augmented views).", ge=0.0)
     cross_weight: float = _f(1.0, "Weight of cross-modal InfoNCE.", ge=0.0)
@@ -169,12 +198,15 @@ class StagesConfig:
                                      "generating concepts, i.e. synthetic ones: pairs are positive in proportion "
                                      "to the Jaccard overlap of their active concepts).",
                           choices=("label", "concepts"))
-    compact_weight: float = _f(0.1, "Stage 2: weight of the compactness loss (entropy of per-sample routing "
-                                     "mass).", ge=0.0)
-    compactness: str = _f("entropy", "Stage 2 compactness form: 'entropy' (mean per-sample routing entropy; our reading "
-                                     "of the paper) or 'mutual_info' (minus the entropy of the batch-mean routing "
-                                     "too, so samples may not all collapse onto one expert).",
-                          choices=("entropy", "mutual_info"))
+    compact_weight: float = _f(1.0, "Stage 2: weight alpha of the compactness (minimality) term; the paper's value "
+                                     "is not public.", ge=0.0)
+    compactness: str = _f("vmf", "Stage 2 compactness form: 'vmf' (the paper: -<unit z_i^m, normalised class mean "
+                                 "of the other modality's z over the global batch>, both directions), or the earlier "
+                                 "ablations on routing mass: 'entropy' (mean per-sample routing entropy) and "
+                                 "'mutual_info' (minus the entropy of the batch-mean routing too).",
+                          choices=("vmf", "entropy", "mutual_info"))
+    select_balance_weight: float = _f(0.0, "Stage 2: weight of the load-balancing loss. 0 (the paper): experts may "
+                                           "now be used unevenly.", ge=0.0)
     time_mask: float = _f(0.2, "Augmentation: fraction of time steps masked in each view.", ge=0.0, lt=1.0)
     feature_dropout: float = _f(0.1, "Augmentation: feature dropout probability.", ge=0.0, lt=1.0)
     noise_std: float = _f(0.05, "Augmentation: Gaussian noise std.", ge=0.0)
@@ -183,7 +215,8 @@ class StagesConfig:
 @dataclass
 class EvalConfig:
     run_at_end: bool = _f(True, "Evaluate (probe + sparsity sweep) when training ends.")
-    keep_fractions: list = _f([0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0], "Keep fractions p of the sparsity sweep.")
+    keep_fractions: list = _f([0.0, 0.1, 0.2, 0.3, 0.4, 0.6, 0.9, 1.0], "Keep fractions p of the sparsity sweep "
+                                                                         "(0 keeps no routing unit).")
     probe_Cs: list = _f([0.01, 0.1, 1.0, 10.0], "Inverse regularisation strengths tried for the logistic-regression "
                                                 "probe; the best on the validation split is used.")
     probe_max_iter: int = _f(2000, "Iterations of the probe's solver.", ge=10)
@@ -397,8 +430,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"config key 'stages.run' = {cfg.stages.run} must list stages once each, in the order "
                           f"{list(STAGE_NAMES)}")
     for p in cfg.eval.keep_fractions:
-        if not isinstance(p, (int, float)) or not 0.0 < float(p) <= 1.0:
-            raise ConfigError(f"config key 'eval.keep_fractions' holds {p!r}; each must be in (0, 1]")
+        if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= float(p) <= 1.0:
+            raise ConfigError(f"config key 'eval.keep_fractions' holds {p!r}; each must be in [0, 1]")
     for c in cfg.eval.probe_Cs:
         if not isinstance(c, (int, float)) or float(c) <= 0:
             raise ConfigError(f"config key 'eval.probe_Cs' holds {c!r}; each must be > 0")
@@ -413,6 +446,14 @@ def validate(cfg: RunConfig) -> None:
         if k > n:
             raise ConfigError(f"config key 'moe.top_k' resolves to k={k}, more than the {n} experts per modality; "
                               f"lower moe.top_k / moe.granularity or raise moe.num_experts")
+    if cfg.model.arch == "transformer" and cfg.model.d_model % cfg.model.num_heads:
+        raise ConfigError(f"config key 'model.num_heads' = {cfg.model.num_heads} must divide model.d_model = "
+                          f"{cfg.model.d_model}")
+    if (cfg.stages.compactness == "vmf" and cfg.stages.select_target == "concepts" and "select" in cfg.stages.run
+            and cfg.stages.compact_weight > 0):
+        raise ConfigError("config key 'stages.compactness' = 'vmf' needs class labels (class mean directions); "
+                          "stages.select_target='concepts' gives multi-hot targets: use stages.select_target=label, "
+                          "stages.compactness=entropy or stages.compact_weight=0")
     if cfg.dist.zero_stage == 3:
         raise ConfigError("config key 'dist.zero_stage' = 3 is not supported: DeepSpeed MoE works with ZeRO "
                           "stages 0, 1 and 2 only; use dist.zero_stage=2 to shard optimizer state and gradients")

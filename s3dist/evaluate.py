@@ -1,9 +1,11 @@
 """Evaluation: frozen encoder -> representations -> logistic-regression probe; Stage 3 sweep.
 
-For every keep fraction p the last MoE layer runs with the global Stage-3 keep-mask (everything
-before it runs once per batch). All ranks extract their part of each split; results are gathered
-to rank 0 once per split, which fits scikit-learn probes (regularisation chosen on validation) and
-writes `eval.json`, `sweep.csv`, `sweep.png` and TensorBoard curves / routing heatmaps.
+For every keep fraction p the encoder runs with Stage 3's sparsifier for p (`s3dist.sparsify`:
+calibrated thresholds fixed on the training split first, or the per-batch rule). All ranks extract
+their part of each split; results are gathered to rank 0 once per split, which fits scikit-learn
+probes (regularisation chosen on validation) and writes `eval.json`, `sweep.csv`, `sweep.png` and
+TensorBoard curves / routing heatmaps. Evaluation drops no token (the routers size capacity to the
+demand in eval mode); the dropped fraction measured during extraction is reported and must be 0.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from s3dist.config import RunConfig
-from s3dist.sparsify import global_keep_masks
+from s3dist.sparsify import BatchSparsifier, FixedSparsifier, calibrate, pruned_layers
 
 log = logging.getLogger("s3dist")
 
@@ -29,21 +31,36 @@ log = logging.getLogger("s3dist")
 # ---------------------------------------------------------------------------------------------
 
 
+def sparsifiers(cfg: RunConfig, model, train_batches, keep_fractions: list[float], device) -> dict:
+    """{p: the Stage-3 sparsifier for p, or None at p = 1}. 'calibrated' fixes thresholds on
+    `train_batches` here (a collective: every rank calls it with its part of the training split)."""
+    st = cfg.stages
+    layers = pruned_layers(len(model.layers), st.prune_layers)
+    out = {}
+    for p in keep_fractions:
+        if p >= 1.0:
+            out[p] = None
+        elif st.prune_threshold == "batch":
+            out[p] = BatchSparsifier(p, st.prune_unit, layers, st.prune_renormalize)
+        else:
+            out[p] = FixedSparsifier(calibrate(model, train_batches, p, st.prune_unit, layers, device,
+                                               st.prune_renormalize), st.prune_unit, st.prune_renormalize)
+    return out
+
+
 @torch.no_grad()
-def extract(model, stream, keep_fractions: list[float], device) -> dict:
+def extract(model, stream, sparsifier_by_p: dict, device) -> dict:
     """{p: embeddings [n, M*d]} plus labels, ids, concepts and p=1 routing scores, for this rank."""
     model.eval()
-    use_mask = any(p < 1.0 for p in keep_fractions)
-    emb = {p: [] for p in keep_fractions}
+    emb = {p: [] for p in sparsifier_by_p}
     labels, ids, concepts, scores = [], [], [], {m: [] for m in model.modalities}
     for batch in stream:
         batch = batch.to(device)
-        pre = model.prelude(batch.features, batch.masks)
-        for p in keep_fractions:
-            out = model.last_layer(pre, p, global_keep_masks if (use_mask and p < 1.0) else None)
+        for p, sp in sparsifier_by_p.items():
+            out = model(batch.features, batch.masks, sparsifier=sp)
             # .float(): numpy has no bfloat16 (a bf16-trained model's outputs)
             emb[p].append(torch.cat([out.embeddings[m] for m in model.modalities], dim=1).float().cpu())
-            if p == 1.0:
+            if sp is None:
                 for m, s in out.sample_scores.items():
                     scores[m].append(s.float().cpu())
         labels.append(batch.labels.cpu())
@@ -56,6 +73,18 @@ def extract(model, stream, keep_fractions: list[float], device) -> dict:
            "scores": {m: torch.cat(v).numpy() for m, v in scores.items() if v}}
     model.train()
     return res
+
+
+def dropped_fraction(model, dims) -> float:
+    """Share of routes dropped by capacity since the routers' evaluation counters were last read (all ranks)."""
+    routers = model.routers()
+    if not routers:
+        return 0.0
+    c = torch.stack([r.pop_eval_counters() for r in routers]).sum(0).to(dims.device)
+    if dims.world_size > 1:
+        dist.all_reduce(c)
+    routed, kept = c.tolist()
+    return 0.0 if routed == 0 else 1.0 - kept / routed
 
 
 def _gather_to_main(local: dict) -> dict | None:
@@ -95,18 +124,36 @@ def fit_probe(train_x, train_y, val_x, val_y, test_x, test_y, Cs: list[float], m
     return {"accuracy": float(clf.score(test_x, test_y)), "val_accuracy": val, "C": C}
 
 
-def mutual_information(choice: np.ndarray, concepts: np.ndarray, num_experts: int) -> float:
-    """Mean over concepts of I(argmax expert ; concept active), in nats (plug-in estimate)."""
+def concept_mutual_information(choice: np.ndarray, concepts: np.ndarray, num_experts: int) -> np.ndarray:
+    """Per concept k, I(argmax expert ; concept k active) in nats (plug-in estimate): [K]."""
     mis = []
     for k in range(concepts.shape[1]):
         c = concepts[:, k].astype(int)
         joint = np.zeros((num_experts, 2))
         np.add.at(joint, (choice, c), 1)
-        joint /= joint.sum()
+        joint /= max(joint.sum(), 1)
         pe, pc = joint.sum(1, keepdims=True), joint.sum(0, keepdims=True)
         nz = joint > 0
         mis.append(float((joint[nz] * np.log(joint[nz] / (pe @ pc)[nz])).sum()))
-    return float(np.mean(mis))
+    return np.asarray(mis)
+
+
+def mutual_information(choice: np.ndarray, concepts: np.ndarray, num_experts: int) -> float:
+    """Mean over concepts of I(argmax expert ; concept active), in nats."""
+    return float(concept_mutual_information(choice, concepts, num_experts).mean())
+
+
+def mi_by_group(per_concept: np.ndarray, modality: str, groups: dict[str, list[int]] | None) -> dict[str, float]:
+    """Mean per-concept MI over each factor group a modality can see (factors data sets): its view of
+    the shared factors, its own unique and nuisance factors, and the label's factors; plus all concepts."""
+    out = {"all": float(per_concept.mean())}
+    if groups:
+        for name, key in (("shared", "shared"), ("unique", f"unique:{modality}"), ("nuisance", f"nuisance:{modality}"),
+                          ("label", "label")):
+            idx = groups.get(key)
+            if idx:
+                out[name] = float(per_concept[idx].mean())
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,6 +172,7 @@ def _streams(cfg: RunConfig, data_url: str, rank: int, world: int):
 
 
 def keep_fraction_list(cfg: RunConfig, extra: list[float] | None = None) -> list[float]:
+    """The sweep's keep fractions: the configured (or given) ones, 1.0, and the run's own p."""
     ps = set(float(p) for p in (extra or cfg.eval.keep_fractions)) | {1.0}
     if extra is None and "sparsify" in cfg.stages.run and cfg.moe.kind == "s3":
         ps.add(float(cfg.stages.keep_fraction))
@@ -138,7 +186,10 @@ def evaluate_run(cfg: RunConfig, dims, run_dir: Path, model, data_url: str, logg
     """Extract, probe and sweep; rank 0 writes the outputs and returns the result dict."""
     ps = keep_fraction_list(cfg, keep_fractions)
     streams = _streams(cfg, data_url, dims.rank, dims.world_size)
-    data = {s: _gather_to_main(extract(model, st, ps, dims.device)) for s, st in streams.items()}
+    dropped_fraction(model, dims)  # reset: count only this extraction
+    by_p = sparsifiers(cfg, model, streams["train"], ps, dims.device)
+    data = {s: _gather_to_main(extract(model, st, by_p, dims.device)) for s, st in streams.items()}
+    eval_dropped = dropped_fraction(model, dims)
     random_mi = _random_router_mi(model, streams["test"], dims) if streams["test"].manifest.num_concepts else None
     if dims.rank != 0:
         return None
@@ -161,29 +212,57 @@ def evaluate_run(cfg: RunConfig, dims, run_dir: Path, model, data_url: str, logg
         "modalities": list(model.modalities),
         "moe_kind": cfg.moe.kind,
         "run_keep_fraction": cfg.stages.keep_fraction if "sparsify" in cfg.stages.run else 1.0,
+        "stage3": stage3_settings(cfg, model, by_p),
+        "eval_dropped_fraction": eval_dropped,
         "step": step,
     }
     at_run_p = [r["accuracy"] for r in sweep if r["keep_fraction"] == result["run_keep_fraction"]]
     if at_run_p:
         result["run_keep_fraction_accuracy"] = at_run_p[0]
     if te["scores"] and te["concepts"] is not None:
-        result["specialization"] = _specialization(te, random_mi)
+        result["specialization"] = _specialization(te, random_mi, _concept_groups(streams["test"].manifest))
     write_outputs(run_dir, result, te, logger, step)
     return result
 
 
-def _specialization(te: dict, random_mi: dict | None) -> dict:
+def stage3_settings(cfg: RunConfig, model, by_p: dict) -> dict:
+    """What eval.json records about Stage 3: the rule, and each p's calibrated thresholds (null = +inf,
+    nothing kept; a threshold of -inf, everything kept, is written as the string '-inf')."""
+    st = cfg.stages
+    out = {"prune_unit": st.prune_unit, "prune_layers": st.prune_layers, "prune_threshold": st.prune_threshold,
+           "prune_renormalize": st.prune_renormalize,
+           "pruned_layer_indices": sorted(pruned_layers(len(model.layers), st.prune_layers))}
+    fixed = {p: sp.thresholds for p, sp in by_p.items() if isinstance(sp, FixedSparsifier)}
+    if fixed:
+        enc = lambda t: None if t == float("inf") else ("-inf" if t == float("-inf") else t)  # noqa: E731
+        out["thresholds"] = {str(p): {str(layer): {m: enc(t) for m, t in per.items()} for layer, per in th.items()}
+                             for p, th in fixed.items()}
+    return out
+
+
+def _concept_groups(manifest) -> dict[str, list[int]] | None:
+    """Factor groups of a factors-kind synthetic data set ({group: concept indices}, plus 'label')."""
+    if getattr(manifest, "concept_groups", None) is None:
+        return None
+    return {**manifest.concept_groups, "label": list(manifest.label_concepts or [])}
+
+
+def _specialization(te: dict, random_mi: dict | None, groups: dict | None) -> dict:
+    """Expert/concept mutual information of the last MoE layer's top expert, trained router vs a random one;
+    on factors data split by shared / unique / nuisance / label factors."""
     out = {}
     for m, s in te["scores"].items():
-        out[m] = {"mi_expert_concept": mutual_information(s.argmax(1), te["concepts"], s.shape[1])}
+        per = concept_mutual_information(s.argmax(1), te["concepts"], s.shape[1])
+        out[m] = {"mi_expert_concept": float(per.mean()), "mi_by_group": mi_by_group(per, m, groups)}
         if random_mi and m in random_mi:
-            out[m]["mi_random_router"] = random_mi[m]
+            out[m]["mi_random_router"] = float(random_mi[m].mean())
+            out[m]["mi_random_router_by_group"] = mi_by_group(random_mi[m], m, groups)
     return out
 
 
 @torch.no_grad()
 def _random_router_mi(model, stream, dims) -> dict | None:
-    """The same MI with freshly initialised routers: the 'no specialisation' reference."""
+    """Per-concept MI with freshly initialised routers: the 'no specialisation' reference."""
     routers = model.routers()
     if not routers or not hasattr(routers[0], "proj"):
         return None
@@ -192,13 +271,13 @@ def _random_router_mi(model, stream, dims) -> dict | None:
     for r in routers:
         for lin in r.proj.values():
             lin.weight.copy_(torch.randn(lin.weight.shape, generator=gen) * lin.weight.shape[1] ** -0.5)
-    local = extract(model, stream, [1.0], dims.device)
+    local = extract(model, stream, {1.0: None}, dims.device)
     for r, s in zip(routers, saved):
         r.load_state_dict(s)
     got = _gather_to_main(local)
     if got is None or got["concepts"] is None:
         return None
-    return {m: mutual_information(s.argmax(1), got["concepts"], s.shape[1]) for m, s in got["scores"].items()}
+    return {m: concept_mutual_information(s.argmax(1), got["concepts"], s.shape[1]) for m, s in got["scores"].items()}
 
 
 def write_outputs(run_dir: Path, result: dict, test: dict, logger, step: int) -> None:
@@ -299,10 +378,30 @@ def _draw(mat: np.ndarray, rows: list[str]) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 
+# Keys an evaluation may change: they decide how representations are extracted and probed, never the
+# weights' shapes.
+EVAL_OVERRIDE_PREFIXES = ("data.eval_batch_size", "data.prefetch", "data.read_threads", "data.nonfinite", "eval.",
+                          "stages.keep_fraction", "stages.prune_")
+
+
+def apply_eval_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
+    """`KEY=VALUE` evaluation settings on top of the run's config; other keys are refused by name."""
+    from s3dist.config import ConfigError, _apply, _nest, parse_overrides, validate
+
+    dotted = parse_overrides(overrides)
+    bad = [k for k in dotted if not k.startswith(EVAL_OVERRIDE_PREFIXES)]
+    if bad:
+        raise ConfigError(f"evaluation cannot override {bad}: only keys starting with "
+                          f"{list(EVAL_OVERRIDE_PREFIXES)} change how a trained model is evaluated")
+    _apply(cfg, "", _nest(dotted), from_cli=True)
+    validate(cfg)
+    return cfg
+
+
 def load_for_eval(run: Path | None, model_file: Path | None, data_path: str | None = None):
     """(cfg, model, data_url) from a run's newest checkpoint or from an exported safetensors file."""
     from s3dist import checkpoint as ckpt_io
-    from s3dist.config import from_dict
+    from s3dist.config import ConfigError, from_dict
     from s3dist.data.manifest import read_manifest
     from s3dist.model.encoder import S3Encoder
 
@@ -315,6 +414,9 @@ def load_for_eval(run: Path | None, model_file: Path | None, data_path: str | No
         cfg_dict = ckpt_io.read_meta(ck)["config"]
         state = ckpt_io.consolidated_state_dict(ck)
     cfg = from_dict(cfg_dict)
+    if not (data_path or cfg.data.path or run):
+        raise ConfigError(f"'{model_file}' was trained on the embedded synthetic data set, which is not part of an "
+                          f"export: pass --data RUN_DIR/data (the run directory it was exported from)")
     data_url = data_path or cfg.data.path or str(run / "data")
     manifest = read_manifest(data_url)
     mods = cfg.data.modalities or list(manifest.modalities)
@@ -330,10 +432,12 @@ def _cli_eval(args) -> int:
     from s3dist.dist import attach_expert_groups, init_distributed, make_dims
 
     cfg, model, data_url = load_for_eval(args.run, args.model, args.data)
+    apply_eval_overrides(cfg, args.overrides)
     dims = make_dims(*init_distributed(cfg.dist), 1)
     attach_expert_groups(model, dims)
-    out_dir = args.run or args.model.parent
-    ps = [args.keep_fraction] if getattr(args, "keep_fraction", None) else None
+    out_dir = getattr(args, "out", None) or args.run or args.model.parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ps = [args.keep_fraction] if getattr(args, "keep_fraction", None) is not None else None
     if getattr(args, "keep_fractions", None):
         ps = [float(x) for x in args.keep_fractions.split(",")]
     res = evaluate_run(cfg, dims, out_dir, model, data_url, None, keep_fractions=ps)
@@ -359,6 +463,9 @@ def aggregate_seeds(runs: list[Path], out_dir: Path) -> dict:
 
 
 def _cli_sweep(args) -> int:
+    # `--run A B key=value`: argparse's greedy --run list swallows the overrides; they are the items with '='
+    args.overrides = list(args.overrides) + [str(r) for r in args.run if "=" in str(r)]
+    args.run = [r for r in args.run if "=" not in str(r)]
     if len(args.run) > 1:
         res = aggregate_seeds(args.run, args.out or args.run[0].parent)
         for r in res["sweep"]:
@@ -375,15 +482,16 @@ def add_subcommands(sub, name: str, help_text: str) -> None:
         src = p.add_mutually_exclusive_group(required=True)
         src.add_argument("--run", type=Path, help="run directory (newest checkpoint is used)")
         src.add_argument("--model", type=Path, help="exported .safetensors file (s3dist export)")
-        p.add_argument("--keep-fraction", type=float, help="one keep fraction p in (0, 1]")
-        p.add_argument("--data", help="data set URL (default: the run's)")
+        p.add_argument("--keep-fraction", type=float, help="one keep fraction p in [0, 1]")
         p.set_defaults(func=_cli_eval)
     else:
         p.add_argument("--run", type=Path, nargs="+", required=True,
                        help="run directory; several runs (seeds) are aggregated into mean ± std")
-        p.add_argument("--keep-fractions", help="comma-separated list, e.g. 0.05,0.1,0.3,1.0")
-        p.add_argument("--data", help="data set URL (default: the run's)")
-        p.add_argument("--out", type=Path, help="with several runs: where sweep_seeds.json/png go")
+        p.add_argument("--keep-fractions", help="comma-separated list, e.g. 0,0.1,0.3,1.0")
+        p.add_argument("--out", type=Path, help="where the outputs go: with several runs sweep_seeds.json/png, "
+                                                "with one run eval.json, sweep.csv/png (default: the run directory)")
         p.set_defaults(func=_cli_sweep)
-
-
+    p.add_argument("--data", help="data set URL (default: the run's)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help=f"evaluation settings, e.g. data.eval_batch_size=32 stages.prune_threshold=batch (keys "
+                        f"starting with {', '.join(EVAL_OVERRIDE_PREFIXES)})")

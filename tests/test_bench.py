@@ -107,7 +107,7 @@ def test_bench_train_record_memory_split_and_counted_bytes_match_plan(tmp_path, 
     out = tmp_path / "train.json"
     over = ["data.synth.num_train=128", "data.synth.num_val=16", "data.synth.num_test=16",
             "data.synth.modality_dims=12,8", "data.synth.seq_len=6", "data.batch_size=8", "model.d_model=16",
-            "moe.expert_hidden=16", "model.num_moe_layers=2"]
+            "moe.expert_hidden=16", "model.num_layers=2"]
     _bench(monkeypatch, ["bench", "train", "--ranks", "2", "--ep", "2", "--repeats", "1", "--warmup", "1",
                          "--profile-steps", "1", "--peak-tflops", "2", "--json", str(out), *over])
     fig = _record(out, "train")

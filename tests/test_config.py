@@ -35,13 +35,15 @@ def test_yaml_then_cli_precedence(tmp_path):
     (["bogus.x=1"], "unknown config key 'bogus'"),
     (["moe.num_experts=four"], "config key 'moe.num_experts': expected int, got 'four'"),
     (["optim.lr=0"], "config key 'optim.lr' = 0.0 is out of range; allowed: > 0.0"),
-    (["stages.keep_fraction=1.5"], "config key 'stages.keep_fraction' = 1.5 is out of range; allowed: > 0.0 and <= 1.0"),
+    (["stages.keep_fraction=1.5"], "config key 'stages.keep_fraction' = 1.5 is out of range; allowed: >= 0.0 and <= 1.0"),
     (["moe.kind=sparse"], "config key 'moe.kind' = 'sparse' is not allowed; choose one of ['s3', 'topk', 'dense']"),
     (["dist.zero_stage=3"], "DeepSpeed MoE works with ZeRO stages 0, 1 and 2 only"),
     (["moe.top_k=9", "moe.num_experts=4"], "config key 'moe.top_k' resolves to k=9, more than the 4 experts"),
     (["stages.run=select,specialize"], "must list stages once each, in the order"),
     (["stages.run=pretrain"], "names unknown stage 'pretrain'"),
-    (["eval.keep_fractions=0.5,0"], "'eval.keep_fractions' holds 0; each must be in (0, 1]"),
+    (["eval.keep_fractions=0.5,1.2"], "'eval.keep_fractions' holds 1.2; each must be in [0, 1]"),
+    (["stages.select_target=concepts"], "'stages.compactness' = 'vmf' needs class labels"),
+    (["model.d_model=30", "model.num_heads=4"], "'model.num_heads' = 4 must divide model.d_model = 30"),
     (["eval.probe_Cs=[1.0, -2]"], "'eval.probe_Cs' holds -2; each must be > 0"),
     (["name=../../etc"], "name = '../../etc' is not a safe name"),
     (["moe.kind=dense"], "moe.kind='dense' has no routers"),
@@ -77,8 +79,10 @@ def test_world_rules():
     with pytest.raises(ConfigError, match="must divide the total number of experts 3"):
         validate_world(load_config(None, ["moe.num_experts=3", "moe.shared_experts=true"]), 2, 2)
     with pytest.raises(ConfigError, match=r"stages.select_target' = 'concepts' needs a data set with generating"):
-        validate_world(load_config(None, ["stages.select_target=concepts"]), 2, 2, has_concepts=False)
-    assert validate_world(load_config(None, ["stages.select_target=concepts"]), 2, 2, has_concepts=True) == 2
+        validate_world(load_config(None, ["stages.select_target=concepts", "stages.compactness=entropy"]), 2, 2,
+                       has_concepts=False)
+    assert validate_world(load_config(None, ["stages.select_target=concepts", "stages.compactness=entropy"]), 2, 2,
+                          has_concepts=True) == 2
 
 
 def test_shipped_recipes_validate():

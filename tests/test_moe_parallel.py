@@ -116,7 +116,7 @@ def test_parallel_matches_single_rank(tmp_path, world, ep):
 def _ownership(rank, world, out_dir, ep):
     model, dims = _build(rank, world, ep)
     experts = model.layers[0].moes[0].deepspeed_moe.experts.deepspeed_experts
-    n_expert = sum(p.numel() for p in experts.parameters())
+    n_expert = sum(p.numel() for p in model.parameters() if not getattr(p, "allreduce", True))  # every layer's
     n_total = sum(p.numel() for p in model.parameters())
     first = experts[0].fc1.weight.detach().clone()
     return {"local": len(experts), "expert_params": n_expert, "total": n_total, "first": first}
@@ -162,7 +162,7 @@ def _count_blocking_reduces(rank, world, out_dir, drop_tokens):
     from s3dist.model.encoder import S3Encoder
 
     cfg = _cfg("s3", drop_tokens)
-    cfg.model.num_moe_layers = 2
+    cfg.model.num_layers = 2
     dims = make_dims(*init_distributed(cfg.dist), 2)
     torch.manual_seed(0)
     model = S3Encoder(MODS, cfg.model, cfg.moe, ep_size=2, ep_rank=dims.ep_rank)

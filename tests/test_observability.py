@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # A real but tiny run: 2 modalities x 4 experts, 2 MoE layers, a log row every 4 steps.
 TINY_RUN = ["data.synth.num_train=256", "data.synth.num_val=64", "data.synth.num_test=64",
             "data.synth.modality_dims=12,8", "data.synth.seq_len=8", "data.batch_size=32",
-            "model.d_model=16", "model.num_moe_layers=2", "moe.num_experts=4", "moe.expert_hidden=16",
+            "model.d_model=16", "model.num_layers=2", "moe.num_experts=4", "moe.expert_hidden=16",
             "logging.every_steps=4", "checkpoint.every_steps=0", "stages.specialize_steps=12",
             "stages.select_steps=4", "eval.run_at_end=false"]
 
@@ -75,7 +75,7 @@ def _forced_routing(rank, world, out_dir):
     from s3dist.model.encoder import S3Encoder
 
     cfg = RunConfig()
-    cfg.model.d_model, cfg.model.num_moe_layers = 16, 2
+    cfg.model.d_model, cfg.model.num_layers = 16, 2
     cfg.moe.num_experts, cfg.moe.top_k, cfg.moe.expert_hidden = N, 2, 8
     dims = make_dims(*init_distributed(cfg.dist), 2)
     torch.manual_seed(0)
@@ -388,7 +388,7 @@ def test_tensorboard_server_shows_expert_load(tmp_path, tensorboard_server):
     assert p.returncode == 0, p.stderr[-3000:]
     assert not _bar_drawn(p.stdout) and not _bar_drawn(p.stderr), "progress bar drawn with stdout on a pipe"
     cfg = yaml.safe_load((out / "config.yaml").read_text())
-    mods, layers, experts = cfg["data"]["modalities"], cfg["model"]["num_moe_layers"], cfg["moe"]["num_experts"]
+    mods, layers, experts = cfg["data"]["modalities"], cfg["model"]["num_layers"], cfg["moe"]["num_experts"]
     assert len(mods) == 2 and layers == 2 and experts == 4
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     rows = {r["step"]: r for r in rows if r["stage"] in ("specialize", "select")}

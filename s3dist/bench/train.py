@@ -75,7 +75,7 @@ class Layout:
         import torch
         import torch.distributed as dist
 
-        from s3dist.trainer import specialize_loss
+        from s3dist.objectives import specialize_loss
 
         mark = mark or (lambda phase: contextlib.nullcontext())
         with mark("data"):
@@ -106,7 +106,7 @@ class Layout:
             per_layer = 2 * d * (h * k) + h * k + d
         else:
             per_layer = d * n + k * (2 * d * h + h + d)
-        return cfg.model.num_moe_layers * per_layer
+        return cfg.model.num_layers * per_layer
 
 
 def expected_expert_bytes(cfg) -> int:
@@ -118,7 +118,7 @@ def expected_expert_bytes(cfg) -> int:
     n_mod = len(cfg.data.modalities)
     n = cfg.moe.resolved_num_experts()
     experts = n if (cfg.moe.kind == "s3" and cfg.moe.shared_experts) else n * n_mod
-    return cfg.model.num_moe_layers * experts * (2 * d * h + h + d) * bytes_per_param
+    return cfg.model.num_layers * experts * (2 * d * h + h + d) * bytes_per_param
 
 
 def count_step_flops(layout: Layout, next_batch) -> int:

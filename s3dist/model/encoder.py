@@ -1,14 +1,26 @@
-"""The multimodal encoder: per-modality stems, MoE layers into one shared latent space, pooling.
+"""The multimodal encoder: per modality an input stage, residual blocks whose FFN is the MoE, pooling.
 
-`S3Encoder` is plain PyTorch plus `ExpertParallelMoE`; it holds no process group. Stage 3's
-global keep-mask needs a collective, so the encoder takes the keep-mask *builder* as an argument
-(`s3dist.sparsify.global_keep_masks` in training and evaluation) instead of calling it itself.
+`model.arch='transformer'` (default, the paper's form): per modality an input projection plus
+sinusoidal positions, then `num_layers` pre-norm blocks
+
+    h = h + Attention_m(LN(h))            (masked self-attention, per modality)
+    h = h + MoE(LN(h))                    (one MoE layer for all modalities: one all-to-all pair)
+
+and the representation is the masked mean of the final normed residual stream. Because the MoE
+sits inside a residual, a pruned routing path removes only its own contribution and the token keeps
+flowing (Stage 3). `model.arch='stem'` keeps the earlier conv / GRU stem without attention, and
+`model.representation='expert_output'` the earlier pooled bare expert output, for ablations.
+
+`S3Encoder` is plain PyTorch plus `ExpertParallelMoE`; it holds no process group. Stage 3 needs
+collectives (a global threshold), so the encoder takes a *sparsifier* (`s3dist.sparsify`) that it
+asks for each MoE layer's pruning rule, instead of calling collectives itself.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -16,10 +28,11 @@ from torch import nn
 
 from s3dist.config import ModelConfig, MoEConfig
 from s3dist.model.moe import ExpertParallelMoE
+from s3dist.model.router import PruneSpec
 
 
 class ModalityStem(nn.Module):
-    """Input projection + small temporal encoder for one modality: [B, T, D_in] -> [B, T, d]."""
+    """'stem' arch: input projection + small temporal encoder for one modality: [B, T, D_in] -> [B, T, d]."""
 
     def __init__(self, in_dim: int, cfg: ModelConfig) -> None:
         super().__init__()
@@ -48,8 +61,45 @@ class ModalityStem(nn.Module):
         return self.norm(h) * m
 
 
-class DenseBlock(nn.Module):
-    """Dense baseline layer: per-modality MLP with the active parameters of k experts."""
+class InputProjection(nn.Module):
+    """'transformer' arch: linear projection plus sinusoidal positions counted from the first *real* step,
+    so front padding (MultiBench pads at the front) does not shift what a position means."""
+
+    def __init__(self, in_dim: int, d_model: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(in_dim, d_model)
+        self.d_model = d_model
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        pos = (mask.long().cumsum(1) - 1).clamp_min(0).to(x.dtype)                    # [B, T]
+        half = (self.d_model + 1) // 2
+        freq = torch.exp(torch.arange(half, device=x.device, dtype=x.dtype) * (-math.log(10000.0) / max(half, 1)))
+        angle = pos.unsqueeze(-1) * freq                                              # [B, T, half]
+        pe = torch.cat([angle.sin(), angle.cos()], dim=-1)[..., : self.d_model]
+        return (self.proj(x) + pe) * mask.unsqueeze(-1).to(x.dtype)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over the real steps of one modality (`scaled_dot_product_attention`)."""
+
+    def __init__(self, d_model: int, num_heads: int) -> None:
+        super().__init__()
+        self.heads = num_heads
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.out = nn.Linear(d_model, d_model)
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        # A sample with no real step (possible only in empty/padded rows) would attend to nothing and give
+        # NaN; let it attend everywhere instead: its steps are never pooled nor routed.
+        keys = valid | ~valid.any(1, keepdim=True)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=keys[:, None, None, :])
+        return self.out(y.transpose(1, 2).reshape(b, t, d))
+
+
+class DenseFFN(nn.Module):
+    """Dense baseline FFN: per-modality MLP with the active parameters of k experts."""
 
     def __init__(self, d_model: int, modalities: list[str], cfg: MoEConfig) -> None:
         super().__init__()
@@ -57,30 +107,47 @@ class DenseBlock(nn.Module):
         self.mlps = nn.ModuleDict({m: nn.Sequential(nn.Linear(d_model, hidden), nn.GELU(), nn.Linear(hidden, d_model))
                                    for m in modalities})
 
-    def forward(self, tokens, valid, keep_masks=None):
-        if keep_masks:
-            raise ValueError("keep-masks (Stage 3) need moe.kind='s3'")
+    def forward(self, tokens, valid, prune=None):
+        if prune:
+            raise ValueError("Stage 3 pruning needs MoE layers with the S3 router (moe.kind='s3')")
         return {m: self.mlps[m](x) for m, x in tokens.items()}, None, None
 
 
-@dataclass
-class Prelude:
-    x: dict[str, torch.Tensor]        # normed input of the last MoE layer, [B, T, d] per modality
-    valid: dict[str, torch.Tensor]    # bool [B, T]
-    aux: torch.Tensor | None
-    z: torch.Tensor | None
+class Block(nn.Module):
+    """One pre-norm residual block for all modalities: per-modality attention (optional), one shared FFN
+    call (the MoE: every modality's tokens in one dispatch)."""
+
+    def __init__(self, d_model: int, modalities: list[str], model_cfg: ModelConfig, ffn: nn.Module) -> None:
+        super().__init__()
+        self.attention = model_cfg.arch == "transformer"
+        if self.attention:
+            self.attn_norm = nn.ModuleDict({m: nn.LayerNorm(d_model) for m in modalities})
+            self.attn = nn.ModuleDict({m: SelfAttention(d_model, model_cfg.num_heads) for m in modalities})
+        self.ffn_norm = nn.ModuleDict({m: nn.LayerNorm(d_model) for m in modalities})
+        self.ffn = ffn
+
+    def attend(self, h: dict[str, torch.Tensor], valid: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if not self.attention:
+            return h
+        return {m: x + self.attn[m](self.attn_norm[m](x), valid[m]) for m, x in h.items()}
+
+    def ffn_input(self, h: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {m: self.ffn_norm[m](x) for m, x in h.items()}
+
+
+class Sparsifier(Protocol):
+    """What the encoder asks, before each MoE layer, when Stage 3 is on (`s3dist.sparsify`)."""
+
+    def prune_spec(self, layer: int, moe: ExpertParallelMoE, x: dict[str, torch.Tensor],
+                   valid: dict[str, torch.Tensor]) -> PruneSpec | None: ...
 
 
 @dataclass
 class EncoderOutput:
-    embeddings: dict[str, torch.Tensor]           # modality -> [B, d] pooled last-layer expert output
+    embeddings: dict[str, torch.Tensor]           # modality -> [B, d] pooled representation
     aux_loss: torch.Tensor | None                  # load-balancing loss summed over layers
     z_loss: torch.Tensor | None                    # router z-loss summed over layers
-    sample_scores: dict[str, torch.Tensor]         # modality -> [B, N] last layer routing scores
-    keep_masks: dict[str, torch.Tensor] | None     # Stage 3 masks used, if any
-
-
-KeepMaskBuilder = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+    sample_scores: dict[str, torch.Tensor]         # modality -> [B, N] last layer's mean gate probabilities
 
 
 class S3Encoder(nn.Module):
@@ -89,74 +156,68 @@ class S3Encoder(nn.Module):
         super().__init__()
         self.modalities = list(modality_dims)
         self.pooled_tokens = model_cfg.tokens == "pooled"
+        self.representation = model_cfg.representation
         d = model_cfg.d_model
-        self.stems = nn.ModuleDict({m: ModalityStem(dim, model_cfg) for m, dim in modality_dims.items()})
-        self.norms = nn.ModuleList([nn.LayerNorm(d) for _ in range(model_cfg.num_moe_layers)])
-        if moe_cfg.kind == "dense":
-            self.layers = nn.ModuleList([DenseBlock(d, self.modalities, moe_cfg)
-                                         for _ in range(model_cfg.num_moe_layers)])
+        if model_cfg.arch == "transformer":
+            self.inputs = nn.ModuleDict({m: InputProjection(dim, d) for m, dim in modality_dims.items()})
         else:
-            self.layers = nn.ModuleList([ExpertParallelMoE(d, self.modalities, moe_cfg, ep_size=ep_size,
-                                                           ep_rank=ep_rank, layer_index=i)
-                                         for i in range(model_cfg.num_moe_layers)])
+            self.inputs = nn.ModuleDict({m: ModalityStem(dim, model_cfg) for m, dim in modality_dims.items()})
+
+        def ffn(i: int) -> nn.Module:
+            if moe_cfg.kind == "dense":
+                return DenseFFN(d, self.modalities, moe_cfg)
+            return ExpertParallelMoE(d, self.modalities, moe_cfg, ep_size=ep_size, ep_rank=ep_rank, layer_index=i)
+
+        self.blocks = nn.ModuleList([Block(d, self.modalities, model_cfg, ffn(i)) for i in range(model_cfg.num_layers)])
+        self.final_norm = nn.ModuleDict({m: nn.LayerNorm(d) for m in self.modalities})
+
+    @property
+    def layers(self) -> list[nn.Module]:
+        """The FFN (MoE or dense) of every block, in order."""
+        return [b.ffn for b in self.blocks]
+
+    def moe_layers(self) -> list[ExpertParallelMoE]:
+        return [f for f in self.layers if isinstance(f, ExpertParallelMoE)]
 
     def routers(self) -> list[nn.Module]:
-        return [r for layer in self.layers if isinstance(layer, ExpertParallelMoE) for r in layer.routers]
+        return [r for layer in self.moe_layers() for r in layer.routers]
 
     def router_parameters(self) -> list[nn.Parameter]:
         return [p for r in self.routers() for p in r.parameters()]
 
     def forward(self, features: dict[str, torch.Tensor], masks: dict[str, torch.Tensor],
-                keep_fraction: float = 1.0, keep_mask_builder: KeepMaskBuilder | None = None) -> EncoderOutput:
-        """features[m]: [B, T, D_m]; masks[m]: bool [B, T]. Every modality must be present, also with B=0."""
-        pre = self.prelude(features, masks)
-        return self.last_layer(pre, keep_fraction, keep_mask_builder)
-
-    def prelude(self, features, masks) -> "Prelude":
-        """Stems and every MoE layer but the last; returns the normed input of the last layer."""
-        h, valid = {}, {}
+                sparsifier: Sparsifier | None = None) -> EncoderOutput:
+        """features[m]: [B, T, D_m]; masks[m]: bool [B, T]. Every modality must be present, also with B=0
+        (each MoE layer is a collective over the expert-parallel group)."""
         # Under DeepSpeed bf16 the parameters are bf16 but nothing casts the inputs (it does so only for
         # fp16 auto_cast): the data stream's float32 features are cast here, once, for every caller.
-        dtype = self.norms[0].weight.dtype
+        dtype = self.final_norm[self.modalities[0]].weight.dtype
+        h, valid = {}, {}
         for m in self.modalities:
-            x = self.stems[m](features[m].to(dtype), masks[m])
+            x = self.inputs[m](features[m].to(dtype), masks[m])
             v = masks[m]
             if self.pooled_tokens:
                 x = _masked_mean(x, v).unsqueeze(1)
                 v = v.any(dim=1, keepdim=True)
             h[m], valid[m] = x, v
         aux = z = None
-        for norm, layer in zip(self.norms[:-1], self.layers[:-1]):
-            out, a, zl = layer({m: norm(t) for m, t in h.items()}, valid)
+        out: dict[str, torch.Tensor] = {}
+        for i, block in enumerate(self.blocks):
+            h = block.attend(h, valid)
+            x = block.ffn_input(h)
+            prune = None
+            if sparsifier is not None and isinstance(block.ffn, ExpertParallelMoE):
+                prune = sparsifier.prune_spec(i, block.ffn, x, valid)
+            out, a, zl = block.ffn(x, valid, prune)
             aux, z = _add(aux, a), _add(z, zl)
             h = {m: h[m] + out[m] for m in h}
-        return Prelude({m: self.norms[-1](t) for m, t in h.items()}, valid, aux, z)
-
-    def last_layer(self, pre: "Prelude", keep_fraction: float = 1.0,
-                   keep_mask_builder: KeepMaskBuilder | None = None) -> EncoderOutput:
-        """The last MoE layer (optionally with a Stage-3 keep-mask) and pooling into embeddings."""
-        keep_masks = None
-        if keep_fraction < 1.0:
-            if keep_mask_builder is None:
-                raise ValueError("keep_fraction < 1 needs a keep_mask_builder (s3dist.sparsify)")
-            keep_masks = keep_mask_builder(self.routing_scores(len(self.layers) - 1, pre.x, pre.valid), keep_fraction)
-        out, a, zl = self.layers[-1](pre.x, pre.valid, keep_masks)
+        if self.representation == "residual":
+            emb = {m: _masked_mean(self.final_norm[m](h[m]), valid[m]) for m in self.modalities}
+        else:
+            emb = {m: _masked_mean(out[m], valid[m]) for m in self.modalities}
         last = self.layers[-1]
         scores = last.sample_scores() if isinstance(last, ExpertParallelMoE) else {}
-        emb = {m: _masked_mean(out[m], pre.valid[m]) for m in self.modalities}
-        return EncoderOutput(emb, _add(pre.aux, a), _add(pre.z, zl), scores, keep_masks)
-
-    @torch.no_grad()
-    def routing_scores(self, layer: int, x: dict[str, torch.Tensor], valid: dict[str, torch.Tensor]):
-        """(sample, expert) scores of layer `layer` without dispatching: mean gate prob over valid steps."""
-        moe = self.layers[layer]
-        scores = {}
-        for router in moe.routers:
-            for m in router.modalities:
-                probs = router.logits(m, x[m].reshape(-1, x[m].shape[-1])).softmax(-1)
-                probs = probs.view(*x[m].shape[:2], -1) * valid[m].unsqueeze(-1)
-                scores[m] = probs.sum(1) / valid[m].sum(1, keepdim=True).clamp_min(1)
-        return scores
+        return EncoderOutput(emb, aux, z, scores)
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

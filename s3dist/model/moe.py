@@ -17,7 +17,7 @@ from deepspeed.moe.sharded_moe import TopKGate
 from torch import nn
 
 from s3dist.config import MoEConfig
-from s3dist.model.router import RoutingPlan, S3Router, Segment
+from s3dist.model.router import EvalDropCounter, PruneSpec, RoutingPlan, S3Router, Segment
 
 
 class ExpertMLP(nn.Module):
@@ -46,7 +46,7 @@ def init_expert_(expert: ExpertMLP, seed: int) -> None:
             lin.bias.copy_(torch.empty_like(lin.bias).uniform_(-bound, bound, generator=gen))
 
 
-class DeepSpeedTopKGate(TopKGate):
+class DeepSpeedTopKGate(EvalDropCounter, TopKGate):
     """DeepSpeed's own TopKGate for the plain-MoE baseline, with three small adaptations.
 
     * the expert-parallel group may be attached more than once (eval and the engine both attach);
@@ -59,6 +59,7 @@ class DeepSpeedTopKGate(TopKGate):
         super().__init__(*args, **kwargs)
         self.num_experts = self.wg.out_features
         self.register_buffer("_counters", torch.zeros(2 * self.num_experts + 2), persistent=False)
+        self.register_buffer("_eval_counters", torch.zeros(2), persistent=False)
         self.sample_scores: dict[str, torch.Tensor] = {}
         self.z_loss = None
 
@@ -72,12 +73,15 @@ class DeepSpeedTopKGate(TopKGate):
             out = super().forward(input, used_token, sparse_routes, use_tutel)
         finally:
             self.drop_tokens = drop
-        if self.training and sparse_routes:
+        if sparse_routes:
             with torch.no_grad():
                 indices, demand = out[3], out[6].float()
                 kept = torch.bincount(indices[indices >= 0].long(), minlength=self.num_experts).float()
-                self._counters += torch.cat([demand, kept, demand.new_zeros(1),
-                                             demand.new_tensor([float(input.shape[0])])])
+                if self.training:
+                    self._counters += torch.cat([demand, kept, demand.new_zeros(1),
+                                                 demand.new_tensor([float(input.shape[0])])])
+                else:
+                    self._count_eval(demand.sum(), kept.sum())
         return out
 
     def pop_load_counters(self) -> torch.Tensor:
@@ -132,8 +136,9 @@ class ExpertParallelMoE(nn.Module):
         return [moe.deepspeed_moe.gate for moe in self.moes]
 
     def forward(self, tokens: dict[str, torch.Tensor], valid: dict[str, torch.Tensor],
-                keep_masks: dict[str, torch.Tensor] | None = None):
-        """tokens[m]: [B, T, d]; valid[m]: bool [B, T]. Returns (outputs {m: [B, T, d]}, l_aux, z_loss)."""
+                prune: PruneSpec | None = None):
+        """tokens[m]: [B, T, d]; valid[m]: bool [B, T]; `prune`: Stage 3's rule for this layer.
+        Returns (outputs {m: [B, T, d]}, l_aux, z_loss)."""
         outputs: dict[str, torch.Tensor] = {}
         l_aux = z_loss = None
         for group, moe in zip(self.groups, self.moes):
@@ -143,9 +148,9 @@ class ExpertParallelMoE(nn.Module):
             used = torch.cat([valid[m].reshape(-1) for m in group]).to(flat.dtype)
             gate = moe.deepspeed_moe.gate
             if isinstance(gate, S3Router):
-                gate.plan = RoutingPlan(segs, keep_masks)
-            elif keep_masks:
-                raise ValueError("keep-masks (Stage 3) need moe.kind='s3'")
+                gate.plan = RoutingPlan(segs, prune)
+            elif prune:
+                raise ValueError("Stage 3 pruning needs the S3 router (moe.kind='s3')")
             try:
                 out, aux, _ = moe(flat, used)
             finally:
@@ -159,6 +164,27 @@ class ExpertParallelMoE(nn.Module):
             if gate.z_loss is not None:
                 z_loss = gate.z_loss if z_loss is None else z_loss + gate.z_loss
         return outputs, l_aux, z_loss
+
+    @torch.no_grad()
+    def prune_scores(self, tokens: dict[str, torch.Tensor], valid: dict[str, torch.Tensor], unit: str
+                     ) -> dict[str, torch.Tensor]:
+        """The scores Stage 3 ranks, per modality, as one flat tensor, computed without dispatching:
+        'token_pairs': the gate probability of each (valid token, selected expert) pair;
+        'sample_pairs': each (sample with a real step, expert) pair's mean gate probability."""
+        out = {}
+        for router in self.routers:
+            if not isinstance(router, S3Router):
+                raise ValueError("Stage 3 pruning needs the S3 router (moe.kind='s3')")
+            for m in router.modalities:
+                x, v = tokens[m], valid[m]
+                probs = router.logits(m, x.reshape(-1, x.shape[-1])).softmax(-1)          # [B*T, N]
+                if unit == "token_pairs":
+                    out[m] = probs.topk(router.k, dim=-1).values[v.reshape(-1)].reshape(-1)
+                else:
+                    vf = v.unsqueeze(-1).to(probs.dtype)
+                    per_sample = (probs.view(*v.shape, probs.shape[-1]) * vf).sum(1) / vf.sum(1).clamp_min(1.0)
+                    out[m] = per_sample[v.any(1)].reshape(-1)
+        return out
 
     def sample_scores(self) -> dict[str, torch.Tensor]:
         """Per (sample, expert) mean gate probability of the last forward, per modality."""

@@ -8,8 +8,11 @@ the combine stay DeepSpeed's. What this gate adds over `TopKGate`:
 * one router per modality over one fused expert pool, so all modalities share a single all-to-all
   pair per layer (each modality owns a block of N experts, or all share N with `shared_experts`);
 * padded time steps (and tokens outside `used_token`) route nowhere and never count as load;
-* a keep-mask of (sample, expert) paths from Stage 3 that zeroes pruned routes before combine,
-  renormalising the rest (a sample with nothing kept gets a zero expert output, never NaN);
+* Stage 3's pruning rule (`PruneSpec`): a routing unit whose score is below the layer's threshold is
+  dropped before capacity and combine; by default the kept gates are not renormalised, so pruning
+  only removes contributions (a token with nothing kept gets a zero expert output, never NaN);
+* no token drops in evaluation: capacity is then sized to the largest demand (agreed over the
+  expert-parallel group), so every method's representation is extracted without drops;
 * a capacity that is identical on every expert-parallel rank whatever each rank's token count
   (the all-to-all buffer is [experts, capacity, d]; unequal capacities hang or crash it), so an
   uneven last batch or an empty batch on one rank is safe;
@@ -44,6 +47,33 @@ class Segment:
 
 
 @dataclass
+class PruneSpec:
+    """Stage 3 for one MoE layer: keep a routing unit iff its score >= the modality's threshold.
+
+    unit 'token_pairs': the unit is a selected (token, expert) pair, its score the gate probability;
+    'sample_pairs': a (sample, expert) pair, its score the sample's mean gate probability of that expert
+    (all of the sample's tokens routed to a pruned expert lose that path). `thresholds` may be +inf
+    (prune everything: the residual stream passes unchanged) or -inf (keep everything)."""
+
+    unit: str
+    thresholds: dict[str, float]
+    renormalize: bool = False
+
+
+class EvalDropCounter:
+    """Routes taken and routes kept after capacity in evaluation, summed on device (no host sync per
+    forward): evaluation reports the dropped fraction from them, which must be 0."""
+
+    def _count_eval(self, routed: torch.Tensor, kept: torch.Tensor) -> None:
+        self._eval_counters += torch.stack([routed.float(), kept.float()])
+
+    def pop_eval_counters(self) -> torch.Tensor:
+        out = self._eval_counters.clone()
+        self._eval_counters.zero_()
+        return out
+
+
+@dataclass
 class RoutingPlan:
     """What the router needs to know about the tokens of one forward call.
 
@@ -52,10 +82,10 @@ class RoutingPlan:
     """
 
     segments: list[Segment]
-    keep_masks: dict[str, torch.Tensor] | None = None  # modality -> [batch, N] (1 keep, 0 prune)
+    prune: PruneSpec | None = None
 
 
-class S3Router(nn.Module):
+class S3Router(EvalDropCounter, nn.Module):
     """Softmax top-k router per modality with global load balancing, keep-masks and load counters."""
 
     def __init__(self, d_model: int, modalities: list[str], experts_per_modality: int, k: int, *,
@@ -88,6 +118,7 @@ class S3Router(nn.Module):
         #  router-entropy sum per modality | valid tokens per modality]
         self.register_buffer("_counters", torch.zeros(2 * self.num_experts + 2 * len(self.modalities)),
                              persistent=False)
+        self.register_buffer("_eval_counters", torch.zeros(2), persistent=False)
         # Global ranks of the expert-parallel group, on the module's device: `_agree` reads their rows on
         # every training forward (a buffer, so it follows `.to(device)` and is not rebuilt per call).
         self.register_buffer("_ep_members", torch.zeros(0, dtype=torch.long), persistent=False)
@@ -122,7 +153,9 @@ class S3Router(nn.Module):
         valid_all = (torch.ones(total, dtype=torch.bool, device=tokens.device) if used_token is None
                      else used_token.reshape(-1).bool())
 
-        idx_parts, gate_parts, on_parts, prob_sums, valid_counts, z_parts, ent_parts = [], [], [], [], [], [], []
+        prune = plan.prune
+        idx_parts, gate_parts, on_parts, keep_parts = [], [], [], []
+        prob_sums, valid_counts, z_parts, ent_parts = [], [], [], []
         seg_demand = []
         self.sample_scores = {}
         # split (not slicing): its backward is one concatenation, where each slice's backward would
@@ -132,16 +165,16 @@ class S3Router(nn.Module):
             logits = self.logits(seg.modality, x)                       # [S_m, N]
             probs = logits.softmax(dim=-1)
             top_p, top_i = probs.topk(self.k, dim=-1)                   # [S_m, k]
-            route_on = valid.unsqueeze(1).expand_as(top_i).clone()
-            if plan.keep_masks is not None and seg.modality in plan.keep_masks:
-                keep = plan.keep_masks[seg.modality].to(torch.bool)     # [B, N]
-                keep_tok = keep.repeat_interleave(seg.steps, dim=0)      # [S_m, N]
-                route_on &= keep_tok.gather(1, top_i)
+            route_on = valid.unsqueeze(1).expand_as(top_i)
             vf = valid.unsqueeze(1).to(probs.dtype)
             probs_valid = probs * vf
             scores = probs_valid.view(seg.batch, seg.steps, self.n).sum(1)
             steps = vf.view(seg.batch, seg.steps).sum(1, keepdim=True).clamp_min(1.0)
             self.sample_scores[seg.modality] = scores / steps            # mean gate prob per (sample, expert)
+            if prune is not None and seg.modality in prune.thresholds:
+                keep_parts.append(_prune_keep(prune, seg, top_p, top_i, self.sample_scores[seg.modality]))
+            else:
+                keep_parts.append(torch.ones_like(route_on))
             prob_sums.append(probs_valid.sum(0))
             valid_counts.append(valid.sum())
             # logsumexp(logits) = logit_i - log p_i for any i; the top-1 (p >= 1/N) needs no second
@@ -153,16 +186,19 @@ class S3Router(nn.Module):
                 with torch.no_grad():
                     ent_parts.append((-(probs * probs.clamp_min(1e-9).log()).sum(-1) * vf.squeeze(1)).sum())
             # scatter_add instead of bincount(top_i[route_on]): no boolean indexing, so no host sync on GPU.
-            seg_demand.append(_count_routes(top_i, route_on, self.n))
+            seg_demand.append(_count_routes(top_i, route_on & keep_parts[-1], self.n))
             idx_parts.append(top_i + self.offset(seg.modality))
             gate_parts.append(top_p)
             on_parts.append(route_on)
 
         if idx_parts:
-            idx, gates, route_on = torch.cat(idx_parts), torch.cat(gate_parts), torch.cat(on_parts)
+            idx, gates, selected = torch.cat(idx_parts), torch.cat(gate_parts), torch.cat(on_parts)
+            keep = torch.cat(keep_parts)
         else:  # no modality segments at all (cannot happen through the encoder; keep shapes sane)
             idx = tokens.new_zeros((0, self.k), dtype=torch.long)
-            gates, route_on = tokens.new_zeros((0, self.k)), idx.bool()
+            gates, selected = tokens.new_zeros((0, self.k)), idx.bool()
+            keep = selected
+        route_on = selected & keep
 
         # Demand before capacity, counted only for routes that are really taken.
         demand = torch.zeros(self.num_experts, device=tokens.device)
@@ -175,11 +211,17 @@ class S3Router(nn.Module):
         cap_stat, balance, world = self._agree(self._capacity_stat(plan, demand), balance)
         capacity = self._capacity(cap_stat)
         locations = self._locations(idx, route_on)
-        route_on = route_on & (locations < capacity)
-        gates = gates * route_on
-        # Renormalise what survives pruning and capacity; a token with nothing left gets zeros.
-        gates = gates / gates.sum(-1, keepdim=True).clamp_min(torch.finfo(gates.dtype).eps)
+        fits = (locations < capacity) | ~route_on  # a route not taken holds no slot (its queue place is a dummy)
+        # The top-k gates are normalised over the routes that survive capacity; a pruned route keeps its
+        # place in that sum unless prune_renormalize, so pruning removes a path's contribution and leaves
+        # the kept paths' weights as they were. A token with nothing left gets zeros.
+        norm_on = selected & fits if prune is not None and not prune.renormalize else route_on & fits
+        route_on = route_on & fits
+        denom = (gates * norm_on).sum(-1, keepdim=True).clamp_min(torch.finfo(gates.dtype).eps)
+        gates = gates * route_on / denom
         kept = _count_routes(idx, route_on, self.num_experts)
+        if not self.training:
+            self._count_eval(demand.sum(), kept.sum())
 
         l_aux = self._balance_loss(prob_sums, balance, world) if balance is not None else demand.new_zeros(())
         n_valid = torch.stack(valid_counts).sum() if valid_counts else tokens.new_zeros(())
@@ -201,8 +243,9 @@ class S3Router(nn.Module):
 
     # ------------------------------------------------------------------------------------------
     def _capacity_stat(self, plan: RoutingPlan, demand: torch.Tensor) -> torch.Tensor:
-        """What capacity is sized from, before the MAX over the expert-parallel group."""
-        if self.drop_tokens:
+        """What capacity is sized from, before the MAX over the expert-parallel group. Evaluation never
+        drops: representations of every method are extracted with all their routes."""
+        if self.drop_tokens and self.training:
             # Sized from the largest per-modality token count across EP ranks, so a rank holding a
             # short or empty batch still sends buffers of the agreed shape.
             local = [0] * len(self.modalities)
@@ -238,9 +281,8 @@ class S3Router(nn.Module):
 
     def _capacity(self, stat: torch.Tensor) -> int:
         """Per-expert slots from the agreed statistic; the same number on every expert-parallel rank."""
-        if self.drop_tokens:
-            cf = self.capacity_factor if self.training else self.eval_capacity_factor
-            per_mod = [math.ceil(cf * self.k * s / self.n) for s in stat.tolist()]
+        if self.drop_tokens and self.training:
+            per_mod = [math.ceil(self.capacity_factor * self.k * s / self.n) for s in stat.tolist()]
             cap = max(per_mod) if per_mod else 0
         else:
             cap = int(stat.item())
@@ -283,6 +325,16 @@ class S3Router(nn.Module):
         out = self._counters.clone()
         self._counters.zero_()
         return out
+
+
+def _prune_keep(prune: PruneSpec, seg: Segment, top_p: torch.Tensor, top_i: torch.Tensor,
+                sample_scores: torch.Tensor) -> torch.Tensor:
+    """bool [S_m, k]: which of a segment's selected routes Stage 3 keeps."""
+    thr = prune.thresholds[seg.modality]
+    if prune.unit == "token_pairs":
+        return top_p >= thr
+    keep_pair = sample_scores >= thr                                    # [B, N]
+    return keep_pair.repeat_interleave(seg.steps, dim=0).gather(1, top_i)
 
 
 def _count_routes(idx: torch.Tensor, route_on: torch.Tensor, num_experts: int) -> torch.Tensor:
