@@ -1,4 +1,4 @@
-"""S3 training objectives: intra-/cross-modal InfoNCE, cross-modal SupCon, routing compactness.
+"""The loss primitives of S3: InfoNCE, cross-modal SupCon, vMF compactness, routing compactness.
 
 Negatives come from the *global* batch: embeddings are all-gathered across data-parallel ranks with
 gradient (torch.distributed.nn), as large-scale CLIP training does, so the contrastive problem does
@@ -55,6 +55,24 @@ def sup_con(a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor, temperature:
         union = c.sum(1, keepdim=True) + gc.sum(1).unsqueeze(0) - inter
         pos = inter / union.clamp_min(1.0)
     return -((log_prob * pos).sum(1) / pos.sum(1).clamp_min(1.0)).mean()
+
+
+def vmf_compactness(a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The paper's compactness (minimality) term L_Comp[a->b] = -E_i <mu_i^a, muhat_{y_i}^b>.
+
+    With von Mises-Fisher class-conditionals on the unit sphere, I(Z; X | Y) = E KL(p(z|x) || p(z|y))
+    reduces to pulling each sample's unit embedding mu_i^a towards the mean direction of its class
+    computed from the *other* modality: muhat_y^b = normalise(mean of unit b-embeddings with label y over
+    the global batch, all ranks). Gradients flow through both sides; mean over this rank's anchors.
+    """
+    a, b = F.normalize(a.float(), dim=-1), F.normalize(b.float(), dim=-1)
+    gb = gather_with_grad(b)
+    glabels = gather_with_grad(labels.float()).long() if _world()[1] > 1 else labels
+    classes, inverse = torch.unique(glabels, return_inverse=True)
+    sums = gb.new_zeros(len(classes), gb.shape[1]).index_add(0, inverse, gb)
+    means = F.normalize(sums, dim=-1)                            # a class's mean direction in modality b
+    own = means[torch.searchsorted(classes, labels.long())] if labels.numel() else means[:0]
+    return -(a * own).sum(-1).mean() if a.shape[0] else a.sum() * 0
 
 
 def _entropy(p: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 Reads like the method: build the encoder once, then for each training stage build an engine over
 the parameters that stage trains, stream batches, compute the stage's loss, step, log, checkpoint.
-Stage 3 (Sparsification) is inference-time and lives in `s3dist.evaluate`.
+The stages' losses live in `s3dist.objectives`; Stage 3 (Sparsification) is inference-time and lives
+in `s3dist.sparsify` / `s3dist.evaluate`.
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ import torch.distributed as dist
 
 from s3dist import EXIT_REQUEUE
 from s3dist import checkpoint as ckpt_io
-from s3dist import losses
 from s3dist.config import RunConfig, to_dict
 from s3dist.dist import ParallelDims, build_engine
 from s3dist.metrics import ImbalanceAlarm, MetricsLogger, moe_load_metrics, peak_memory_mb
 from s3dist.model.encoder import S3Encoder
+from s3dist.objectives import STAGE_LOSS
 
 log = logging.getLogger("s3dist")
 
@@ -49,86 +50,6 @@ class PreemptionFlag:
     @property
     def raised(self) -> bool:
         return self.signum is not None
-
-
-# ---------------------------------------------------------------------------------------------
-# Augmentation for the two views of Stage 1
-# ---------------------------------------------------------------------------------------------
-
-
-def augment(x: torch.Tensor, mask: torch.Tensor, cfg) -> tuple[torch.Tensor, torch.Tensor]:
-    """Time masking (keeps at least one real step), feature dropout, Gaussian noise."""
-    if cfg.time_mask > 0 and x.shape[1] > 1:
-        drop = (torch.rand(mask.shape, device=x.device) < cfg.time_mask) & mask
-        keep = mask & ~drop
-        empty = ~keep.any(1) & mask.any(1)
-        keep[empty] = mask[empty]  # never mask a sample away entirely
-        mask = keep
-    if cfg.feature_dropout > 0:
-        x = x * (torch.rand_like(x) >= cfg.feature_dropout) / (1 - cfg.feature_dropout)
-    if cfg.noise_std > 0:
-        x = x + cfg.noise_std * torch.randn_like(x)
-    return x * mask.unsqueeze(-1), mask
-
-
-# ---------------------------------------------------------------------------------------------
-# Stage losses
-# ---------------------------------------------------------------------------------------------
-
-
-def specialize_loss(engine, batch, cfg: RunConfig, modalities: list[str]):
-    """Intra-modal InfoNCE (two views) + cross-modal InfoNCE + MoE balance (+ z) losses."""
-    st = cfg.stages
-    feats, masks = {}, {}
-    for m in modalities:
-        x1, k1 = augment(batch.features[m], batch.masks[m], st)
-        x2, k2 = augment(batch.features[m], batch.masks[m], st)
-        feats[m], masks[m] = torch.cat([x1, x2]), torch.cat([k1, k2])  # one MoE call for both views
-    out = engine(feats, masks)
-    b = len(batch)
-    e1 = {m: e[:b] for m, e in out.embeddings.items()}
-    e2 = {m: e[b:] for m, e in out.embeddings.items()}
-    terms = {}
-    terms["intra"] = sum(losses.info_nce(e1[m], e2[m], st.temperature) for m in modalities) / len(modalities)
-    prs = losses.pairs(modalities)
-    if prs:
-        terms["cross"] = sum(losses.info_nce(e1[a], e1[b_], st.temperature) for a, b_ in prs) / len(prs)
-    total = st.intra_weight * terms["intra"] + st.cross_weight * terms.get("cross", 0.0)
-    return _add_router_terms(total, terms, out, cfg)
-
-
-def select_loss(engine, batch, cfg: RunConfig, modalities: list[str]):
-    """Cross-modal SupCon with task labels + compactness of routing mass (routers only train)."""
-    st = cfg.stages
-    out = engine(batch.features, batch.masks)
-    emb = out.embeddings
-    y = batch.concepts if st.select_target == "concepts" else batch.labels  # train.py checked they exist
-    prs = losses.pairs(modalities)
-    terms = {}
-    if prs:
-        terms["supcon"] = sum(losses.sup_con(emb[a], emb[b], y, st.temperature)
-                              + losses.sup_con(emb[b], emb[a], y, st.temperature) for a, b in prs) / (2 * len(prs))
-    else:
-        m = modalities[0]
-        terms["supcon"] = losses.sup_con(emb[m], emb[m], y, st.temperature)
-    terms["compact"] = sum(losses.compactness(s, st.compactness) for s in out.sample_scores.values()) / max(
-        1, len(out.sample_scores))
-    total = st.supcon_weight * terms["supcon"] + st.compact_weight * terms["compact"]
-    return _add_router_terms(total, terms, out, cfg)
-
-
-def _add_router_terms(total, terms, out, cfg: RunConfig):
-    if out.aux_loss is not None:
-        terms["aux"] = out.aux_loss
-        total = total + cfg.moe.aux_loss_weight * out.aux_loss
-    if out.z_loss is not None and cfg.moe.z_loss_weight > 0:
-        terms["z"] = out.z_loss
-        total = total + cfg.moe.z_loss_weight * out.z_loss
-    terms["loss"] = total
-    return total, terms
-
-
-STAGE_LOSS = {"specialize": specialize_loss, "select": select_loss}
 
 
 # ---------------------------------------------------------------------------------------------

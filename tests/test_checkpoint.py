@@ -291,11 +291,12 @@ def test_disk_full_while_saving_keeps_previous_checkpoint(tmp_path):
 
 
 def _nan_at_step_3(rank, world, out_dir, policy):
+    from s3dist import objectives
     from s3dist import trainer as tr
     from s3dist.config import load_config
     from s3dist.train import run
 
-    real = tr.STAGE_LOSS["specialize"]
+    real = objectives.STAGE_LOSS["specialize"]
     calls = {"n": 0}
 
     def poisoned(engine, batch, cfg, mods):
@@ -306,7 +307,7 @@ def _nan_at_step_3(rank, world, out_dir, policy):
             terms = {**terms, "loss": loss}
         return loss, terms
 
-    tr.STAGE_LOSS["specialize"] = poisoned
+    objectives.STAGE_LOSS["specialize"] = poisoned
     cfg = load_config(None, TINY + ["stages.specialize_steps=6", "stages.run=specialize", "eval.run_at_end=false",
                                     f"optim.nonfinite_loss={policy}", f"output_dir={out_dir / 'run'}",
                                     "logging.every_steps=2"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -9,50 +11,27 @@ import torch
 from tests.multirank import run_ranks
 
 
-def test_keep_mask_keeps_top_fraction_with_positional_ties():
-    """keep_mask keeps ceil(p * numel) entries, highest first; equal scores are kept in batch order."""
-    from s3dist.sparsify import keep_mask
+def test_threshold_keeps_the_top_fraction():
+    """threshold() is the score of the ceil(p * n)-th best unit: p=0 keeps none (+inf), p=1 all (-inf)."""
+    from s3dist.sparsify import threshold
 
-    s = torch.tensor([[0.1, 0.5, 0.2], [0.5, 0.05, 0.05]])
-    m = keep_mask(s, 0.5)  # ceil(3) = 3 kept: 0.5 (row 0), 0.5 (row 1), 0.2
-    assert m.tolist() == [[0, 1, 1], [1, 0, 0]]
-    assert keep_mask(s, 1.0).sum() == 6
-    assert keep_mask(s, 0.01).tolist() == [[0, 1, 0], [0, 0, 0]]
-
-
-def _global_threshold(rank, world, out_dir):
-    from s3dist.dist import init_distributed
-    from s3dist.config import DistConfig
-    from s3dist.sparsify import global_keep_masks
-
-    init_distributed(DistConfig())
-    g = torch.Generator().manual_seed(3)
-    full = {"text": torch.rand(10, 4, generator=g), "audio": torch.rand(10, 6, generator=g)}
-    full["text"][7] = full["text"][2]  # exact ties across the rank boundary
-    sizes = [6, 4] if world == 2 else [10]
-    start = sum(sizes[:rank])
-    mine = {m: s[start:start + sizes[rank]] for m, s in full.items()}
-    return {p: global_keep_masks(mine, p) for p in (0.1, 0.3, 0.77)}
+    s = torch.tensor([0.1, 0.5, 0.2, 0.4, 0.05, 0.3, 0.6, 0.7, 0.8, 0.9])
+    assert threshold(s, 0.3) == pytest.approx(0.65)     # between the kept 0.9, 0.8, 0.7 and the pruned 0.6
+    assert int((s >= threshold(s, 0.3)).sum()) == 3
+    assert int((s >= threshold(s, 0.25)).sum()) == 3    # ceil(2.5)
+    assert threshold(s, 0.0) == float("inf") and threshold(s, 1.0) == float("-inf")
+    assert threshold(torch.zeros(0), 0.5) == float("inf")
 
 
-@pytest.mark.slow
-def test_two_ranks_keep_exactly_the_pairs_of_one_rank(tmp_path):
-    """Uneven shares of one batch on 2 ranks keep exactly the (sample, expert) pairs that one process
-    holding the whole batch keeps, for every modality and p (one global threshold, ties included)."""
-    one = run_ranks(_global_threshold, 1, tmp_path / "one")[0]
-    two = run_ranks(_global_threshold, 2, tmp_path / "two")
-    for p, masks in one.items():
-        for m, mask in masks.items():
-            assert torch.equal(torch.cat([two[0][p][m], two[1][p][m]]), mask), (p, m)
-            assert int(mask.sum()) == int(torch.tensor(p * mask.numel()).ceil())
-
-
-def _model(kind="s3"):
+def _model(kind="s3", layers=2, **model):
     from s3dist.config import RunConfig
     from s3dist.model.encoder import S3Encoder
 
     cfg = RunConfig()
     cfg.model.d_model = 16
+    cfg.model.num_layers = layers
+    for k, v in model.items():
+        setattr(cfg.model, k, v)
     cfg.moe.kind = kind
     cfg.moe.num_experts, cfg.moe.top_k, cfg.moe.expert_hidden = 4, 2, 8
     cfg.moe.drop_tokens = False
@@ -60,44 +39,228 @@ def _model(kind="s3"):
     return S3Encoder({"text": 5, "audio": 3}, cfg.model, cfg.moe), cfg
 
 
-def _keep_mask_cases(rank, world, out_dir):
+def _inputs(b=6, t=5, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    feats = {"text": torch.randn(b, t, 5, generator=g), "audio": torch.randn(b, t, 3, generator=g)}
+    masks = {m: torch.ones(b, t, dtype=torch.bool) for m in feats}
+    masks["text"][1, :2] = False
+    masks["audio"][4, :3] = False
+    return feats, masks
+
+
+def _zero_ffn(ffn):
+    """The reference for p = 0: the block's MoE contributes nothing (the residual stream passes)."""
+    ffn.forward = lambda tokens, valid, prune=None: ({m: torch.zeros_like(x) for m, x in tokens.items()}, None, None)
+
+
+def _prune_cases(rank, world, out_dir):
     from s3dist.config import DistConfig
     from s3dist.dist import attach_expert_groups, init_distributed, make_dims
+    from s3dist.sparsify import BatchSparsifier, FixedSparsifier, pruned_layers
 
     dims = make_dims(*init_distributed(DistConfig()), 1)
-    model, _ = _model()
-    attach_expert_groups(model, dims)
-    model.eval()
-    g = torch.Generator().manual_seed(1)
-    x = {m: torch.randn(3, 5, 16, generator=g) for m in ("text", "audio")}
-    valid = {m: torch.ones(3, 5, dtype=torch.bool) for m in x}
-    layer = model.layers[0]
-    with torch.no_grad():
-        plain = layer(x, valid)[0]
-        ones = layer(x, valid, {m: torch.ones(3, 4) for m in x})[0]
-        zero_row = {m: torch.ones(3, 4) for m in x}
-        zero_row["text"][1] = 0
-        pruned = layer(x, valid, zero_row)[0]
-    return {"plain": plain, "ones": ones, "pruned": pruned}
+    feats, masks = _inputs()
+    res = {}
+    for arch, rep, which in [("transformer", "residual", "all"), ("transformer", "residual", "last"),
+                             ("stem", "residual", "all"), ("transformer", "expert_output", "last")]:
+        model, _ = _model(arch=arch, representation=rep)
+        attach_expert_groups(model, dims)
+        model.eval()
+        layers = pruned_layers(2, which)
+        with torch.no_grad():
+            plain = model(feats, masks).embeddings
+            keep_all = model(feats, masks, sparsifier=FixedSparsifier({i: {"text": -float("inf"), "audio": -float("inf")}
+                                                                       for i in layers}, "token_pairs")).embeddings
+            p0_batch = model(feats, masks, sparsifier=BatchSparsifier(0.0, "token_pairs", layers)).embeddings
+            p0_fixed = model(feats, masks, sparsifier=FixedSparsifier({i: {"text": float("inf"), "audio": float("inf")}
+                                                                       for i in layers}, "token_pairs")).embeddings
+            for i in layers:
+                _zero_ffn(model.blocks[i].ffn)
+            no_moe = model(feats, masks).embeddings
+        res[(arch, rep, which)] = {"plain": plain, "keep_all": keep_all, "p0_batch": p0_batch, "p0_fixed": p0_fixed,
+                                   "no_moe": no_moe}
+    return res
 
 
 @pytest.mark.slow
-def test_keep_mask_all_ones_changes_nothing_and_zero_row_gives_zero(tmp_path):
-    """An all-ones keep-mask equals no mask exactly; a sample whose row is all zeros gets a zero expert
-    output (no NaN) while the other samples are unchanged."""
-    r = run_ranks(_keep_mask_cases, 1, tmp_path)[0]
-    for m in r["plain"]:
-        assert torch.equal(r["ones"][m], r["plain"][m])
-    assert torch.equal(r["pruned"]["text"][1], torch.zeros_like(r["pruned"]["text"][1]))
-    assert torch.isfinite(r["pruned"]["text"]).all()
-    assert torch.equal(r["pruned"]["text"][0], r["plain"]["text"][0])
-    assert torch.equal(r["pruned"]["audio"], r["plain"]["audio"])
+def test_p0_is_the_encoder_without_the_pruned_layers_experts(tmp_path):
+    """p = 0 in token_pairs mode equals the encoder whose pruned MoE layers contribute nothing (the residual
+    stream carries the tokens on); a threshold of -inf changes nothing. With the earlier 'expert_output'
+    representation p = 0 deletes the representation itself (all zeros)."""
+    res = run_ranks(_prune_cases, 1, tmp_path)[0]
+    for case, r in res.items():
+        for m in ("text", "audio"):
+            assert torch.equal(r["keep_all"][m], r["plain"][m]), case
+            torch.testing.assert_close(r["p0_batch"][m], r["no_moe"][m], atol=1e-6, rtol=0, msg=str(case))
+            torch.testing.assert_close(r["p0_fixed"][m], r["no_moe"][m], atol=1e-6, rtol=0, msg=str(case))
+            assert not torch.allclose(r["p0_batch"][m], r["plain"][m]), case  # the experts did contribute
+    expert_out = res[("transformer", "expert_output", "last")]
+    assert all(torch.count_nonzero(expert_out["p0_batch"][m]) == 0 for m in ("text", "audio"))
+
+
+def _pair_counts(rank, world, out_dir):
+    from s3dist.config import DistConfig
+    from s3dist.dist import attach_expert_groups, init_distributed, make_dims
+    from s3dist.sparsify import BatchSparsifier
+
+    dims = make_dims(*init_distributed(DistConfig()), 1)
+    model, _ = _model(layers=1)
+    attach_expert_groups(model, dims)
+    model.eval()
+    feats, masks = _inputs()
+    router = model.routers()[0]
+    out = {}
+    with torch.no_grad():
+        for unit in ("token_pairs", "sample_pairs"):
+            for p in (1.0, 0.3, 0.0):
+                router.pop_eval_counters()
+                model(feats, masks, sparsifier=BatchSparsifier(p, unit, {0}))
+                out[(unit, p)] = router.pop_eval_counters().tolist()
+    out["valid_tokens"] = int(sum(m.sum() for m in masks.values()))
+    return out
+
+
+@pytest.mark.slow
+def test_token_pairs_keep_the_top_fraction_of_selected_routes(tmp_path):
+    """In token_pairs mode the unit is a route the router selected: p keeps ceil(p * tokens * k) of them per
+    modality (here: the routes that reach an expert, counted by the router); sample_pairs keeps other counts.
+    Evaluation drops nothing on top (routed == kept)."""
+    r = run_ranks(_pair_counts, 1, tmp_path)[0]
+    k, valid = 2, r["valid_tokens"]
+    text, audio = 6 * 5 - 2, 6 * 5 - 3
+    assert r[("token_pairs", 1.0)] == [valid * k, valid * k]
+    assert r[("token_pairs", 0.3)][0] == math.ceil(0.3 * text * k) + math.ceil(0.3 * audio * k)
+    assert r[("token_pairs", 0.0)][0] == 0
+    assert r[("sample_pairs", 0.3)][0] != r[("token_pairs", 0.3)][0]
+    for key, counts in r.items():
+        if key != "valid_tokens":
+            assert counts[0] == counts[1], key
+
+
+def _batch_rule(rank, world, out_dir, ep):
+    from s3dist.config import DistConfig
+    from s3dist.dist import attach_expert_groups, init_distributed, make_dims
+    from s3dist.model.encoder import S3Encoder
+    from s3dist.sparsify import BatchSparsifier
+
+    dims = make_dims(*init_distributed(DistConfig()), ep)
+    _, cfg = _model()
+    torch.manual_seed(0)
+    model = S3Encoder({"text": 5, "audio": 3}, cfg.model, cfg.moe, ep_size=ep, ep_rank=dims.ep_rank)
+    attach_expert_groups(model, dims)
+    model.eval()
+    feats, masks = _inputs(b=8)
+    sizes = [5, 3] if world == 2 else [8]
+    a = sum(sizes[:rank])
+    sl = slice(a, a + sizes[rank])
+    with torch.no_grad():
+        return {p: model({m: f[sl] for m, f in feats.items()}, {m: k[sl] for m, k in masks.items()},
+                         sparsifier=BatchSparsifier(p, unit, {0, 1})).embeddings
+                for p in (0.1, 0.3, 0.77) for unit in ("token_pairs",)}
+
+
+@pytest.mark.slow
+def test_batch_rule_on_two_ranks_equals_one_rank(tmp_path):
+    """The paper's per-batch rule with one global threshold: uneven shares of a batch on 2 ranks (ep=2)
+    give the embeddings one process holding the whole batch gives, for every p."""
+    one = run_ranks(_batch_rule, 1, tmp_path / "one", 1)[0]
+    two = run_ranks(_batch_rule, 2, tmp_path / "two", 2)
+    for p, emb in one.items():
+        for m, e in emb.items():
+            torch.testing.assert_close(torch.cat([two[0][p][m], two[1][p][m]]), e, atol=1e-5, rtol=1e-5)
+
+
+def _calibrated(rank, world, out_dir, data_url, eval_bs, rule):
+    from s3dist.config import RunConfig
+    from s3dist.dist import attach_expert_groups, init_distributed, make_dims
+    from s3dist.evaluate import _streams, extract, sparsifiers
+    from s3dist.model.encoder import S3Encoder
+
+    cfg = RunConfig()
+    cfg.model.d_model, cfg.model.num_layers = 16, 2
+    cfg.moe.num_experts, cfg.moe.top_k, cfg.moe.expert_hidden = 4, 2, 8
+    cfg.data.eval_batch_size = eval_bs
+    cfg.stages.prune_threshold = rule
+    dims = make_dims(*init_distributed(cfg.dist), world)
+    torch.manual_seed(0)
+    model = S3Encoder({"text": 6, "audio": 4}, cfg.model, cfg.moe, ep_size=world, ep_rank=dims.ep_rank)
+    attach_expert_groups(model, dims)
+    streams = _streams(cfg, data_url, rank, world)
+    by_p = sparsifiers(cfg, model, streams["train"], [0.3, 1.0], dims.device)
+    got = extract(model, streams["test"], by_p, dims.device)
+    thresholds = by_p[0.3].thresholds if rule == "calibrated" else None
+    return {"ids": got["ids"], "emb": got["emb"][0.3], "thresholds": thresholds}
+
+
+def _by_id(results):
+    ids = np.concatenate([r["ids"] for r in results])
+    emb = np.concatenate([r["emb"] for r in results])
+    return emb[np.argsort(ids)]
+
+
+@pytest.mark.slow
+def test_calibrated_thresholds_do_not_depend_on_batch_or_ranks(tmp_path):
+    """Calibrated Stage 3: 1 rank vs 2 ranks (ep=2) and eval batch 32 vs 256 give the same thresholds and the
+    same test embeddings at p = 0.3. The paper's per-batch rule does depend on the batch size (the control
+    that shows the comparison can fail)."""
+    from s3dist.config import SynthConfig
+    from s3dist.data.synth import generate
+
+    url = str(tmp_path / "data")
+    generate(url, SynthConfig(num_train=200, num_val=40, num_test=90, modality_dims=[6, 4], seq_len=6,
+                              rows_per_shard=50))
+    one_256 = run_ranks(_calibrated, 1, tmp_path / "a", url, 256, "calibrated")
+    one_32 = run_ranks(_calibrated, 1, tmp_path / "b", url, 32, "calibrated")
+    two_32 = run_ranks(_calibrated, 2, tmp_path / "c", url, 32, "calibrated")
+    ref = _by_id(one_256)
+    for other in (one_32, two_32):
+        np.testing.assert_allclose(_by_id(other), ref, atol=1e-5, rtol=1e-5)
+        for layer, per in other[0]["thresholds"].items():
+            for m, t in per.items():
+                assert t == pytest.approx(one_256[0]["thresholds"][layer][m], abs=1e-6)
+    batch_256 = _by_id(run_ranks(_calibrated, 1, tmp_path / "d", url, 256, "batch"))
+    batch_32 = _by_id(run_ranks(_calibrated, 1, tmp_path / "e", url, 32, "batch"))
+    assert np.abs(batch_256 - batch_32).max() > 1e-3
+
+
+def _eval_drops(rank, world, out_dir):
+    from s3dist.config import DistConfig
+    from s3dist.dist import attach_expert_groups, init_distributed, make_dims
+    from s3dist.evaluate import dropped_fraction
+
+    dims = make_dims(*init_distributed(DistConfig()), 1)
+    model, _ = _model(kind="s3")
+    for r in model.routers():
+        r.drop_tokens, r.capacity_factor, r.min_capacity = True, 0.25, 1
+    attach_expert_groups(model, dims)
+    feats, masks = _inputs(b=16)
+    with torch.no_grad():
+        model.train()
+        [r.pop_load_counters() for r in model.routers()]  # start from zero
+        model(feats, masks)
+        train_counts = [r.pop_load_counters() for r in model.routers()]
+        model.eval()
+        dropped_fraction(model, dims)
+        model(feats, masks)
+        eval_dropped = dropped_fraction(model, dims)
+    n = model.routers()[0].num_experts
+    train_dropped = 1 - sum(float(c[n:2 * n].sum()) for c in train_counts) / sum(float(c[:n].sum()) for c in train_counts)
+    return {"train": train_dropped, "eval": eval_dropped}
+
+
+@pytest.mark.slow
+def test_evaluation_drops_no_token(tmp_path):
+    """With a capacity factor that drops routes in training, the same forward in evaluation drops none: every
+    method's representations are extracted with all their routes (eval.json reports the fraction)."""
+    r = run_ranks(_eval_drops, 1, tmp_path)[0]
+    assert r["train"] > 0.2
+    assert r["eval"] == 0.0
 
 
 def _router_only_step(rank, world, out_dir):
     from s3dist.config import DistConfig
     from s3dist.dist import build_engine, init_distributed, make_dims
-    from s3dist.trainer import select_loss
+    from s3dist.objectives import select_loss
 
     make_dims(*init_distributed(DistConfig()), 1)
     model, cfg = _model()
@@ -169,7 +332,9 @@ def _bf16_model_path(rank, world, out_dir):
 
     batch = Batch(ids=torch.arange(6), labels=torch.zeros(6, dtype=torch.long), features=feats, masks=masks,
                   concepts=None)
-    res = extract(model, [batch], [0.5, 1.0], torch.device("cpu"))
+    from s3dist.sparsify import BatchSparsifier
+
+    res = extract(model, [batch], {0.5: BatchSparsifier(0.5, "token_pairs", {0, 1}), 1.0: None}, torch.device("cpu"))
     return {"emb_dtype": str(emb["text"].dtype), "loss_dtype": str(loss.dtype), "loss": float(loss.detach()),
             "grad_ok": all(p.grad is None or bool(torch.isfinite(p.grad.float()).all()) for p in model.parameters()),
             "extract_dtype": str(res["emb"][1.0].dtype), "extract_finite": bool(np.isfinite(res["emb"][0.5]).all()),

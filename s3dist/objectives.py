@@ -1,0 +1,96 @@
+"""The objectives of S3's two training stages, built from the primitives in `s3dist.losses`.
+
+Stage 1, Specialization (self-supervised; encoders and routers train):
+    L = intra_weight * L_rep + cross_weight * L_dsc + aux_loss_weight * L_aux (+ z_loss_weight * L_z)
+    L_rep: InfoNCE between two augmented views of each modality; L_dsc: cross-modal InfoNCE.
+Stage 2, Selection (supervised; only the routers train):
+    L = supcon_weight * L_SupCon + compact_weight * L_Comp (+ select_balance_weight * L_aux)
+    L_SupCon: cross-modal supervised contrastive loss, both directions (sufficiency);
+    L_Comp: the vMF compactness on the representation, both directions (minimality). The paper's Stage 2
+    has no balance term (experts should now be used unevenly): `select_balance_weight` defaults to 0.
+
+Each function takes the engine (or the bare encoder), a batch, the run config and the modalities, and
+returns (loss, {term name: value}) for logging.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from s3dist import losses
+from s3dist.config import RunConfig
+
+
+def augment(x: torch.Tensor, mask: torch.Tensor, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    """One view for Stage 1: time masking (keeps at least one real step), feature dropout, Gaussian noise."""
+    if cfg.time_mask > 0 and x.shape[1] > 1:
+        drop = (torch.rand(mask.shape, device=x.device) < cfg.time_mask) & mask
+        keep = mask & ~drop
+        empty = ~keep.any(1) & mask.any(1)
+        keep[empty] = mask[empty]  # never mask a sample away entirely
+        mask = keep
+    if cfg.feature_dropout > 0:
+        x = x * (torch.rand_like(x) >= cfg.feature_dropout) / (1 - cfg.feature_dropout)
+    if cfg.noise_std > 0:
+        x = x + cfg.noise_std * torch.randn_like(x)
+    return x * mask.unsqueeze(-1), mask
+
+
+def specialize_loss(engine, batch, cfg: RunConfig, modalities: list[str]):
+    """Stage 1: intra-modal InfoNCE (two views) + cross-modal InfoNCE + balance (+ z) losses."""
+    st = cfg.stages
+    feats, masks = {}, {}
+    for m in modalities:
+        x1, k1 = augment(batch.features[m], batch.masks[m], st)
+        x2, k2 = augment(batch.features[m], batch.masks[m], st)
+        feats[m], masks[m] = torch.cat([x1, x2]), torch.cat([k1, k2])  # one MoE call for both views
+    out = engine(feats, masks)
+    b = len(batch)
+    e1 = {m: e[:b] for m, e in out.embeddings.items()}
+    e2 = {m: e[b:] for m, e in out.embeddings.items()}
+    terms = {}
+    terms["intra"] = sum(losses.info_nce(e1[m], e2[m], st.temperature) for m in modalities) / len(modalities)
+    prs = losses.pairs(modalities)
+    if prs:
+        terms["cross"] = sum(losses.info_nce(e1[a], e1[b_], st.temperature) for a, b_ in prs) / len(prs)
+    total = st.intra_weight * terms["intra"] + st.cross_weight * terms.get("cross", 0.0)
+    return _router_terms(total, terms, out, cfg.moe.aux_loss_weight, cfg.moe.z_loss_weight)
+
+
+def select_loss(engine, batch, cfg: RunConfig, modalities: list[str]):
+    """Stage 2: cross-modal SupCon with the task labels + compactness (routers only train)."""
+    st = cfg.stages
+    out = engine(batch.features, batch.masks)
+    emb = out.embeddings
+    y = batch.concepts if st.select_target == "concepts" else batch.labels  # train.py checked they exist
+    prs = losses.pairs(modalities)
+    directed = [d for a, b in prs for d in ((a, b), (b, a))] or [(modalities[0], modalities[0])]
+    terms = {"supcon": sum(losses.sup_con(emb[a], emb[b], y, st.temperature) for a, b in directed) / len(directed)}
+    if st.compact_weight > 0:
+        terms["compact"] = compactness_term(out, emb, y, directed, st.compactness)
+    total = st.supcon_weight * terms["supcon"] + st.compact_weight * terms.get("compact", 0.0)
+    return _router_terms(total, terms, out, st.select_balance_weight, cfg.moe.z_loss_weight)
+
+
+def compactness_term(out, emb: dict[str, torch.Tensor], y: torch.Tensor, directed: list[tuple[str, str]],
+                     form: str) -> torch.Tensor:
+    """'vmf' on the representation (the paper), or the earlier routing-mass forms (ablations)."""
+    if form == "vmf":
+        return sum(losses.vmf_compactness(emb[a], emb[b], y) for a, b in directed) / len(directed)
+    scores = out.sample_scores
+    return sum(losses.compactness(s, form) for s in scores.values()) / max(1, len(scores))
+
+
+def _router_terms(total, terms, out, aux_weight: float, z_weight: float):
+    if out.aux_loss is not None:
+        terms["aux"] = out.aux_loss  # logged also at weight 0: the load it measures is worth watching
+        if aux_weight > 0:
+            total = total + aux_weight * out.aux_loss
+    if out.z_loss is not None and z_weight > 0:
+        terms["z"] = out.z_loss
+        total = total + z_weight * out.z_loss
+    terms["loss"] = total
+    return total, terms
+
+
+STAGE_LOSS = {"specialize": specialize_loss, "select": select_loss}

@@ -1,0 +1,110 @@
+"""S3's objectives: the vMF compactness against a hand computation, every loss on 2 ranks against 1 rank
+holding the whole batch (values and gradients), and what Stage 2's loss contains by default."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tests.multirank import run_ranks
+
+
+def test_vmf_compactness_hand_computed():
+    """4 samples, 2 classes, 2-d embeddings: L[a->b] = -mean_i <unit a_i, normalised class mean of unit b>."""
+    from s3dist.losses import vmf_compactness
+
+    a = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 4.0], [-1.0, 0.0]])
+    b = torch.tensor([[2.0, 0.0], [0.0, 1.0], [0.0, 5.0], [1.0, 1.0]])
+    y = torch.tensor([0, 0, 1, 1])
+    # class 0 in b: mean of (1, 0) and (0, 1) -> direction (1, 1)/sqrt2; class 1: mean of (0, 1) and (1, 1)/sqrt2
+    r = 1 / math.sqrt(2)
+    c1 = torch.tensor([r / 2, (1 + r) / 2])
+    c1 = c1 / c1.norm()
+    expected = -(r + r + (0.6 * c1[0] + 0.8 * c1[1]) + (-c1[0])) / 4
+    assert float(vmf_compactness(a, b, y)) == pytest.approx(float(expected), abs=1e-6)
+    # pulling towards the other modality's class direction, not towards a's own: swapping a and b differs
+    assert float(vmf_compactness(b, a, y)) != pytest.approx(float(expected), abs=1e-3)
+    # perfect alignment with the class directions reaches the minimum -1
+    assert float(vmf_compactness(torch.tensor([[1.0, 0.0], [1.0, 0.0]]), torch.tensor([[5.0, 0.0], [1.0, 0.0]]),
+                                 torch.tensor([0, 0]))) == pytest.approx(-1.0)
+
+
+B, D = 8, 6
+
+
+def _losses(rank, world, out_dir):
+    """Each loss on this rank's slice of one global batch; returns values and input gradients."""
+    from s3dist import losses
+    from s3dist.config import DistConfig
+    from s3dist.dist import init_distributed
+
+    init_distributed(DistConfig())
+    g = torch.Generator().manual_seed(5)
+    a_all, b_all = torch.randn(B, D, generator=g), torch.randn(B, D, generator=g)
+    y_all = torch.tensor([0, 1, 2, 0, 1, 1, 2, 0])
+    per = B // world
+    sl = slice(rank * per, (rank + 1) * per)
+    out = {}
+    for name, fn in {"info_nce": lambda a, b, y: losses.info_nce(a, b, 0.1),
+                     "sup_con": lambda a, b, y: losses.sup_con(a, b, y, 0.1),
+                     "vmf": losses.vmf_compactness}.items():
+        a = a_all[sl].clone().requires_grad_(True)
+        b = b_all[sl].clone().requires_grad_(True)
+        loss = fn(a, b, y_all[sl])
+        loss.backward()
+        out[name] = {"loss": float(loss.detach()), "ga": a.grad.clone(), "gb": b.grad.clone()}
+    return out
+
+
+@pytest.mark.slow
+def test_losses_on_two_ranks_equal_one_rank_with_the_whole_batch(tmp_path):
+    """Negatives, positives and class means come from the global batch: the mean over 2 ranks of each
+    loss equals the 1-rank loss, and each rank's input gradients are world x the 1-rank gradients of its
+    rows (DeepSpeed then averages parameter gradients over the ranks), to 1e-6."""
+    one = run_ranks(_losses, 1, tmp_path / "one")[0]
+    two = run_ranks(_losses, 2, tmp_path / "two")
+    for name, ref in one.items():
+        assert (two[0][name]["loss"] + two[1][name]["loss"]) / 2 == pytest.approx(ref["loss"], abs=1e-6), name
+        for key in ("ga", "gb"):
+            got = torch.cat([two[0][name][key], two[1][name][key]]) / 2
+            torch.testing.assert_close(got, ref[key], atol=1e-6, rtol=1e-5, msg=lambda s: f"{name} {key}: {s}")
+
+
+def _stage2_terms(rank, world, out_dir, overrides):
+    from s3dist.config import DistConfig, load_config
+    from s3dist.data.stream import Batch
+    from s3dist.dist import attach_expert_groups, init_distributed, make_dims
+    from s3dist.model.encoder import S3Encoder
+    from s3dist.objectives import select_loss
+
+    dims = make_dims(*init_distributed(DistConfig()), 1)
+    cfg = load_config(None, ["model.d_model=16", "moe.num_experts=4", "moe.top_k=2", "moe.expert_hidden=8",
+                             *overrides])
+    torch.manual_seed(0)
+    model = S3Encoder({"text": 5, "audio": 3}, cfg.model, cfg.moe)
+    attach_expert_groups(model, dims)
+    g = torch.Generator().manual_seed(3)
+    feats = {"text": torch.randn(8, 4, 5, generator=g), "audio": torch.randn(8, 4, 3, generator=g)}
+    batch = Batch(ids=torch.arange(8), labels=torch.tensor([0, 1] * 4), features=feats,
+                  masks={m: torch.ones(8, 4, dtype=torch.bool) for m in feats}, concepts=None)
+    loss, terms = select_loss(model, batch, cfg, ["text", "audio"])
+    return {"loss": float(loss), **{k: float(v) for k, v in terms.items()}}
+
+
+@pytest.mark.slow
+def test_stage2_default_is_supcon_plus_vmf_without_balance(tmp_path):
+    """By default Stage 2 = SupCon + compact_weight * vMF compactness: the balance loss is measured (logged)
+    but not in the loss; stages.select_balance_weight puts it back."""
+    from s3dist.config import StagesConfig
+
+    r = run_ranks(_stage2_terms, 1, tmp_path / "a", [])[0]
+    w = StagesConfig().compact_weight
+    assert r["aux"] > 0
+    assert r["loss"] == pytest.approx(r["supcon"] + w * r["compact"], abs=1e-6)
+    assert -1.0 <= r["compact"] <= 1.0  # minus a mean cosine similarity
+    b = run_ranks(_stage2_terms, 1, tmp_path / "b", ["stages.select_balance_weight=0.5"])[0]
+    assert b["loss"] == pytest.approx(b["supcon"] + w * b["compact"] + 0.5 * b["aux"], abs=1e-6)
+    e = run_ranks(_stage2_terms, 1, tmp_path / "c", ["stages.compactness=entropy"])[0]
+    assert e["compact"] > 0  # the routing-entropy ablation is a different quantity
