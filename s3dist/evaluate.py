@@ -14,6 +14,7 @@ import csv
 import json
 import logging
 import statistics
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -476,6 +477,21 @@ def _cli_sweep(args) -> int:
     return _cli_eval(args)
 
 
+def _guarded(fn):
+    """Bad input (config key, checkpoint, data) exits 2 with the message, not a traceback."""
+    def run(args) -> int:
+        from s3dist.checkpoint import CheckpointError
+        from s3dist.config import ConfigError
+        from s3dist.data import DataError
+
+        try:
+            return fn(args)
+        except (ConfigError, CheckpointError, DataError) as e:
+            print(f"s3dist {args.command}: {e}", file=sys.stderr)
+            return 2
+    return run
+
+
 def add_subcommands(sub, name: str, help_text: str) -> None:
     p = sub.add_parser(name, help=help_text)
     if name == "eval":
@@ -483,14 +499,15 @@ def add_subcommands(sub, name: str, help_text: str) -> None:
         src.add_argument("--run", type=Path, help="run directory (newest checkpoint is used)")
         src.add_argument("--model", type=Path, help="exported .safetensors file (s3dist export)")
         p.add_argument("--keep-fraction", type=float, help="one keep fraction p in [0, 1]")
-        p.set_defaults(func=_cli_eval)
+        p.set_defaults(func=_guarded(_cli_eval))
     else:
         p.add_argument("--run", type=Path, nargs="+", required=True,
                        help="run directory; several runs (seeds) are aggregated into mean ± std")
         p.add_argument("--keep-fractions", help="comma-separated list, e.g. 0,0.1,0.3,1.0")
-        p.add_argument("--out", type=Path, help="where the outputs go: with several runs sweep_seeds.json/png, "
-                                                "with one run eval.json, sweep.csv/png (default: the run directory)")
-        p.set_defaults(func=_cli_sweep)
+        p.set_defaults(func=_guarded(_cli_sweep))
+    p.add_argument("--out", type=Path, help="where the outputs go: eval.json, sweep.csv/png of one run, or "
+                                            "sweep_seeds.json/png of several (default: the run directory, or the "
+                                            "exported file's folder)")
     p.add_argument("--data", help="data set URL (default: the run's)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help=f"evaluation settings, e.g. data.eval_batch_size=32 stages.prune_threshold=batch (keys "

@@ -203,6 +203,33 @@ def test_export_loads_without_deepspeed_and_evaluates(tmp_path, reference):
     assert 0.5 <= res["probe_accuracy"] <= 1.0
 
 
+def test_eval_overrides_and_calibrated_stage3_do_not_depend_on_eval_batch(tmp_path, reference):
+    """`s3dist eval --run DIR --keep-fraction P KEY=VALUE`: evaluation settings can be overridden; with the
+    default calibrated Stage 3 the thresholds and accuracies at p=0.3 are the same for eval batch 32 and 256,
+    no token is dropped; a key that would change the model is refused by name, before anything runs."""
+    results = {}
+    for bs in (32, 256):
+        out = tmp_path / f"bs{bs}"
+        ev = subprocess.run([sys.executable, "-m", "s3dist.cli", "eval", "--run", str(reference), "--keep-fraction",
+                             "0.3", "--out", str(out), f"data.eval_batch_size={bs}"],
+                            cwd=ROOT, env=launching.env(), capture_output=True, text=True, timeout=300)
+        assert ev.returncode == 0, ev.stderr[-3000:]
+        results[bs] = json.loads((out / "eval.json").read_text())
+    a, b = results[32], results[256]
+    assert a["stage3"]["prune_threshold"] == "calibrated" and a["stage3"]["prune_unit"] == "token_pairs"
+    assert a["stage3"]["thresholds"].keys() == {"0.3"}
+    for layer, per in a["stage3"]["thresholds"]["0.3"].items():
+        for m, t in per.items():
+            assert t == pytest.approx(b["stage3"]["thresholds"]["0.3"][layer][m], abs=1e-6)
+    assert [r["accuracy"] for r in a["sweep"]] == [r["accuracy"] for r in b["sweep"]]
+    assert a["eval_dropped_fraction"] == b["eval_dropped_fraction"] == 0.0
+    bad = subprocess.run([sys.executable, "-m", "s3dist.cli", "eval", "--run", str(reference), "--out",
+                          str(tmp_path / "bad"), "model.d_model=8"],
+                         cwd=ROOT, env=launching.env(), capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "cannot override ['model.d_model']" in bad.stderr
+    assert not (tmp_path / "bad" / "eval.json").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # Failing clearly
 # ---------------------------------------------------------------------------------------------
