@@ -61,7 +61,7 @@ if [[ " $DATASETS " == *" digits "* ]] && [ ! -f "$OUT/data/digits/manifest.json
 fi
 
 train() {  # data method seed
-  local dir="$OUT/$1/$2-s$3" spec
+  local dir="$OUT/$1/$2-s$3" spec data
   [ -f "$dir/eval.json" ] && return 0
   read -r -a spec <<< "${METHOD[$2]}"
   read -r -a data <<< "$(data_args "$1" "$3")"
