@@ -292,12 +292,11 @@ def write_outputs(run_dir: Path, result: dict, test: dict, logger, step: int) ->
             w.writerow([r["keep_fraction"], r["accuracy"], r["val_accuracy"], r["C"]])
     rgb = plot_sweep({"this run": result["sweep"]}, run_dir / "sweep.png")
     if logger is not None:
-        for r in result["sweep"]:
-            logger.log(int(round(r["keep_fraction"] * 1000)), "sparsify",
-                       {"sweep/accuracy_vs_keep_permille": r["accuracy"]})
-        logger.log(step, "eval", {"eval/probe_accuracy": result["probe_accuracy"],
-                                  "eval/best_accuracy": result["best_accuracy"],
-                                  "eval/best_keep_fraction": result["best_keep_fraction"]})
+        table = "| keep fraction p | test accuracy | val accuracy |\n|---|---|---|\n" + "\n".join(
+            f"| {r['keep_fraction']:g} | {r['accuracy']:.4f} | {r['val_accuracy']:.4f} |" for r in result["sweep"])
+        logger.summary(step, {"eval/probe_accuracy": result["probe_accuracy"],
+                              "eval/best_accuracy": result["best_accuracy"],
+                              "eval/best_keep_fraction": result["best_keep_fraction"]}, {"eval/sweep": table})
         logger.image(step, "eval/sweep", rgb)
         for m, s in test["scores"].items():
             logger.image(step, f"routing/{m}/expert_x_class", _heatmap(s, test["labels"], "class"))

@@ -24,11 +24,13 @@ class MetricsBackend(Protocol):
     def scalars(self, step: int, stage: str, values: dict[str, float]) -> None: ...
     def histogram(self, step: int, tag: str, values: np.ndarray) -> None: ...
     def image(self, step: int, tag: str, rgb: np.ndarray) -> None: ...
+    def summary(self, step: int, values: dict[str, float], text: dict[str, str]) -> None: ...
     def close(self) -> None: ...
 
 
 class JsonlBackend:
-    """`metrics.jsonl`: one JSON object per logged step (`step`, `stage`, then every scalar)."""
+    """`metrics.jsonl`: one JSON object per logged *training* step (`step`, `stage`, then every scalar).
+    Evaluation results are not steps of a time series: they live in eval.json (summaries are ignored here)."""
 
     def __init__(self, path: Path) -> None:
         self.f = open(path, "a", buffering=1)
@@ -40,6 +42,9 @@ class JsonlBackend:
         pass
 
     def image(self, step, tag, rgb):
+        pass
+
+    def summary(self, step, values, text):
         pass
 
     def close(self):
@@ -64,6 +69,13 @@ class TensorBoardBackend:
         self.w.add_image(tag, rgb, step, dataformats="HWC")
         self.w.flush()
 
+    def summary(self, step, values, text):
+        for k, v in values.items():
+            self.w.add_scalar(k, v, step)
+        for k, v in text.items():
+            self.w.add_text(k, v, step)
+        self.w.flush()
+
     def close(self):
         self.w.close()
 
@@ -86,6 +98,12 @@ class MetricsLogger:
     def image(self, step: int, tag: str, rgb: np.ndarray) -> None:
         for b in self.backends:
             b.image(step, tag, rgb)
+
+    def summary(self, step: int, values: dict[str, float], text: dict[str, str] | None = None) -> None:
+        """Results of the run at `step` (evaluation): TensorBoard scalars and text, not metrics.jsonl rows."""
+        clean = {k: float(v) for k, v in values.items()}
+        for b in self.backends:
+            b.summary(step, clean, text or {})
 
     def close(self) -> None:
         for b in self.backends:

@@ -64,15 +64,18 @@ def test_accelerate_launch_run_directory_contract(tmp_path):
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     assert cfg["stages"]["specialize_steps"] == 10 and cfg["data"]["modalities"] == ["text", "audio"]
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
-    train_rows = [r for r in rows if r["stage"] in ("specialize", "select")]
-    assert train_rows and all({"step", "stage", "loss", "samples_per_s"} <= r.keys() for r in train_rows)
-    assert {r["stage"] for r in train_rows} == {"specialize", "select"}
+    # a time series of training steps only: evaluation results live in eval.json and TensorBoard
+    assert rows and all({"step", "stage", "loss", "samples_per_s"} <= r.keys() for r in rows)
+    assert {r["stage"] for r in rows} == {"specialize", "select"}
+    assert [r["step"] for r in rows] == sorted(r["step"] for r in rows)
     assert list((out / "tb").glob("events.out.tfevents.*"))
     assert (out / "checkpoints" / "latest").exists()
     latest = (out / "checkpoints" / "latest").read_text().strip()
     assert list((out / "checkpoints" / latest).glob("layer_*_expert_*_model_states.pt"))
     ev = json.loads((out / "eval.json").read_text())
-    assert {"probe_accuracy", "sweep", "best_keep_fraction", "best_accuracy", "modalities"} <= ev.keys()
+    assert {"probe_accuracy", "sweep", "best_keep_fraction", "best_accuracy", "modalities", "stage3",
+            "eval_dropped_fraction"} <= ev.keys()
+    assert ev["eval_dropped_fraction"] == 0.0
     assert {r["keep_fraction"] for r in ev["sweep"]} == {0.3, 1.0}
     ranks = [json.loads(ln) for ln in (out / "ranks.jsonl").read_text().splitlines()]
     assert sorted(r["rank"] for r in ranks) == [0, 1]
