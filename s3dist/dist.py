@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -83,6 +84,11 @@ def init_distributed(cfg: DistConfig) -> tuple[int, int, int, torch.device, str]
         raise ConfigError(f"DeepSpeed's accelerator is {ds_device!r} (DS_ACCELERATOR="
                           f"{os.environ.get('DS_ACCELERATOR', '<unset>')!r}) but torch's device is {device.type!r}: "
                           f"unset DS_ACCELERATOR or set DS_ACCELERATOR={'cuda' if cuda else 'cpu'}")
+    # DeepSpeed 0.19's ZeRO-1/2 all-gathers partitions through torch.distributed.all_gather_into_tensor, which
+    # torch 2.13 deprecates with a FutureWarning per call site; s3dist's own collectives use the current API.
+    # Silence exactly that message so a default run's console shows only what a user can act on.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                            category=FutureWarning)
     if not dist.is_initialized():
         # The timeout bounds how long survivors wait in a collective when a rank dies.
         deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=cfg.timeout_s),

@@ -61,6 +61,8 @@ def test_accelerate_launch_run_directory_contract(tmp_path):
            "stages.specialize_steps=10", "stages.select_steps=5"]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    noisy = [ln for ln in p.stderr.splitlines() if "FutureWarning" in ln or "DeprecationWarning" in ln]
+    assert not noisy, noisy  # a default run uses current APIs: users should not learn to ignore warnings
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     assert cfg["stages"]["specialize_steps"] == 10 and cfg["data"]["modalities"] == ["text", "audio"]
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
