@@ -46,7 +46,38 @@ def _ms(xs: list[float]) -> str:
     return f"{100 * statistics.mean(xs):.2f} ± {100 * statistics.pstdev(xs):.2f}"
 
 
-def sweep_table(runs: dict) -> str:
+def raw_input_probe(out: Path, data: str) -> list[float]:
+    """Reference: the same probe on the time-averaged raw inputs of each seed's data set (how much of the
+    label a linear read-out of the inputs themselves finds)."""
+    import numpy as np
+
+    from s3dist.data.stream import ShardStream
+    from s3dist.evaluate import fit_probe
+
+    by_seed = {}  # every run of a seed generated the same synthetic data set: one per seed
+    for d in sorted(out.glob(f"{data}/*-s*/data")):
+        seed = re.fullmatch(r".+-s(\d+)(-.+)?", d.parent.name)
+        if seed and (d / "manifest.json").exists():
+            by_seed.setdefault(seed.group(1), str(d))
+    urls = list(by_seed.values())
+    if data == "digits" and (out / "data" / "digits" / "manifest.json").exists():
+        urls = [str(out / "data" / "digits")]
+    accs = []
+    for url in urls:
+        xy = {}
+        for split in ("train", "val", "test"):
+            feats, labels = [], []
+            for b in ShardStream(url, split, batch_size=512, shuffle_buffer=0, drop_last=False, prefetch=0):
+                m = {k: v.unsqueeze(-1).float() for k, v in b.masks.items()}
+                feats.append(np.concatenate([((b.features[k] * m[k]).sum(1) / m[k].sum(1).clamp_min(1)).numpy()
+                                             for k in sorted(b.features)], axis=1))
+                labels.append(b.labels.numpy())
+            xy[split] = (np.concatenate(feats), np.concatenate(labels))
+        accs.append(fit_probe(*xy["train"], *xy["val"], *xy["test"], [0.01, 0.1, 1.0, 10.0], 2000)["accuracy"])
+    return accs
+
+
+def sweep_table(runs: dict, raw: dict[str, list[float]] | None = None) -> str:
     ps = sorted({r["keep_fraction"] for per in runs.values() for evs in per.values() for e in evs
                  for r in e["sweep"]})
     head = "| data | method | n | " + " | ".join(f"p={p:g}" for p in ps) + " | p chosen on val |"
@@ -60,6 +91,9 @@ def sweep_table(runs: dict) -> str:
                 cells.append(_ms(accs) if len(accs) == len(evs) else "")
             chosen = _ms([e["best_accuracy"] for e in evs])
             lines.append(f"| {data} | {LABELS.get(method, method)} | {len(evs)} | " + " | ".join(cells) + f" | {chosen} |")
+        if raw and raw.get(data):
+            lines.append(f"| {data} | linear probe on raw inputs (time-averaged) | {len(raw[data])} | "
+                         + " | ".join("" for _ in ps) + f" | {_ms(raw[data])} |")
     return "\n".join(lines)
 
 
@@ -112,9 +146,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", type=Path)
     ap.add_argument("--plots", type=Path, help="write s3_sweep_<data>.png here")
+    ap.add_argument("--raw", action="store_true", help="add the raw-input probe reference rows")
     args = ap.parse_args()
     runs = load(args.out)
-    print(sweep_table(runs))
+    raw = {data: raw_input_probe(args.out, data) for data in runs} if args.raw else None
+    print(sweep_table(runs, raw))
     print()
     print(mi_table(runs))
     dropped = [e.get("eval_dropped_fraction", 0.0) for per in runs.values() for evs in per.values() for e in evs]
