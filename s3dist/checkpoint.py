@@ -10,6 +10,10 @@ A checkpoint is written under `.tmp-<tag>` and renamed to `<tag>` only after eve
 and the checksums are recorded, so a crash mid-save (or a full disk) leaves the previous checkpoint
 and `latest` untouched. The directory must be on a file system every rank sees (as DeepSpeed's own
 multi-node checkpointing requires).
+
+Export (`s3dist export`) writes the newest checkpoint as a Hugging Face-style folder that
+`s3dist.S3Encoder.from_pretrained` loads in any process (`s3dist.pretrained`), or, for an `--out`
+ending in `.safetensors`, as one file of weights plus the run config.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import json
 import os
 import random
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -202,7 +207,45 @@ def check_compatible(meta: dict, config: dict, ckpt: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def export(run_dir: Path, out_file: Path) -> Path:
+def export(run_dir: Path, out: Path) -> Path:
+    """The run's newest checkpoint as a folder (config.json, model.safetensors with every expert, model card
+    README.md; see `s3dist.pretrained`), or as one safetensors file when `out` ends in `.safetensors`."""
+    if out.suffix == ".safetensors":
+        return export_file(run_dir, out)
+    return export_folder(run_dir, out)
+
+
+def export_folder(run_dir: Path, out: Path) -> Path:
+    """Written next to `out` and renamed into place, so a failed export leaves no half-written folder; an
+    existing export at `out` is replaced, any other existing, non-empty path refused."""
+    from s3dist.pretrained import S3Encoder
+
+    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or _is_export_folder(out))):
+        raise CheckpointError(f"'{out}' exists and is not an s3dist export folder; choose another --out (a path "
+                              f"ending in .safetensors writes one file instead)")
+    encoder = S3Encoder.from_run(run_dir)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    encoder.save_pretrained(tmp)
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in tmp.iterdir():  # safetensors writes its file owner-only; an export is meant to be shared
+        f.chmod(0o666 & ~umask)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def _is_export_folder(path: Path) -> bool:
+    try:
+        conf = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return isinstance(conf, dict) and "s3dist_version" in conf and "run_config" in conf
+
+
+def export_file(run_dir: Path, out_file: Path) -> Path:
     """One safetensors file with every expert and the config: loadable without DeepSpeed or ranks."""
     from safetensors.torch import save_file
 
@@ -253,7 +296,20 @@ def load_export(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 def add_subcommands(sub, name: str, help_text: str) -> None:
     p = sub.add_parser(name, help=help_text)
     p.add_argument("--run", required=True, type=Path, help="run directory")
-    p.add_argument("--out", required=True, type=Path, help="output .safetensors file")
-    p.set_defaults(func=lambda a: print(export(a.run, a.out)) or 0)
+    p.add_argument("--out", required=True, type=Path,
+                   help="output folder (config.json, model.safetensors, README.md: load it with "
+                        "s3dist.S3Encoder.from_pretrained), or a path ending in .safetensors for one file")
+    p.set_defaults(func=_cli_export)
+
+
+def _cli_export(args) -> int:
+    from s3dist.config import ConfigError
+
+    try:
+        print(export(args.run, args.out))
+    except (CheckpointError, ConfigError) as e:  # exit 2 with the message, not a traceback
+        print(f"s3dist export: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 

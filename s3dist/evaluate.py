@@ -399,12 +399,20 @@ def apply_eval_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
 
 
 def load_for_eval(run: Path | None, model_file: Path | None, data_path: str | None = None):
-    """(cfg, model, data_url) from a run's newest checkpoint or from an exported safetensors file."""
+    """(cfg, model, data_url) from a run's newest checkpoint, an exported folder or an exported safetensors file."""
     from s3dist import checkpoint as ckpt_io
-    from s3dist.config import ConfigError, from_dict
+    from s3dist.config import ConfigError, from_dict, to_dict
     from s3dist.data.manifest import read_manifest
     from s3dist.model.encoder import S3Encoder
 
+    if model_file is not None and Path(model_file).is_dir():
+        # An exported folder records its run config and where the training data was (or says which --data)
+        from s3dist.pretrained import S3Encoder as Pretrained
+
+        model = Pretrained.from_pretrained(model_file)
+        data_url = model.data_url(data_path, what=f"'{model_file}'")
+        model.check_manifest(read_manifest(data_url), data_url)
+        return from_dict(to_dict(model.run_config)), model, data_url  # a copy: eval overrides stay off the model
     if model_file is not None:
         cfg_dict, state = ckpt_io.load_export(model_file)
     else:
