@@ -15,7 +15,8 @@ _GROUPS = [
     ("data", "s3dist.data.cli", "import, synthesise and inspect data sets"),
     ("eval", "s3dist.evaluate", "linear-probe evaluation of a run or an exported model"),
     ("sweep", "s3dist.evaluate", "sparsity sweep over keep fractions (one run or several seeds)"),
-    ("export", "s3dist.checkpoint", "write a consolidated safetensors file of a run"),
+    ("export", "s3dist.checkpoint", "write a run's encoder as a folder from_pretrained loads (or one .safetensors)"),
+    ("embed", "s3dist.embed", "embeddings of a data split from a trained encoder, as one Parquet file"),
     ("bench", "s3dist.bench.cli", "benchmarks: data, moe, train, plan"),
     ("config", "s3dist.config_cli", "print the config reference or validate a recipe"),
 ]
