@@ -254,6 +254,9 @@ class DistConfig:
                                      "optim.nonfinite_loss, non-finite gradients of a finite loss then are not.")
     timeout_s: int = _f(300, "Collective timeout: a rank that dies makes the others fail after this many seconds "
                              "instead of hanging.", ge=10)
+    exit_with_launcher: bool = _f(True, "A training process started by torchrun / accelerate launch / s3dist.launch "
+                                        "is killed as soon as that launcher dies (SIGKILL, OOM killer): torchrun "
+                                        "starts workers in their own sessions, so they would train on, orphaned.")
 
 
 @dataclass

@@ -13,19 +13,29 @@ needs (the training processes exit with `EXIT_REQUEUE` after checkpointing on SI
   to the workers (torchrun starts them in their own sessions, so a process-group signal would
   miss them), and exits with 75 when a worker asked for a requeue.
 * It prints the argv it runs, so the job log shows what each node executed.
+
+The worker side of the same process tree is `exit_with_launcher`: torchrun starts workers in their
+own sessions, so when the launcher itself is killed (SIGKILL by a user, a watchdog or the OOM killer:
+no signal can be forwarded) the workers would train on, orphaned, publishing and rotating checkpoints
+under whatever job is started next in the run directory. Each worker asks the kernel to kill it when
+its parent, the launcher, dies.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from s3dist import EXIT_REQUEUE
 
 DEFAULT_PORT_BASE = 20000
+LAUNCHER_PID_ENV = "S3DIST_LAUNCHER_PID"  # set by this launcher for its workers
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def head_node(nodelist: str) -> str:
@@ -106,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = launch_command_parser().parse_args(argv)
     print(f"s3dist.launch on {os.uname().nodename}: accelerate launch {argv}", flush=True)
+    os.environ[LAUNCHER_PID_ENV] = str(os.getpid())  # torchrun / accelerate run in this process: the parent
     signal.signal(signal.SIGUSR2, _forward_signal)
     try:
         launch_command(args)
@@ -117,6 +128,58 @@ def main(argv: list[str] | None = None) -> int:
         print(f"s3dist.launch: training failed: {e!r}", file=sys.stderr, flush=True)
         return 1
     return 0
+
+
+# --------------------------------------------------------------------------------------------
+# The worker side: die with the launcher
+# --------------------------------------------------------------------------------------------
+
+
+def launcher_pid() -> int | None:
+    """Pid of the launcher that started this process (its parent), None when no launcher did.
+
+    torchrun marks its workers with TORCHELASTIC_RUN_ID, accelerate's single-process launcher with
+    ACCELERATE_USE_CPU; a plain `python -m s3dist.train` (under nohup, say) must not die with its shell.
+    """
+    if os.environ.get(LAUNCHER_PID_ENV, "").isdigit():
+        return int(os.environ[LAUNCHER_PID_ENV])
+    if "TORCHELASTIC_RUN_ID" in os.environ or "ACCELERATE_USE_CPU" in os.environ:
+        return os.getppid()
+    return None
+
+
+def _watch_parent(expected: int, interval_s: float) -> None:
+    while os.getppid() == expected:
+        threading.Event().wait(interval_s)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def exit_with_launcher(poll_s: float = 1.0) -> int | None:
+    """Have the kernel SIGKILL this process when its launcher dies; returns the launcher's pid, or None
+    when this process was not started by one (nothing is armed then).
+
+    Linux: prctl(PR_SET_PDEATHSIG), which fires when the thread that forked us exits; torchrun's agent
+    (run by accelerate in the launcher process itself) starts workers from its main thread. Elsewhere
+    a daemon thread polls the parent pid. SIGKILL, not SIGTERM: SIGTERM asks the training to
+    checkpoint for a requeue, which needs every rank, and the launcher that would collect the exit
+    code is gone. A checkpoint being written is then left under its temporary name; published ones
+    are complete (s3dist.checkpoint renames a checkpoint into place only once every rank wrote it).
+    """
+    expected = launcher_pid()
+    if expected is None:
+        return None
+    armed = False
+    if sys.platform.startswith("linux"):
+        try:
+            armed = ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0
+        except (OSError, AttributeError):
+            armed = False
+    if not armed:
+        threading.Thread(target=_watch_parent, args=(expected, poll_s), name="s3dist-launcher-watch",
+                         daemon=True).start()
+    if os.getppid() != expected:  # the launcher died before the signal was armed
+        os.kill(os.getpid(), signal.SIGKILL)
+    return expected
 
 
 if __name__ == "__main__":

@@ -96,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"s3dist: config error: {e}", file=sys.stderr)
         return 2
+    if cfg.dist.exit_with_launcher:
+        from s3dist.launch import exit_with_launcher
+
+        exit_with_launcher()  # orphaned by a killed launcher, this rank would train on (issue #19)
     from s3dist.checkpoint import CheckpointError
     from s3dist.data import DataError
 
