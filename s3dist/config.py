@@ -227,6 +227,11 @@ class CheckpointConfig:
     every_steps: int = _f(50, "Save every N optimizer steps (0: only at stage ends).", ge=0)
     every_minutes: float = _f(0.0, "Also save when this many minutes passed since the last save (0: off).", ge=0.0)
     keep_last: int = _f(2, "Complete checkpoints kept; older ones are deleted after a new one is published.", ge=1)
+    lock_stale_s: float = _f(300.0, "Run-directory lock (one job per output_dir): rank 0 refreshes its heartbeat "
+                                    "every lock_stale_s/10; a holder on another host whose heartbeat is older than "
+                                    "this is taken to be dead and its lock taken over (on the holder's own host a "
+                                    "dead process is seen at once). Hosts' clocks must agree to well within it.",
+                             gt=0.0)
 
 
 @dataclass

@@ -45,8 +45,14 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, RunConfig]:
 
 
 def resolve_run_dir(cfg: RunConfig, is_main: bool) -> Path:
-    """The output directory, identical on every rank; refuses to clobber another run."""
+    """The output directory, identical on every rank, held by this job; refuses to clobber another run.
+
+    Rank 0 takes the directory's run lock (`s3dist.runlock`) before anything is written in it and
+    holds it until `run` ends; when another live job holds it, every rank raises RunLockError.
+    """
     import torch.distributed as dist
+
+    from s3dist import runlock
 
     if cfg.output_dir:
         run_dir = Path(cfg.output_dir)
@@ -55,6 +61,7 @@ def resolve_run_dir(cfg: RunConfig, is_main: bool) -> Path:
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.broadcast_object_list(stamp, src=0)  # ranks could straddle a second boundary
         run_dir = Path("runs") / f"{cfg.name}-{stamp[0]}"
+    runlock.acquire_collective(run_dir, cfg.checkpoint.lock_stale_s, is_main)
     holds_run = (run_dir / "config.yaml").exists()
     if holds_run and not cfg.resume and not cfg.overwrite:
         raise ConfigError(f"output_dir '{run_dir}' already holds a run (config.yaml exists). Continue it with "
@@ -100,12 +107,16 @@ def main(argv: list[str] | None = None) -> int:
         from s3dist.launch import exit_with_launcher
 
         exit_with_launcher()  # orphaned by a killed launcher, this rank would train on (issue #19)
+    from s3dist import runlock
     from s3dist.checkpoint import CheckpointError
     from s3dist.data import DataError
 
     try:
         run(cfg)
         return 0
+    except runlock.RunLockError as e:
+        print(f"s3dist: run directory busy: {e}", file=sys.stderr)
+        return 2
     except ConfigError as e:
         print(f"s3dist: config error: {e}", file=sys.stderr)
         return 2
@@ -115,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as e:
         print(f"s3dist: data error: {e}", file=sys.stderr)
         return 2
+    finally:
+        runlock.release_all()  # also on errors and on the requeue exit (SystemExit 75)
 
 
 def run(cfg: RunConfig):
@@ -122,7 +135,7 @@ def run(cfg: RunConfig):
     import torch.distributed as dist
 
     from s3dist import checkpoint as ckpt_io
-    from s3dist import evaluate
+    from s3dist import evaluate, runlock
     from s3dist.data.stream import ShardStream
     from s3dist.dist import init_distributed, make_dims
     from s3dist.metrics import make_logger, truncate_metrics
@@ -182,6 +195,7 @@ def run(cfg: RunConfig):
     logger.close()
     if dist.is_initialized():
         dist.barrier()
+    runlock.release(run_dir)  # every rank is done writing
     if is_main:
         log.info("done: %s", run_dir)
     return trainer
