@@ -443,7 +443,8 @@ def _cli_eval(args) -> int:
     apply_eval_overrides(cfg, args.overrides)
     dims = make_dims(*init_distributed(cfg.dist), 1)
     attach_expert_groups(model, dims)
-    out_dir = getattr(args, "out", None) or args.run or args.model.parent
+    # an export folder holds its own evaluation; a single-file export's go next to the file
+    out_dir = getattr(args, "out", None) or args.run or (args.model if args.model.is_dir() else args.model.parent)
     out_dir.mkdir(parents=True, exist_ok=True)
     ps = [args.keep_fraction] if getattr(args, "keep_fraction", None) is not None else None
     if getattr(args, "keep_fractions", None):
@@ -504,7 +505,7 @@ def add_subcommands(sub, name: str, help_text: str) -> None:
     if name == "eval":
         src = p.add_mutually_exclusive_group(required=True)
         src.add_argument("--run", type=Path, help="run directory (newest checkpoint is used)")
-        src.add_argument("--model", type=Path, help="exported .safetensors file (s3dist export)")
+        src.add_argument("--model", type=Path, help="an export (s3dist export): its folder, or a .safetensors file")
         p.add_argument("--keep-fraction", type=float, help="one keep fraction p in [0, 1]")
         p.set_defaults(func=_guarded(_cli_eval))
     else:
