@@ -6,7 +6,9 @@ Everything that knows about ranks, backends or DeepSpeed's engine lives here; th
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import io
 import os
 import socket
 import warnings
@@ -90,9 +92,14 @@ def init_distributed(cfg: DistConfig) -> tuple[int, int, int, torch.device, str]
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
                             category=FutureWarning)
     if not dist.is_initialized():
-        # The timeout bounds how long survivors wait in a collective when a rank dies.
-        deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=cfg.timeout_s),
-                                   verbose=False)
+        # The timeout bounds how long survivors wait in a collective when a rank dies. DeepSpeed print()s
+        # "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully" here on every rank; rank 0's
+        # copy is enough. Only bare print()s go quiet: DeepSpeed's logger keeps the stdout it got at import,
+        # and failures are raised.
+        quiet = contextlib.nullcontext() if rank == 0 else contextlib.redirect_stdout(io.StringIO())
+        with quiet:
+            deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=cfg.timeout_s),
+                                       verbose=False)
     return rank, local_rank, world, device, backend
 
 

@@ -40,6 +40,15 @@ def machine() -> dict:
     return info
 
 
+def quiet_profiler_console() -> None:
+    """Keep torch.profiler's kineto from printing "USDT: ... profiler_start" / "profiler_stop" on every profiled
+    pass. Kineto (torch 2.13) emits those start/stop markers for tracing tools at a log level above ERROR, so
+    only the level past it (6) hides them, and kineto's own errors with them; the bench reads the profile's
+    events, not kineto's console. Call before a process's first profile (kineto reads the variable once); a
+    KINETO_LOG_LEVEL already set (e.g. 4 to see errors) is left alone."""
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+
+
 @contextmanager
 def timer():
     """`with timer() as t: ...` then `t()` gives the elapsed seconds."""

@@ -33,7 +33,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from s3dist.bench.common import interleaved_times, print_table, record
+from s3dist.bench.common import interleaved_times, print_table, quiet_profiler_console, record
 from s3dist.dist import free_port as _free_port
 
 MODALITIES = ("text", "audio", "vision")
@@ -49,6 +49,7 @@ def _rank_entry(rank, world, port, threads, out_dir, fn, args):
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), OMP_NUM_THREADS=str(threads))
+    quiet_profiler_console()  # every rank-level benchmark profiles a pass
     # DS_ACCELERATOR is left to init_distributed (cuda where torch sees a GPU, else cpu): forcing cpu
     # here made DeepSpeed keep the model on the CPU under nccl on a GPU machine.
     torch.set_num_threads(threads)
