@@ -238,10 +238,40 @@ class CheckpointConfig:
 class LoggingConfig:
     every_steps: int = _f(10, "Log interval in optimizer steps. Counters are reduced across ranks once per "
                               "interval.", ge=1)
-    tensorboard: bool = _f(True, "Write TensorBoard event files to <output_dir>/tb.")
+    trackers: list = _f(["tensorboard"], "Where rank 0 also sends the scalars, the run config and the evaluation "
+                                          "results: 'tensorboard' (<output_dir>/tb), 'wandb' (pip install "
+                                          "'s3dist[wandb]'; W&B's WANDB_* variables apply, e.g. WANDB_MODE=offline; "
+                                          "project 's3dist' unless WANDB_PROJECT), 'mlflow' (pip install "
+                                          "'s3dist[mlflow]'; MLFLOW_TRACKING_URI, default file:<output_dir>/mlruns). "
+                                          "<output_dir>/metrics.jsonl is always written ('jsonl' may be listed): it "
+                                          "is the run's time series.")
+    tensorboard: bool = _f(True, "Older switch, kept so existing config files load: false drops 'tensorboard' from "
+                                 "logging.trackers; true changes nothing.")
     progress: bool = _f(True, "Progress bar on rank 0 (only when stdout is a terminal).")
     imbalance_threshold: float = _f(3.0, "Warn when an MoE layer's max/mean expert load stays above this...", gt=1.0)
     imbalance_patience: int = _f(3, "...for this many consecutive log intervals.", ge=1)
+
+    # tracker -> the module it needs and the extra that installs it (None: always installed)
+    TRACKER_PACKAGES = {"jsonl": None, "tensorboard": None, "wandb": ("wandb", "s3dist[wandb]"),
+                        "mlflow": ("mlflow", "s3dist[mlflow]")}
+
+    def resolved_trackers(self) -> list[str]:
+        """The trackers to start besides metrics.jsonl, in the order given, each once. Raises ConfigError for an
+        unknown name or a tracker whose package is not installed (checked on every rank, so none waits)."""
+        import importlib.util
+
+        out = []
+        for name in self.trackers:
+            if not isinstance(name, str) or name not in self.TRACKER_PACKAGES:
+                raise ConfigError(f"config key 'logging.trackers' holds {name!r}; allowed: "
+                                  f"{list(self.TRACKER_PACKAGES)}")
+            need = self.TRACKER_PACKAGES[name]
+            if need is not None and importlib.util.find_spec(need[0]) is None:
+                raise ConfigError(f"logging.trackers contains {name!r} but the {need[0]} package is not installed: "
+                                  f"pip install '{need[1]}'")
+            if name != "jsonl" and name not in out and not (name == "tensorboard" and not self.tensorboard):
+                out.append(name)
+        return out
 
 
 @dataclass

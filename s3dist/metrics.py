@@ -1,21 +1,25 @@
 """Metrics: one small logging interface with pluggable backends, and MoE load statistics.
 
 The training loop calls `MetricsLogger.log(step, stage, scalars)` and nothing else; backends
-(JSON lines, TensorBoard, ...) receive the same scalars. Only rank 0 writes. Expert-load counters
-live on device inside each router and are reduced across ranks once per log interval
-(`moe_load_metrics`), never per step.
+(JSON lines, TensorBoard, W&B, MLflow: `logging.trackers`) receive the same scalars. Only rank 0
+writes. Expert-load counters live on device inside each router and are reduced across ranks once
+per log interval (`moe_load_metrics`), never per step.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from s3dist.config import LoggingConfig
 
 log = logging.getLogger("s3dist")
 
@@ -80,6 +84,91 @@ class TensorBoardBackend:
         self.w.close()
 
 
+class AccelerateTrackerBackend:
+    """Scalars, the run config (once, at start) and evaluation results to one of Accelerate's experiment
+    trackers (`accelerate.tracking.WandBTracker`, `MLflowTracker`). Histograms, images and text are left to
+    TensorBoard: each service has its own types for them, and eval.json already holds the evaluation."""
+
+    def __init__(self, tracker, run_config: dict | None, clean_key=None) -> None:
+        from accelerate import PartialState
+
+        # Accelerate's trackers log through accelerate.logging, which refuses to run before its process state
+        # exists. s3dist owns the process group: made after init_distributed, PartialState only reads it.
+        PartialState()
+        self.tracker = tracker
+        self.clean_key = clean_key or (lambda k: k)
+        tracker.start()
+        if run_config:
+            tracker.store_init_configuration({self.clean_key(k): v for k, v in flatten_config(run_config).items()})
+
+    def scalars(self, step, stage, values):
+        self.tracker.log({self.clean_key(k): v for k, v in values.items()}, step=step)
+
+    def histogram(self, step, tag, values):
+        pass
+
+    def image(self, step, tag, rgb):
+        pass
+
+    def summary(self, step, values, text):
+        if values:
+            self.scalars(step, "eval", values)
+
+    def close(self):
+        self.tracker.finish()
+
+
+def flatten_config(doc: dict, prefix: str = "") -> dict:
+    """{'moe': {'top_k': 2}} -> {'moe.top_k': 2}: trackers take flat hyperparameters."""
+    out = {}
+    for k, v in doc.items():
+        if isinstance(v, dict):
+            out.update(flatten_config(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def wandb_backend(run_dir: Path, run_config: dict | None) -> AccelerateTrackerBackend:
+    """W&B's own variables decide (WANDB_MODE, WANDB_PROJECT, WANDB_ENTITY, WANDB_NAME, WANDB_DIR, ...); s3dist
+    fills in only what they leave open: project 's3dist', the run directory's name, files under it."""
+    from accelerate.tracking import WandBTracker
+
+    run_dir = Path(run_dir).resolve()
+    kwargs = {}
+    if "WANDB_NAME" not in os.environ:
+        kwargs["name"] = run_dir.name
+    if "WANDB_DIR" not in os.environ:
+        kwargs["dir"] = str(run_dir)
+    return AccelerateTrackerBackend(WandBTracker(os.environ.get("WANDB_PROJECT", "s3dist"), **kwargs), run_config)
+
+
+def mlflow_backend(run_dir: Path, run_config: dict | None) -> AccelerateTrackerBackend:
+    """MLFLOW_TRACKING_URI (and MLFLOW_EXPERIMENT_NAME, ...) when set; else a file store in <run_dir>/mlruns,
+    experiment 's3dist', run named after the run directory."""
+    import mlflow
+    from accelerate.tracking import MLflowTracker
+
+    run_dir = Path(run_dir).resolve()
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        uri = (run_dir / "mlruns").as_uri()
+        # MLflow 3 refuses a file store unless this is set, and its database stores need the full `mlflow`
+        # package, whose pyarrow pin conflicts with s3dist's (s3dist[mlflow] installs mlflow-skinny).
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    mlflow.set_tracking_uri(uri)  # always: an earlier set_tracking_uri in this process would win over the variable
+    tracker = MLflowTracker(experiment_name="s3dist", run_name=run_dir.name)
+    # MLflow refuses other characters in metric and parameter names (modality names come from the data set)
+    return AccelerateTrackerBackend(tracker, run_config, clean_key=lambda k: re.sub(r"[^\w/.\- :]", "_", k))
+
+
+TRACKER_BACKENDS = {
+    "tensorboard": lambda run_dir, run_config: TensorBoardBackend(run_dir / "tb"),
+    "wandb": wandb_backend,
+    "mlflow": mlflow_backend,
+}
+
+
 class MetricsLogger:
     """Fan-out to backends on rank 0; a no-op elsewhere."""
 
@@ -100,7 +189,8 @@ class MetricsLogger:
             b.image(step, tag, rgb)
 
     def summary(self, step: int, values: dict[str, float], text: dict[str, str] | None = None) -> None:
-        """Results of the run at `step` (evaluation): TensorBoard scalars and text, not metrics.jsonl rows."""
+        """Results of the run at `step` (evaluation): tracker scalars (and TensorBoard text), not metrics.jsonl
+        rows."""
         clean = {k: float(v) for k, v in values.items()}
         for b in self.backends:
             b.summary(step, clean, text or {})
@@ -110,12 +200,18 @@ class MetricsLogger:
             b.close()
 
 
-def make_logger(run_dir: Path, is_main: bool, tensorboard: bool) -> MetricsLogger:
+def make_logger(run_dir: Path, is_main: bool, logging_cfg: LoggingConfig | bool = True,
+                run_config: dict | None = None) -> MetricsLogger:
+    """metrics.jsonl plus `logging.trackers` on rank 0; `run_config` (the run's config as a dict) goes to the
+    trackers once. Call on every rank: each checks the trackers, so a missing package stops every rank alike.
+    `logging_cfg` may be the older `logging.tensorboard` bool."""
+    if isinstance(logging_cfg, bool):
+        logging_cfg = LoggingConfig(tensorboard=logging_cfg)
+    trackers = logging_cfg.resolved_trackers()
     if not is_main:
         return MetricsLogger([])
     backends: list[MetricsBackend] = [JsonlBackend(run_dir / "metrics.jsonl")]
-    if tensorboard:
-        backends.append(TensorBoardBackend(run_dir / "tb"))
+    backends += [TRACKER_BACKENDS[name](run_dir, run_config) for name in trackers]
     return MetricsLogger(backends)
 
 

@@ -16,6 +16,6 @@ stamp=".venv/.s3dist-installed-$(cat pyproject.toml scripts/setup_venv.sh | sha2
 if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q "torch==${TORCH_VERSION}"
-  .venv/bin/python -m pip install -q -e ".[dev]"
+  .venv/bin/python -m pip install -q -e ".[dev,wandb,mlflow]"   # trackers: tests/test_trackers.py runs them
   touch "$stamp"
 fi
