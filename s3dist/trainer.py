@@ -219,13 +219,26 @@ class Trainer:
     def _load(self, engine, ckpt: Path, full: bool) -> None:
         meta = self._resume_meta  # read, verified and checked for compatibility by fit()
         same_world = meta["world_size"] == self.dims.world_size
-        load_optim = full and same_world
+        # Each rank's optimizer state covers the experts it held: with another ep_size at the same world size the
+        # ranks hold other experts (and expert-dp groups of another size), so that state must not be loaded.
+        old_ep = meta["config"]["dist"]["ep_size"] or meta["world_size"]
+        same_experts = same_world and old_ep == self.dims.ep_size
+        load_optim = full and same_experts
         if full and not same_world:
             log.warning("checkpoint %s was written by %d ranks, this run has %d: model weights and experts are "
                         "resharded, optimizer and LR-scheduler state are reset (DeepSpeed cannot reshard them)",
                         ckpt.name, meta["world_size"], self.dims.world_size)
+        elif full and not same_experts:
+            log.warning("checkpoint %s was written with dist.ep_size=%d, this run has %d (same %d ranks): experts are "
+                        "resharded, the expert optimizer state cannot be, so optimizer and LR-scheduler state are "
+                        "reset; data position and RNG continue", ckpt.name, old_ep, self.dims.ep_size,
+                        self.dims.world_size)
+        configured = [{k: g[k] for k in ("betas", "weight_decay")} for g in engine.optimizer.param_groups]
+        base_lrs = list(engine.lr_scheduler.base_lrs)
         engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_optimizer_states=load_optim,
                                load_lr_scheduler_states=load_optim, load_module_only=not load_optim)
+        if load_optim:
+            _keep_configured_hyperparameters(engine, configured, base_lrs)
         if same_world:
             rank_state = ckpt_io.load_rank_state(ckpt, self.dims.rank)
             self.stream.load_state_dict(rank_state["stream"])
@@ -253,6 +266,16 @@ class Trainer:
             self.logger.histogram(self.state.global_step, tag, values)
         if self.dims.is_main:
             self.alarm.update(load)
+
+
+def _keep_configured_hyperparameters(engine, groups: list[dict], base_lrs: list[float]) -> None:
+    """Loaded optimizer and scheduler states bring the checkpoint's peak lr, betas and weight decay; this run's
+    config decides them (they differ only where --force-config changed optim.*). Moments and the schedule's
+    position stay the checkpoint's."""
+    sched = engine.lr_scheduler
+    sched.base_lrs = base_lrs
+    for group, configured, base, fn in zip(engine.optimizer.param_groups, groups, base_lrs, sched.lr_lambdas):
+        group.update(configured, initial_lr=base, lr=base * fn(sched.last_epoch))
 
 
 class _Window:
