@@ -189,17 +189,83 @@ def load_rank_state(ckpt: Path, rank: int) -> dict:
     return torch.load(path, weights_only=True)
 
 
+# Keys that shape the weights (or what they mean): a checkpoint cannot be loaded where one differs, not
+# even with --force-config.
+SHAPE_KEYS = ("moe.kind", "moe.num_experts", "moe.granularity", "moe.expansion", "moe.top_k", "moe.expert_hidden",
+              "moe.shared_experts", "model.arch", "model.d_model", "model.num_layers", "model.num_heads",
+              "model.representation", "model.temporal", "model.tokens", "data.modalities")
+# What the command does rather than what the run is: always the command's own values, never compared.
+COMMAND_KEYS = ("output_dir", "resume", "overwrite")
+
+
+def _flat(config: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in config.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _describe(changes: list[tuple]) -> str:
+    return "; ".join(f"{k} was {old!r} there but is {new!r} now" for k, old, new in changes)
+
+
 def check_compatible(meta: dict, config: dict, ckpt: Path) -> None:
-    """Refuse a resume whose model shape differs from the checkpoint's."""
-    old = meta["config"]
-    keys = [("moe", "kind"), ("moe", "num_experts"), ("moe", "granularity"), ("moe", "expansion"), ("moe", "top_k"),
-            ("moe", "expert_hidden"), ("moe", "shared_experts"), ("model", "arch"), ("model", "d_model"),
-            ("model", "num_layers"), ("model", "num_heads"), ("model", "representation"),
-            ("model", "temporal"), ("model", "tokens"), ("data", "modalities"), ("data", "path")]
-    for sec, key in keys:
-        if old[sec].get(key) != config[sec][key]:
-            raise CheckpointError(f"cannot resume from '{ckpt}': {sec}.{key} was {old[sec].get(key)!r} there but is "
-                                  f"{config[sec][key]!r} now; use the same value or start a new output_dir")
+    """Refuse a resume whose model shape differs from the checkpoint's (SHAPE_KEYS)."""
+    old, new = _flat(meta["config"]), _flat(config)
+    differ = [(k, old.get(k), new[k]) for k in SHAPE_KEYS if old.get(k) != new[k]]
+    if differ:
+        raise CheckpointError(f"cannot resume from '{ckpt}': {_describe(differ)}; use the same value or start a new "
+                              f"output_dir")
+
+
+def resume_config(meta: dict, ckpt: Path, command, given, force: bool = False) -> tuple:
+    """The config a resume from `ckpt` continues with: the run's own (the checkpoint's meta config, which is
+    `<run>/config.yaml`), where the command changes only keys that may change across a resume
+    (`s3dist.config.RESUMABLE_KEYS`). `command` is the command's RunConfig, `given` the dotted keys it sets
+    (recipe and overrides): every other key keeps the run's value, whatever the defaults say.
+
+    Returns (config, changed, forced), the last two lists of (key, old value, new value). Any other key that
+    differs is refused with a ConfigError naming every such key and both values, unless `force`
+    (--force-config); keys that shape the weights (SHAPE_KEYS) are refused even then."""
+    from s3dist.config import ConfigError, from_dict, resumable, to_dict, validate
+
+    try:
+        config = from_dict(meta["config"])
+    except ConfigError as e:
+        raise ConfigError(f"the config stored in '{ckpt / META}' is not valid for this s3dist: {e}") from e
+    old, new = _flat(to_dict(config)), _flat(to_dict(command))
+    changed, refused = [], []
+    for key in old:
+        if key not in COMMAND_KEYS and (key not in given or new[key] == old[key]):
+            continue
+        if key not in COMMAND_KEYS:
+            (changed if resumable(key) else refused).append((key, old[key], new[key]))
+        *sections, leaf = key.split(".")
+        obj = config
+        for sec in sections:
+            obj = getattr(obj, sec)
+        setattr(obj, leaf, new[key])
+    shape = [k for k, _, _ in refused if k in SHAPE_KEYS]
+    if refused and (shape or not force):
+        many = len(shape) > 1
+        way_out = (f"or start a new --output_dir ({', '.join(shape)} shape{'' if many else 's'} the weights in the "
+                   f"checkpoint: not even --force-config can change {'them' if many else 'it'})" if shape else
+                   "start a new --output_dir, or pass --force-config to continue with the new values (recorded in "
+                   "<run>/config_changes.jsonl)")
+        raise ConfigError(f"cannot resume from '{ckpt}' with another config: {_describe(refused)}. A resume "
+                          f"continues the run with its own config and may change only {_resumable_text()}. Use the "
+                          f"run's values (a key left off the command keeps the run's value), {way_out}")
+    validate(config)
+    return config, changed, refused
+
+
+def _resumable_text() -> str:
+    from s3dist.config import RESUMABLE_KEYS
+
+    return ", ".join(k + "*" if k[-1] in "._" else k for k in RESUMABLE_KEYS if k not in COMMAND_KEYS)
 
 
 # --------------------------------------------------------------------------------------------

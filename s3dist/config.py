@@ -315,6 +315,26 @@ class RunConfig:
 
 STAGE_NAMES = ("specialize", "select", "sparsify")
 
+# Keys a `--resume` may change (a trailing '.' or '_' covers every key it starts). A resume continues the
+# run stored in its checkpoint: every other key keeps the stored value, and a command that changes one is
+# refused (`--force-config` overrides that). These change how long the run goes on, how it is watched,
+# saved and evaluated, or how ranks talk; never the model, the objective or the sample order: step counts
+# (the run continues to the new count), logging, checkpoint cadence and lock, evaluation, read-ahead and
+# threads (the batches are the same for any value), Stage 3's settings (read only by the evaluation at the
+# end, as `s3dist eval` may change them), collective timeout and backend, the expert-parallel size (experts
+# are resharded by global index, the optimizer reset), whether ranks die with their launcher, and what the
+# command itself says (where the run is, how it starts).
+RESUMABLE_KEYS = ("stages.specialize_steps", "stages.select_steps", "logging.", "checkpoint.", "eval.",
+                  "data.prefetch", "data.read_threads", "data.eval_batch_size", "stages.keep_fraction",
+                  "stages.prune_", "dist.timeout_s", "dist.backend", "dist.ep_size", "dist.exit_with_launcher",
+                  "output_dir", "resume", "overwrite", "name")
+
+
+def resumable(key: str) -> bool:
+    """May `key` (dotted) differ from the stored run's value when resuming? See RESUMABLE_KEYS."""
+    return any(key == k or (k[-1] in "._" and key.startswith(k)) for k in RESUMABLE_KEYS)
+
+
 # --------------------------------------------------------------------------------------------
 # Building: defaults < YAML < dotted overrides
 # --------------------------------------------------------------------------------------------

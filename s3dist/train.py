@@ -1,6 +1,7 @@
 """Entry point: `accelerate launch -m s3dist.train [--config RECIPE.yaml] [key=value ...]`.
 
-1. parse and validate the config (before any process group exists),
+1. parse and validate the config (before any process group exists); a resume continues with the run's
+   own config, changed only where the command may change it (`s3dist.checkpoint.resume_config`),
 2. join the process group and decide the run directory,
 3. make sure the data exists (the embedded synthetic default is generated if none is given),
 4. build the encoder and train Stage 1 / Stage 2 (`s3dist.trainer`),
@@ -16,11 +17,14 @@ import os
 import socket
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 
-from s3dist.config import ConfigError, RunConfig, load_config, save_config, validate_world
+from s3dist.config import (ConfigError, RunConfig, iter_fields, load_config, parse_overrides, save_config,
+                           validate_world)
 
 log = logging.getLogger("s3dist")
 
@@ -31,6 +35,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, RunConfig]:
     p.add_argument("--output_dir", "--output-dir", help="run directory (default runs/<name>-<timestamp>)")
     p.add_argument("--resume", help="'auto' (newest complete checkpoint in the output dir) or a checkpoint dir")
     p.add_argument("--overwrite", action="store_true", help="start fresh in an output dir that holds a run")
+    p.add_argument("--force-config", "--force_config", action="store_true",
+                   help="resume even where the command changes keys a resume keeps from the run (optim.lr, ...); "
+                        "the changes are recorded in <run>/config_changes.jsonl")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. moe.num_experts=8 stages.select_steps=0")
     # intermixed: `a=1 --output_dir D b=2` works in any order (SLURM scripts append options)
     args = p.parse_intermixed_args(argv)
@@ -42,6 +49,79 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, RunConfig]:
     if args.overwrite:
         extra.append("overwrite=true")
     return args, load_config(args.config, extra)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume: the run's own config, changed only where a resume may change it
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ResumePlan:
+    """What a command continues from, and how its config differs from the run's."""
+
+    command: RunConfig             # the command's own config (defaults < recipe < overrides)
+    given: set[str]                # dotted keys the command sets (recipe and overrides)
+    force: bool = False            # --force-config
+    checkpoint: Path | None = None  # None: a fresh start
+    changed: list = field(default_factory=list)  # (key, old, new) of keys a resume may change
+    forced: list = field(default_factory=list)   # (key, old, new) taken only because of --force-config
+
+
+def given_keys(args: argparse.Namespace) -> set[str]:
+    """The dotted keys the command line sets: the recipe's (--config) and the overrides."""
+    def leaves(doc: dict, prefix: str = "") -> set[str]:
+        out = set()
+        for k, v in doc.items():
+            out |= leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}"}
+        return out
+
+    keys = set(parse_overrides(list(args.overrides)))
+    if args.config:  # already read and validated by load_config
+        keys |= leaves(yaml.safe_load(Path(args.config).read_text()) or {})
+    return keys
+
+
+def changed_from_defaults(cfg: RunConfig) -> set[str]:
+    """For `run(cfg)` called from Python: the keys set away from their defaults count as given."""
+    defaults = {k: v for k, _, v in iter_fields(RunConfig())}
+    return {k for k, _, v in iter_fields(cfg) if v != defaults[k]}
+
+
+def plan_resume(command: RunConfig, given: set[str], force: bool,
+                run_dir: Path | None) -> tuple[RunConfig, ResumePlan]:
+    """The config this command runs with, and the checkpoint it resumes (None: fresh start, the command's
+    config as it is). Raises ConfigError when the command changes a key a resume keeps, CheckpointError
+    when an explicit checkpoint is incomplete."""
+    from s3dist import checkpoint as ckpt_io
+
+    plan = ResumePlan(command, set(given), force)
+    if command.resume == "auto":
+        plan.checkpoint = ckpt_io.find_latest(run_dir) if run_dir is not None else None
+    elif command.resume:
+        plan.checkpoint = Path(command.resume)
+    if plan.checkpoint is None:
+        return command, plan
+    meta = ckpt_io.read_meta(plan.checkpoint, verify=False)  # checksums are verified once, by Trainer.fit
+    cfg, plan.changed, plan.forced = ckpt_io.resume_config(meta, plan.checkpoint, command, plan.given, force)
+    return cfg, plan
+
+
+def record_config_changes(run_dir: Path, plan: ResumePlan) -> None:
+    """Log what this resume changed; append it to <run>/config_changes.jsonl (rank 0, lock held)."""
+    if not plan.changed and not plan.forced:
+        return
+    for key, old, new in plan.changed:
+        log.info("resume: %s %r -> %r", key, old, new)
+    if plan.forced:
+        log.warning("resume with --force-config: %s differ from the run's config and are used anyway; recorded in %s",
+                    ", ".join(f"{k} {old!r} -> {new!r}" for k, old, new in plan.forced),
+                    run_dir / "config_changes.jsonl")
+    row = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "checkpoint": plan.checkpoint.name,
+           "changed": [{"key": k, "old": old, "new": new} for k, old, new in plan.changed],
+           "forced": [{"key": k, "old": old, "new": new} for k, old, new in plan.forced]}
+    with open(run_dir / "config_changes.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
 
 
 def resolve_run_dir(cfg: RunConfig, is_main: bool) -> Path:
@@ -98,21 +178,28 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from s3dist.checkpoint import CheckpointError
+
     try:
         args, cfg = parse_args(argv)
+        # before any process group exists and before anything is written: a refused resume leaves no trace
+        cfg, plan = plan_resume(cfg, given_keys(args), args.force_config,
+                                Path(cfg.output_dir) if cfg.output_dir else None)
     except ConfigError as e:
         print(f"s3dist: config error: {e}", file=sys.stderr)
+        return 2
+    except CheckpointError as e:
+        print(f"s3dist: checkpoint error: {e}", file=sys.stderr)
         return 2
     if cfg.dist.exit_with_launcher:
         from s3dist.launch import exit_with_launcher
 
         exit_with_launcher()  # orphaned by a killed launcher, this rank would train on (issue #19)
     from s3dist import runlock
-    from s3dist.checkpoint import CheckpointError
     from s3dist.data import DataError
 
     try:
-        run(cfg)
+        run(cfg, plan)
         return 0
     except runlock.RunLockError as e:
         print(f"s3dist: run directory busy: {e}", file=sys.stderr)
@@ -130,25 +217,38 @@ def main(argv: list[str] | None = None) -> int:
         runlock.release_all()  # also on errors and on the requeue exit (SystemExit 75)
 
 
-def run(cfg: RunConfig):
-    """Train and evaluate one run in this process (one rank of the job). Returns the Trainer."""
+def run(cfg: RunConfig, plan: ResumePlan | None = None):
+    """Train and evaluate one run in this process (one rank of the job). Returns the Trainer.
+
+    `plan` comes from `plan_resume` (`main` makes it from the command line); without one, a `cfg` that
+    resumes is the command and its keys away from the defaults are the ones it gives."""
     import torch.distributed as dist
 
     from s3dist import checkpoint as ckpt_io
     from s3dist import evaluate, runlock
     from s3dist.data.stream import ShardStream
     from s3dist.dist import init_distributed, make_dims
+    from s3dist.config import to_dict
     from s3dist.metrics import make_logger, truncate_metrics
     from s3dist.model.encoder import S3Encoder
     from s3dist.progress import Progress
     from s3dist.trainer import PreemptionFlag, Trainer
 
     preempt = PreemptionFlag()  # installed before anything slow, so an early signal is not lost
+    if plan is None:
+        cfg, plan = plan_resume(cfg, changed_from_defaults(cfg), False,
+                                Path(cfg.output_dir) if cfg.output_dir else None)
     rank, local_rank, world, device, backend = init_distributed(cfg.dist)
     is_main = rank == 0
     if not is_main:
         logging.getLogger().setLevel(logging.WARNING)
     run_dir = resolve_run_dir(cfg, is_main)
+    # The lock is held now, so no job publishes checkpoints here: every rank finds the same one, which is the
+    # one planned before the lock unless a job that has since died published another in between.
+    cfg, plan = plan_resume(plan.command, plan.given, plan.force, run_dir)
+    resume_from = plan.checkpoint
+    if cfg.resume and resume_from is None:
+        log.info("--resume %s: no complete checkpoint in %s, starting fresh", cfg.resume, run_dir)
     data_url = prepare_data(cfg, run_dir, is_main)
 
     stream = ShardStream(data_url, "train", batch_size=cfg.data.batch_size, rank=rank, world_size=world,
@@ -160,14 +260,10 @@ def run(cfg: RunConfig):
     dims = make_dims(rank, local_rank, world, device, backend, ep)
     cfg.data.modalities = list(modalities)
 
-    resume_from = None
-    if cfg.resume:
-        resume_from = ckpt_io.find_latest(run_dir) if cfg.resume == "auto" else Path(cfg.resume)
-        if resume_from is None:
-            log.info("--resume auto: no complete checkpoint in %s, starting fresh", run_dir)
     if is_main:
         save_config(cfg, run_dir / "config.yaml")
         if resume_from is not None:
+            record_config_changes(run_dir, plan)
             step = ckpt_io.read_meta(resume_from, verify=False)["state"]["global_step"]
             truncate_metrics(run_dir / "metrics.jsonl", step)
     with open(run_dir / "ranks.jsonl", "a") as f:
@@ -181,7 +277,7 @@ def run(cfg: RunConfig):
     dims_in = {m: stream.manifest.modalities[m].shape[-1] for m in modalities}
     model = S3Encoder(dims_in, cfg.model, cfg.moe, ep_size=ep, ep_rank=dims.ep_rank).to(device)
     torch.manual_seed(cfg.seed + 1000 * rank)  # per-rank augmentation / jitter noise
-    logger = make_logger(run_dir, is_main, cfg.logging.tensorboard)
+    logger = make_logger(run_dir, is_main, cfg.logging, run_config=to_dict(cfg))
     progress = Progress(enabled=is_main and cfg.logging.progress and sys.stdout.isatty())
     trainer = Trainer(cfg, dims, run_dir, model, stream, logger, preempt=preempt, progress=progress)
     if is_main:

@@ -1,0 +1,221 @@
+"""A resume continues the run with the run's own config (issue #19).
+
+`--resume` takes every key from the checkpoint's config (= `<run>/config.yaml`) except the ones the
+command gives and a resume may change (`s3dist.config.RESUMABLE_KEYS`); any other change is refused,
+naming every key and both values, before anything is written, unless `--force-config` (then recorded
+in `<run>/config_changes.jsonl`). Fast tests work on checkpoint meta files written here; the slow ones
+resume real 2-process `accelerate launch` runs.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from s3dist.checkpoint import SHAPE_KEYS, CheckpointError, resume_config
+from s3dist.config import RESUMABLE_KEYS, ConfigError, iter_fields, load_config, resumable, save_config, to_dict
+from tests import launching
+from tests.launching import TINY
+
+START = ["optim.lr=0.001", "data.batch_size=32", "stages.specialize_steps=10", "moe.aux_loss_weight=0.02"]
+
+
+def _fake_run(run_dir: Path, overrides: list[str]) -> Path:
+    """A run directory as a finished job leaves it: config.yaml and one published checkpoint's meta."""
+    cfg = load_config(None, overrides + [f"output_dir={run_dir}"])
+    cfg.data.modalities = ["text", "audio"]  # resolved from the data set, as s3dist.train stores it
+    ckpt = run_dir / "checkpoints" / "step-00000010-specialize"
+    ckpt.mkdir(parents=True)
+    save_config(cfg, run_dir / "config.yaml")
+    meta = {"version": "test", "tag": ckpt.name, "world_size": 2, "checksums": {}, "config": to_dict(cfg),
+            "state": {"stage": "specialize", "stage_step": 10, "global_step": 10, "stage_done": True}}
+    (ckpt / "s3dist_meta.json").write_text(json.dumps(meta))
+    (run_dir / "checkpoints" / "latest").write_text(ckpt.name)
+    return ckpt
+
+
+def _meta(ckpt: Path) -> dict:
+    return json.loads((ckpt / "s3dist_meta.json").read_text())
+
+
+def _snapshot(run_dir: Path) -> dict:
+    return {str(p.relative_to(run_dir)): (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else None)
+            for p in sorted(run_dir.rglob("*"))}
+
+
+def test_resumable_keys_are_real_keys_and_shape_keys_are_not_resumable():
+    """Every entry of RESUMABLE_KEYS names at least one config key (a typo would silently refuse it), and no
+    key that shapes the weights may change across a resume."""
+    keys = [k for k, _, _ in iter_fields(load_config())]
+    for entry in RESUMABLE_KEYS:
+        assert any(k == entry or (entry[-1] in "._" and k.startswith(entry)) for k in keys), entry
+    assert set(SHAPE_KEYS) <= set(keys)
+    assert not any(resumable(k) for k in SHAPE_KEYS)
+    assert resumable("logging.every_steps") and resumable("stages.prune_layers") and resumable("dist.ep_size")
+    assert not any(resumable(k) for k in ("optim.lr", "stages.supcon_weight", "data.batch_size", "seed"))
+
+
+def test_keys_the_command_does_not_give_keep_the_runs_values(tmp_path):
+    """A resume that leaves off overrides given at the start keeps the run's values (not the defaults);
+    a changed step count is taken; the same command line again (a SLURM requeue) changes nothing."""
+    ckpt = _fake_run(tmp_path / "run", START)
+    command = load_config(None, ["stages.specialize_steps=15", "resume=auto", f"output_dir={tmp_path / 'run'}"])
+    cfg, changed, forced = resume_config(_meta(ckpt), ckpt, command, {"stages.specialize_steps", "resume",
+                                                                        "output_dir"})
+    assert (cfg.optim.lr, cfg.data.batch_size, cfg.moe.aux_loss_weight) == (0.001, 32, 0.02)
+    assert cfg.data.modalities == ["text", "audio"]
+    assert cfg.stages.specialize_steps == 15 and cfg.resume == "auto"
+    assert changed == [("stages.specialize_steps", 10, 15)] and forced == []
+
+    again = START + ["resume=auto", f"output_dir={tmp_path / 'run'}"]
+    given = {a.split("=")[0] for a in again}
+    cfg, changed, forced = resume_config(_meta(ckpt), ckpt, load_config(None, again), given)
+    assert changed == forced == [] and cfg.optim.lr == 0.001
+
+
+def test_changed_run_keys_are_refused_by_name_unless_forced(tmp_path):
+    """optim.lr and moe.aux_loss_weight changed: refused, naming both keys with both values; with force
+    they are taken and returned as forced; a key that shapes the weights is refused even with force."""
+    ckpt = _fake_run(tmp_path / "run", START)
+    command = load_config(None, START + ["optim.lr=0.002", "moe.aux_loss_weight=0.05", "logging.every_steps=2"])
+    given = {"optim.lr", "moe.aux_loss_weight", "logging.every_steps", "data.batch_size"}
+    with pytest.raises(ConfigError) as e:
+        resume_config(_meta(ckpt), ckpt, command, given)
+    msg = str(e.value)
+    assert "optim.lr was 0.001 there but is 0.002 now" in msg
+    assert "moe.aux_loss_weight was 0.02 there but is 0.05 now" in msg
+    assert "logging.every_steps" not in msg.split(". A resume")[0] and "--force-config" in msg
+    cfg, changed, forced = resume_config(_meta(ckpt), ckpt, command, given, force=True)
+    assert forced == [("moe.aux_loss_weight", 0.02, 0.05), ("optim.lr", 0.001, 0.002)]
+    assert changed == [("logging.every_steps", 10, 2)] and cfg.optim.lr == 0.002
+    wider = load_config(None, START + ["model.d_model=32"])
+    with pytest.raises(ConfigError, match=r"model.d_model was 64 there but is 32 now.*not even --force-config"):
+        resume_config(_meta(ckpt), ckpt, wider, {"model.d_model"}, force=True)
+
+
+def test_refused_resume_exits_2_before_anything_is_written(tmp_path, capsys):
+    """`s3dist.train --resume auto` with a changed optim.lr (here from a recipe file: recipe keys count as
+    given) exits 2 naming the key and both values, and leaves the run directory exactly as it was."""
+    from s3dist.train import main
+
+    run_dir = tmp_path / "run"
+    _fake_run(run_dir, START)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"optim": {"lr": 0.002}, "data": {"batch_size": 32}}))
+    before = _snapshot(run_dir)
+    rc = main(["--config", str(recipe), "--output_dir", str(run_dir), "--resume", "auto"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "optim.lr was 0.001 there but is 0.002 now" in err, err
+    assert "data.batch_size" not in err
+    assert _snapshot(run_dir) == before
+
+
+def test_auto_resume_without_a_checkpoint_is_a_fresh_start(tmp_path):
+    """'auto' in a directory without a checkpoint compares nothing: the command's config as it is."""
+    from s3dist.train import plan_resume
+
+    (tmp_path / "run").mkdir()
+    command = load_config(None, ["optim.lr=0.002", "resume=auto", f"output_dir={tmp_path / 'run'}"])
+    cfg, plan = plan_resume(command, {"optim.lr"}, False, tmp_path / "run")
+    assert plan.checkpoint is None and cfg is command
+
+
+def test_explicit_checkpoint_without_meta_exits_2(tmp_path, capsys):
+    from s3dist.train import main
+
+    ckpt = _fake_run(tmp_path / "run", START)
+    (ckpt / "s3dist_meta.json").unlink()
+    assert main(["--output_dir", str(tmp_path / "run"), "--resume", str(ckpt)]) == 2
+    assert "s3dist_meta.json is missing" in capsys.readouterr().err
+    with pytest.raises(CheckpointError):
+        from s3dist.checkpoint import read_meta
+
+        read_meta(ckpt)
+
+
+# ---------------------------------------------------------------------------------------------
+# Real 2-process runs
+# ---------------------------------------------------------------------------------------------
+
+BASE = TINY + ["stages.run=specialize", "stages.specialize_steps=10", "checkpoint.every_steps=5",
+               "eval.run_at_end=false", "dist.ep_size=2"]
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("base") / "run"
+    p = launching.run(out, BASE + ["optim.lr=0.001"])
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return out
+
+
+def _copy(base: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(base, out)
+    return out
+
+
+@pytest.mark.slow
+def test_changed_lr_refused_then_forced_and_recorded(tmp_path, base_run, capsys):
+    """On a real run: optim.lr changed on resume is refused (exit 2, key and both values, run directory
+    untouched); with --force-config the run continues with it, warns, and records it."""
+    from s3dist.train import main
+
+    out = _copy(base_run, tmp_path)
+    before = _snapshot(out)
+    assert main(["--output_dir", str(out), "--resume", "auto", *BASE, "optim.lr=0.002"]) == 2
+    assert "optim.lr was 0.001 there but is 0.002 now" in capsys.readouterr().err
+    assert _snapshot(out) == before
+
+    p = launching.run(out, BASE + ["optim.lr=0.002", "stages.specialize_steps=15"],
+                      extra=["--resume", "auto", "--force-config"])
+    log = p.stdout + p.stderr
+    assert p.returncode == 0, log[-3000:]
+    assert "--force-config: optim.lr 0.001 -> 0.002" in log
+    (row,) = [json.loads(ln) for ln in (out / "config_changes.jsonl").read_text().splitlines()]
+    assert row["checkpoint"] == "step-00000010-specialize" and row["time"]
+    assert row["forced"] == [{"key": "optim.lr", "old": 0.001, "new": 0.002}]
+    assert row["changed"] == [{"key": "stages.specialize_steps", "old": 10, "new": 15}]
+    assert yaml.safe_load((out / "config.yaml").read_text())["optim"]["lr"] == 0.002
+    rows = _rows(out)
+    # the optimizer state was loaded (same stage, world and ep_size) and still takes the forced peak lr
+    assert [r["step"] for r in rows] == [5, 10, 15] and rows[-1]["lr"] == pytest.approx(0.002 * 16 / 20)
+
+
+@pytest.mark.slow
+def test_resume_without_an_override_keeps_it_and_runs_to_the_new_step_count(tmp_path, base_run):
+    """The resume command leaves off optim.lr=0.001 (given at the start) and raises the Stage-1 step
+    count: the run keeps lr 0.001 (not the default 0.002) and continues to step 15."""
+    out = _copy(base_run, tmp_path)
+    p = launching.run(out, BASE + ["stages.specialize_steps=15"], extra=["--resume", "auto"])
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["optim"]["lr"] == 0.001 and cfg["stages"]["specialize_steps"] == 15
+    rows = _rows(out)
+    assert [r["step"] for r in rows] == [5, 10, 15]
+    # still in the 20-step warm-up: lr = peak * 16/20 after 15 steps, with the run's peak (not the default 0.002)
+    assert rows[-1]["lr"] == pytest.approx(0.001 * 16 / 20)
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-00000015-specialize"
+
+
+@pytest.mark.slow
+def test_ep_size_change_at_same_world_resets_the_optimizer_with_a_message(tmp_path, base_run):
+    """2 ranks, ep_size 2 -> 1 mid-stage: experts are resharded, the optimizer state (which covers the
+    experts each rank held) is not loaded, a message says so, and training continues to the end."""
+    out = _copy(base_run, tmp_path)
+    p = launching.run(out, BASE + ["dist.ep_size=1", "stages.specialize_steps=15"], extra=["--resume", "auto"])
+    log = p.stdout + p.stderr
+    assert p.returncode == 0, log[-3000:]
+    assert "written with dist.ep_size=2, this run has 1 (same 2 ranks)" in log
+    assert "optimizer and LR-scheduler state are reset" in log
+    rows = _rows(out)
+    assert [r["step"] for r in rows] == [5, 10, 15] and all(r["loss"] == r["loss"] for r in rows)
+    assert yaml.safe_load((out / "config.yaml").read_text())["dist"]["ep_size"] == 1
