@@ -100,7 +100,9 @@ def sweep_table(runs: dict, raw: dict[str, list[float]] | None = None) -> str:
 def mi_table(runs: dict) -> str:
     lines = ["| data | method | shared | unique (own) | nuisance (own) | label factors | all |", "|---|---|---|---|---|---|---|"]
     for data in ("factors", "shared"):
-        for method in [m for m in ORDER if m in runs.get(data, {}) and "specialization" in runs[data][m][0]]:
+        # evaluation-only variants (s3-chi2-<variant>) share the s3-chi2 models: same routers, same MI
+        for method in [m for m in ORDER if m in runs.get(data, {}) and "specialization" in runs[data][m][0]
+                       and not m.startswith("s3-chi2-")]:
             evs = runs[data][method]
             cells = []
             for group in ("shared", "unique", "nuisance", "label", "all"):
