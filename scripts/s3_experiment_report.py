@@ -46,9 +46,9 @@ def _ms(xs: list[float]) -> str:
     return f"{100 * statistics.mean(xs):.2f} ± {100 * statistics.pstdev(xs):.2f}"
 
 
-def raw_input_probe(out: Path, data: str) -> list[float]:
-    """Reference: the same probe on the time-averaged raw inputs of each seed's data set (how much of the
-    label a linear read-out of the inputs themselves finds)."""
+def raw_input_probe(out: Path, data: str) -> dict[str, list[float]]:
+    """References: the same probe on the raw inputs of each seed's data set, time-averaged over the real
+    steps and with every step flattened (how much of the label a linear read-out of the inputs finds)."""
     import numpy as np
 
     from s3dist.data.stream import ShardStream
@@ -62,18 +62,25 @@ def raw_input_probe(out: Path, data: str) -> list[float]:
     urls = list(by_seed.values())
     if data == "digits" and (out / "data" / "digits" / "manifest.json").exists():
         urls = [str(out / "data" / "digits")]
-    accs = []
+    accs: dict[str, list[float]] = {"time-averaged": [], "all steps": []}
     for url in urls:
-        xy = {}
+        xy: dict = {k: {} for k in accs}
         for split in ("train", "val", "test"):
-            feats, labels = [], []
+            feats: dict = {k: [] for k in accs}
+            labels = []
             for b in ShardStream(url, split, batch_size=512, shuffle_buffer=0, drop_last=False, prefetch=0):
                 m = {k: v.unsqueeze(-1).float() for k, v in b.masks.items()}
-                feats.append(np.concatenate([((b.features[k] * m[k]).sum(1) / m[k].sum(1).clamp_min(1)).numpy()
-                                             for k in sorted(b.features)], axis=1))
+                mods = sorted(b.features)
+                feats["time-averaged"].append(np.concatenate(
+                    [((b.features[k] * m[k]).sum(1) / m[k].sum(1).clamp_min(1)).numpy() for k in mods], axis=1))
+                feats["all steps"].append(np.concatenate([(b.features[k] * m[k]).flatten(1).numpy() for k in mods],
+                                                         axis=1))
                 labels.append(b.labels.numpy())
-            xy[split] = (np.concatenate(feats), np.concatenate(labels))
-        accs.append(fit_probe(*xy["train"], *xy["val"], *xy["test"], [0.01, 0.1, 1.0, 10.0], 2000)["accuracy"])
+            for k in accs:
+                xy[k][split] = (np.concatenate(feats[k]), np.concatenate(labels))
+        for k in accs:
+            r = fit_probe(*xy[k]["train"], *xy[k]["val"], *xy[k]["test"], [0.01, 0.1, 1.0, 10.0], 2000)
+            accs[k].append(r["accuracy"])
     return accs
 
 
@@ -91,9 +98,10 @@ def sweep_table(runs: dict, raw: dict[str, list[float]] | None = None) -> str:
                 cells.append(_ms(accs) if len(accs) == len(evs) else "")
             chosen = _ms([e["best_accuracy"] for e in evs])
             lines.append(f"| {data} | {LABELS.get(method, method)} | {len(evs)} | " + " | ".join(cells) + f" | {chosen} |")
-        if raw and raw.get(data):
-            lines.append(f"| {data} | linear probe on raw inputs (time-averaged) | {len(raw[data])} | "
-                         + " | ".join("" for _ in ps) + f" | {_ms(raw[data])} |")
+        for kind, accs in (raw or {}).get(data, {}).items():
+            if accs:
+                lines.append(f"| {data} | linear probe on the raw inputs ({kind}) | {len(accs)} | "
+                             + " | ".join("" for _ in ps) + f" | {_ms(accs)} |")
     return "\n".join(lines)
 
 
