@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 import s3dist
-from s3dist.config import check_safe_name
+from s3dist.config import check_safe_name, flatten
 
 META = "s3dist_meta.json"
 LATEST = "latest"
@@ -198,23 +198,13 @@ SHAPE_KEYS = ("moe.kind", "moe.num_experts", "moe.granularity", "moe.expansion",
 COMMAND_KEYS = ("output_dir", "resume", "overwrite")
 
 
-def _flat(config: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in config.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _describe(changes: list[tuple]) -> str:
     return "; ".join(f"{k} was {old!r} there but is {new!r} now" for k, old, new in changes)
 
 
 def check_compatible(meta: dict, config: dict, ckpt: Path) -> None:
     """Refuse a resume whose model shape differs from the checkpoint's (SHAPE_KEYS)."""
-    old, new = _flat(meta["config"]), _flat(config)
+    old, new = flatten(meta["config"]), flatten(config)
     differ = [(k, old.get(k), new[k]) for k in SHAPE_KEYS if old.get(k) != new[k]]
     if differ:
         raise CheckpointError(f"cannot resume from '{ckpt}': {_describe(differ)}; use the same value or start a new "
@@ -236,7 +226,7 @@ def resume_config(meta: dict, ckpt: Path, command, given, force: bool = False) -
         config = from_dict(meta["config"])
     except ConfigError as e:
         raise ConfigError(f"the config stored in '{ckpt / META}' is not valid for this s3dist: {e}") from e
-    old, new = _flat(to_dict(config)), _flat(to_dict(command))
+    old, new = flatten(to_dict(config)), flatten(to_dict(command))
     changed, refused = [], []
     for key in old:
         if key not in COMMAND_KEYS and (key not in given or new[key] == old[key]):

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from s3dist.config import LoggingConfig
+from s3dist.config import LoggingConfig, flatten
 
 log = logging.getLogger("s3dist")
 
@@ -99,7 +99,7 @@ class AccelerateTrackerBackend:
         self.clean_key = clean_key or (lambda k: k)
         tracker.start()
         if run_config:
-            tracker.store_init_configuration({self.clean_key(k): v for k, v in flatten_config(run_config).items()})
+            tracker.store_init_configuration({self.clean_key(k): v for k, v in flatten(run_config).items()})
 
     def scalars(self, step, stage, values):
         self.tracker.log({self.clean_key(k): v for k, v in values.items()}, step=step)
@@ -116,17 +116,6 @@ class AccelerateTrackerBackend:
 
     def close(self):
         self.tracker.finish()
-
-
-def flatten_config(doc: dict, prefix: str = "") -> dict:
-    """{'moe': {'top_k': 2}} -> {'moe.top_k': 2}: trackers take flat hyperparameters."""
-    out = {}
-    for k, v in doc.items():
-        if isinstance(v, dict):
-            out.update(flatten_config(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def wandb_backend(run_dir: Path, run_config: dict | None) -> AccelerateTrackerBackend:
