@@ -154,7 +154,7 @@ class S3Router(EvalDropCounter, nn.Module):
                      else used_token.reshape(-1).bool())
 
         prune = plan.prune
-        idx_parts, gate_parts, on_parts, keep_parts = [], [], [], []
+        idx_parts, gate_parts, on_parts, taken_parts = [], [], [], []
         prob_sums, valid_counts, z_parts, ent_parts = [], [], [], []
         seg_demand = []
         self.sample_scores = {}
@@ -171,10 +171,9 @@ class S3Router(EvalDropCounter, nn.Module):
             scores = probs_valid.view(seg.batch, seg.steps, self.n).sum(1)
             steps = vf.view(seg.batch, seg.steps).sum(1, keepdim=True).clamp_min(1.0)
             self.sample_scores[seg.modality] = scores / steps            # mean gate prob per (sample, expert)
+            taken = route_on  # selected routes Stage 3 keeps; no extra work on the training path
             if prune is not None and seg.modality in prune.thresholds:
-                keep_parts.append(_prune_keep(prune, seg, top_p, top_i, self.sample_scores[seg.modality]))
-            else:
-                keep_parts.append(torch.ones_like(route_on))
+                taken = route_on & _prune_keep(prune, seg, top_p, top_i, self.sample_scores[seg.modality])
             prob_sums.append(probs_valid.sum(0))
             valid_counts.append(valid.sum())
             # logsumexp(logits) = logit_i - log p_i for any i; the top-1 (p >= 1/N) needs no second
@@ -186,19 +185,19 @@ class S3Router(EvalDropCounter, nn.Module):
                 with torch.no_grad():
                     ent_parts.append((-(probs * probs.clamp_min(1e-9).log()).sum(-1) * vf.squeeze(1)).sum())
             # scatter_add instead of bincount(top_i[route_on]): no boolean indexing, so no host sync on GPU.
-            seg_demand.append(_count_routes(top_i, route_on & keep_parts[-1], self.n))
+            seg_demand.append(_count_routes(top_i, taken, self.n))
             idx_parts.append(top_i + self.offset(seg.modality))
             gate_parts.append(top_p)
             on_parts.append(route_on)
+            taken_parts.append(taken)
 
         if idx_parts:
             idx, gates, selected = torch.cat(idx_parts), torch.cat(gate_parts), torch.cat(on_parts)
-            keep = torch.cat(keep_parts)
+            route_on = torch.cat(taken_parts) if prune is not None else selected
         else:  # no modality segments at all (cannot happen through the encoder; keep shapes sane)
             idx = tokens.new_zeros((0, self.k), dtype=torch.long)
             gates, selected = tokens.new_zeros((0, self.k)), idx.bool()
-            keep = selected
-        route_on = selected & keep
+            route_on = selected
 
         # Demand before capacity, counted only for routes that are really taken.
         demand = torch.zeros(self.num_experts, device=tokens.device)
