@@ -139,6 +139,11 @@ class MoEConfig:
     min_capacity: int = _f(4, "Lower bound on the per-expert capacity.", ge=0)
     drop_tokens: bool = _f(True, "Drop tokens over capacity. False sizes capacity to the largest demand across "
                                  "expert-parallel ranks (no drops, one extra tiny all-reduce).")
+    expert_compute: str = _f("auto", "How a layer's local experts run: 'grouped' (one batched GEMM per "
+                                     "projection over all local experts), 'loop' (DeepSpeed's per-expert loop) "
+                                     "or 'auto' (grouped from the local-expert count where it measured faster: "
+                                     "GROUPED_MIN_LOCAL_EXPERTS in s3dist/model/experts.py). Same results.",
+                             choices=("auto", "loop", "grouped"))
     noisy_gate: str = _f("none", "Router noise in training: 'none' or 'jitter' (multiplicative input jitter).",
                          choices=("none", "jitter"))
     aux_loss_weight: float = _f(0.01, "Weight of the load-balancing loss.", ge=0.0)
