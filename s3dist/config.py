@@ -146,7 +146,16 @@ class MoEConfig:
                              choices=("auto", "loop", "grouped"))
     noisy_gate: str = _f("none", "Router noise in training: 'none' or 'jitter' (multiplicative input jitter).",
                          choices=("none", "jitter"))
-    aux_loss_weight: float = _f(0.01, "Weight of the load-balancing loss.", ge=0.0)
+    balance: str = _f("aux_loss", "Stage 1 load balancing: 'aux_loss' (the Switch-style loss on global routing "
+                                  "fractions, weight aux_loss_weight), 'bias' (DeepSeek-V3's auxiliary-loss-free "
+                                  "rule: a per-expert bias added to the routing scores for top-k selection only, "
+                                  "moved by bias_update_rate each training step against the global load error; "
+                                  "moe.kind=s3 only) or 'none'. With 'bias' / 'none' the aux loss is logged but "
+                                  "not applied.", choices=("aux_loss", "bias", "none"))
+    bias_update_rate: float = _f(1e-3, "balance=bias: gamma, the step of the per-expert selection bias per training "
+                                       "step (in units of routing probability).", gt=0.0)
+    aux_loss_weight: float = _f(0.01, "Weight of the load-balancing loss (applied with balance=aux_loss only).",
+                                ge=0.0)
     z_loss_weight: float = _f(0.0, "Weight of the router z-loss (mean squared logsumexp of router logits).", ge=0.0)
     init_seed: int = _f(1234, "Seed for expert weights; expert e's weights depend only on it and e, never on "
                               "ep_size.")
@@ -523,6 +532,10 @@ def validate(cfg: RunConfig) -> None:
     if cfg.moe.kind == "topk" and "select" in cfg.stages.run:
         raise ConfigError("moe.kind='topk' is the plain-MoE baseline and has no S3 router to tune: drop 'select' "
                           "and 'sparsify' from stages.run or use moe.kind='s3'")
+    if cfg.moe.balance == "bias" and cfg.moe.kind != "s3":
+        raise ConfigError(f"config key 'moe.balance' = 'bias' needs the S3 router, but moe.kind = {cfg.moe.kind!r} "
+                          f"(DeepSpeed's TopKGate has no selection bias; a dense model has no routing): use "
+                          f"moe.kind=s3 or moe.balance=aux_loss / none")
     if cfg.moe.kind == "dense" and ("select" in cfg.stages.run or "sparsify" in cfg.stages.run):
         raise ConfigError("moe.kind='dense' has no routers: set stages.run=[specialize] for the dense baseline")
     check_safe_name("name", cfg.name)
