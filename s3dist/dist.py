@@ -162,6 +162,9 @@ def build_engine(model: nn.Module, params: list[nn.Parameter], *, lr: float, tot
     zero_stage = dist_cfg.zero_stage if has_trainable_experts else 0
     for p in model.parameters():
         p.requires_grad_(id(p) in chosen)
+    for m in model.modules():  # moe.balance=bias: the selection bias moves only while experts train (S3Router)
+        if hasattr(m, "bias_updates"):
+            m.bias_updates = has_trainable_experts
     optimizer = torch.optim.AdamW(optimizer_param_groups(params, optim.weight_decay), lr=lr,
                                   betas=(optim.beta1, optim.beta2))
     warmup = max(1, optim.warmup_steps)

@@ -2,6 +2,7 @@
 
 Stage 1, Specialization (self-supervised; encoders and routers train):
     L = intra_weight * L_rep + cross_weight * L_dsc + aux_loss_weight * L_aux (+ z_loss_weight * L_z)
+    (the L_aux term only with moe.balance=aux_loss; 'bias' balances by the router's selection bias instead)
     L_rep: InfoNCE between two augmented views of each modality; L_dsc: cross-modal InfoNCE.
 Stage 2, Selection (supervised; only the routers train):
     L = supcon_weight * L_SupCon + compact_weight * L_Comp (+ select_balance_weight * L_aux)
@@ -54,7 +55,9 @@ def specialize_loss(engine, batch, cfg: RunConfig, modalities: list[str]):
     if prs:
         terms["cross"] = sum(losses.info_nce(e1[a], e1[b_], st.temperature) for a, b_ in prs) / len(prs)
     total = st.intra_weight * terms["intra"] + st.cross_weight * terms.get("cross", 0.0)
-    return _router_terms(total, terms, out, cfg.moe.aux_loss_weight, cfg.moe.z_loss_weight)
+    # balance=bias / none: the loss is still computed and logged (it measures the load), never applied
+    aux_weight = cfg.moe.aux_loss_weight if cfg.moe.balance == "aux_loss" else 0.0
+    return _router_terms(total, terms, out, aux_weight, cfg.moe.z_loss_weight)
 
 
 def select_loss(engine, batch, cfg: RunConfig, modalities: list[str]):

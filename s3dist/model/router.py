@@ -19,7 +19,12 @@ the combine stay DeepSpeed's. What this gate adds over `TopKGate`:
 * a load-balancing loss computed on *global* routing fractions (all-reduced over the data-parallel
   world), so the loss and its gradients do not depend on how the batch is split across ranks;
 * an optional router z-loss, per-sample routing scores for the compactness loss and Stage 3, and
-  load counters accumulated on device and reduced only once per log interval.
+  load counters accumulated on device and reduced only once per log interval;
+* `moe.balance=bias`: DeepSeek-V3's auxiliary-loss-free balancing (arXiv 2412.19437, 2.1.2). A per-expert
+  bias is added to the routing probabilities for the top-k *selection* only (the gates stay the unbiased
+  probabilities) and moved by `bias_update_rate * sign(mean load - load)` after every training forward,
+  from the global load the balance statistics already all-reduce (no extra collective, the same bias on
+  every rank). It is a persistent buffer, so DeepSpeed saves it with the model states.
 """
 
 from __future__ import annotations
@@ -91,7 +96,7 @@ class S3Router(EvalDropCounter, nn.Module):
     def __init__(self, d_model: int, modalities: list[str], experts_per_modality: int, k: int, *,
                  shared_experts: bool, capacity_factor: float, eval_capacity_factor: float,
                  min_capacity: int, drop_tokens: bool, noisy_gate: str = "none",
-                 compute_z_loss: bool = True) -> None:
+                 compute_z_loss: bool = True, balance: str = "aux_loss", bias_update_rate: float = 1e-3) -> None:
         super().__init__()
         self.modalities = list(modalities)
         self.n = experts_per_modality
@@ -122,6 +127,38 @@ class S3Router(EvalDropCounter, nn.Module):
         # Global ranks of the expert-parallel group, on the module's device: `_agree` reads their rows on
         # every training forward (a buffer, so it follows `.to(device)` and is not rebuilt per call).
         self.register_buffer("_ep_members", torch.zeros(0, dtype=torch.long), persistent=False)
+        # The selection bias moves only while the experts train (set by `s3dist.dist.build_engine`): it exists
+        # to spread the load the experts learn from. Stage 2 trains the routers alone on an objective with no
+        # balance term (the paper's Selection lets experts be used unevenly; stages.select_balance_weight is
+        # its opt-in), and a bias still chasing balance there would undo the selectivity Stage 2 learns.
+        self.bias_updates = True
+        self.set_balance(balance, bias_update_rate)
+
+    def set_balance(self, balance: str, bias_update_rate: float) -> None:
+        """Choose the balancing rule (`moe.balance`). Only 'bias' adds state: the persistent buffer
+        `route_bias` [num_experts] (not named *expert*: DeepSpeed files every MoE state key containing
+        'expert' with the experts, and this one belongs to the replicated model states). Without it the
+        state dict is unchanged, so checkpoints of aux_loss runs keep loading."""
+        if balance not in ("aux_loss", "bias", "none"):
+            raise ValueError(f"moe.balance must be aux_loss, bias or none, not {balance!r}")
+        self.balance = balance
+        self.bias_update_rate = bias_update_rate
+        if balance == "bias" and getattr(self, "route_bias", None) is None:
+            self.register_buffer("route_bias", torch.zeros(self.num_experts, device=self._counters.device))
+        elif balance != "bias" and getattr(self, "route_bias", None) is not None:
+            del self._buffers["route_bias"]
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        # A resume that switches moe.balance (allowed with --force-config) loads: a checkpoint without a bias
+        # starts it at zero, a bias in the checkpoint of a run that no longer uses one is ignored.
+        key = prefix + "route_bias"
+        if getattr(self, "route_bias", None) is not None:
+            state_dict.setdefault(key, torch.zeros_like(self.route_bias))
+        else:
+            state_dict.pop(key, None)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     # DeepSpeed sets the expert-parallel group once the process groups exist; allow re-setting
     # (unlike TopKGate) because eval, export and the engine may each attach the same module.
@@ -138,6 +175,18 @@ class S3Router(EvalDropCounter, nn.Module):
         if self.noisy_gate == "jitter" and self.training:
             x = x * torch.empty_like(x).uniform_(1.0 - 1e-2, 1.0 + 1e-2)
         return F.linear(x, self.proj[modality].weight.float())
+
+    def select(self, modality: str, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The top-k routes of each token: (gate probabilities [S, k], expert indices within the modality's
+        block [S, k]). With balance=bias the experts are chosen by probability + bias, the gates are the
+        unbiased probabilities of the chosen experts (DeepSeek-V3: the bias steers load, never the output's
+        weighting). Stage 3 must rank the same routes, so its score computation uses this too."""
+        bias = getattr(self, "route_bias", None)
+        if bias is None:
+            return probs.topk(self.k, dim=-1)
+        off = self.offset(modality)
+        top_i = (probs + bias[off:off + self.n]).topk(self.k, dim=-1).indices
+        return probs.gather(1, top_i), top_i
 
     # ------------------------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, used_token: torch.Tensor | None = None,
@@ -164,7 +213,7 @@ class S3Router(EvalDropCounter, nn.Module):
         for seg, x, valid in zip(plan.segments, tokens.split(sizes), valid_all.split(sizes)):
             logits = self.logits(seg.modality, x)                       # [S_m, N]
             probs = logits.softmax(dim=-1)
-            top_p, top_i = probs.topk(self.k, dim=-1)                   # [S_m, k]
+            top_p, top_i = self.select(seg.modality, probs)             # [S_m, k]
             route_on = valid.unsqueeze(1).expand_as(top_i)
             vf = valid.unsqueeze(1).to(probs.dtype)
             probs_valid = probs * vf
@@ -177,9 +226,10 @@ class S3Router(EvalDropCounter, nn.Module):
             prob_sums.append(probs_valid.sum(0))
             valid_counts.append(valid.sum())
             # logsumexp(logits) = logit_i - log p_i for any i; the top-1 (p >= 1/N) needs no second
-            # exp-sum over the logits.
+            # exp-sum over the logits. A biased selection's first choice may have p ~ 0: exp-sum then.
             if self.compute_z_loss:
-                lse = logits.gather(1, top_i[:, :1]).squeeze(1) - top_p[:, 0].log()
+                lse = (logits.logsumexp(-1) if self.balance == "bias" else
+                       logits.gather(1, top_i[:, :1]).squeeze(1) - top_p[:, 0].log())
                 z_parts.append((lse.square() * vf.squeeze(1)).sum())
             if self.training:  # only the load counters use it
                 with torch.no_grad():
@@ -223,6 +273,8 @@ class S3Router(EvalDropCounter, nn.Module):
             self._count_eval(demand.sum(), kept.sum())
 
         l_aux = self._balance_loss(prob_sums, balance, world) if balance is not None else demand.new_zeros(())
+        if balance is not None and self.balance == "bias" and self.bias_updates:
+            self._update_bias(plan.segments, balance)
         n_valid = torch.stack(valid_counts).sum() if valid_counts else tokens.new_zeros(())
         self.z_loss = (torch.stack(z_parts).sum() / n_valid.clamp_min(1)) if z_parts else tokens.new_zeros(())
         if self.training:
@@ -318,6 +370,23 @@ class S3Router(EvalDropCounter, nn.Module):
             ce = g_demand[j] / (n_tok * self.k)
             loss = loss + world * self.n * (me * ce).sum()
         return loss
+
+    @torch.no_grad()
+    def _update_bias(self, segments: list[Segment], stat: torch.Tensor) -> None:
+        """bias_e += gamma * sign(mean load - load_e) within each modality's block of experts (the experts a
+        modality's tokens compete for; with shared_experts, the one pool), from `stat`, the balance
+        statistics `_agree` summed over the world: every rank applies the same update to the same bias.
+
+        Called once per training forward, i.e. once per optimizer step (s3dist runs one forward per step:
+        no gradient accumulation, both Stage-1 views in one call). The new bias steers the next step's
+        selection; this step's routes are already chosen."""
+        g_demand = stat[:len(segments) * self.n].view(len(segments), self.n)
+        load = torch.zeros(self.num_experts, device=stat.device)
+        for seg, d in zip(segments, g_demand):
+            off = self.offset(seg.modality)
+            load[off:off + self.n] += d
+        blocks = load.view(-1, self.n)   # a block no token reached this step has error 0: no move
+        self.route_bias += self.bias_update_rate * torch.sign(blocks.mean(1, keepdim=True) - blocks).flatten()
 
     def pop_load_counters(self) -> torch.Tensor:
         """Counters since the last call (local to this rank; the logger reduces them once)."""
