@@ -4,10 +4,7 @@
 # TensorBoard logs. Extra arguments are passed to s3dist.train (e.g. stages.specialize_steps=50).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup_venv.sh
-if ! command -v nvidia-smi >/dev/null 2>&1; then export DS_ACCELERATOR=cpu; fi
-# DeepSpeed JIT-builds a few ops; keep them with this venv, not in a cache shared by other checkouts
-export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.venv/torch_extensions}"
+source scripts/env.sh  # venv, DS_ACCELERATOR, TORCH_EXTENSIONS_DIR
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 out="runs/demo-$(date +%Y%m%d-%H%M%S)"
 .venv/bin/accelerate launch --config_file launch_configs/cpu_2proc.yaml -m s3dist.train --output_dir "$out" "$@"

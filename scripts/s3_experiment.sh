@@ -17,9 +17,7 @@
 # defaults (4 shared, 4 unique, 4 nuisance factors per modality, noise std 0.3, 3 modalities).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup_venv.sh
-if ! command -v nvidia-smi >/dev/null 2>&1; then export DS_ACCELERATOR=cpu; fi
-export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.venv/torch_extensions}"
+source scripts/env.sh  # venv, DS_ACCELERATOR, TORCH_EXTENSIONS_DIR
 export OMP_NUM_THREADS=1
 OUT="${OUT:-runs/s3-exp}"
 SEEDS="${SEEDS:-0 1 2}"

@@ -12,10 +12,7 @@
 # does not saturate. Everything else is the embedded default.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup_venv.sh
-if ! command -v nvidia-smi >/dev/null 2>&1; then export DS_ACCELERATOR=cpu; fi
-# DeepSpeed JIT-builds a few ops; keep them with this venv, not in a cache shared by other checkouts
-export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.venv/torch_extensions}"
+source scripts/env.sh  # venv, DS_ACCELERATOR, TORCH_EXTENSIONS_DIR
 export OMP_NUM_THREADS=1
 OUT="${OUT:-runs/synth-exp}"
 SEEDS="${SEEDS:-0 1 2}"

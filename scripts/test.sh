@@ -3,8 +3,5 @@
 # start their own daemons; they skip only where the host forbids network namespaces).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup_venv.sh
-if ! command -v nvidia-smi >/dev/null 2>&1; then export DS_ACCELERATOR=cpu; fi
-# DeepSpeed JIT-builds a few ops; keep them with this venv, not in a cache shared by other checkouts
-export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.venv/torch_extensions}"
+source scripts/env.sh  # venv, DS_ACCELERATOR, TORCH_EXTENSIONS_DIR
 exec .venv/bin/python -m pytest -q -rs --durations=15 "$@"
