@@ -378,8 +378,12 @@ class S3Router(EvalDropCounter, nn.Module):
         statistics `_agree` summed over the world: every rank applies the same update to the same bias.
 
         Called once per training forward, i.e. once per optimizer step (s3dist runs one forward per step:
-        no gradient accumulation, both Stage-1 views in one call). The new bias steers the next step's
-        selection; this step's routes are already chosen."""
+        no gradient accumulation, both Stage-1 views in one call, no activation recomputation). The new bias
+        steers the next step's selection; this step's routes are already chosen. Were gradient accumulation
+        added, this would move the bias once per micro-batch (gamma x accumulation steps per step, and a
+        selection that changes inside one step): the update would then belong at the accumulation boundary,
+        from the load summed over the micro-batches. A step skipped for a non-finite loss still moves it (the
+        route counts are finite whatever the loss)."""
         g_demand = stat[:len(segments) * self.n].view(len(segments), self.n)
         load = torch.zeros(self.num_experts, device=stat.device)
         for seg, d in zip(segments, g_demand):
