@@ -5,6 +5,9 @@ form one group (one fused expert pool, one all-to-all pair per layer); for the p
 each modality is its own group with DeepSpeed's own `TopKGate`. The module takes and returns
 per-modality token tensors, so the encoder never sees how tokens were packed.
 
+Each DeepSpeed MoE runs its local experts through `GroupedExperts` (`s3dist.model.experts`): batched
+GEMMs where `moe.expert_compute` says so, DeepSpeed's per-expert loop otherwise, same parameters.
+
 This module knows the expert-parallel *size and rank* (to build only this rank's experts and to
 seed them by global index) but creates no process group: `s3dist.dist` attaches groups.
 """
@@ -17,19 +20,8 @@ from deepspeed.moe.sharded_moe import TopKGate
 from torch import nn
 
 from s3dist.config import MoEConfig
+from s3dist.model.experts import ExpertMLP, install_grouped_experts
 from s3dist.model.router import EvalDropCounter, PruneSpec, RoutingPlan, S3Router, Segment
-
-
-class ExpertMLP(nn.Module):
-    """One expert: d_model -> hidden -> d_model, mapping into the shared latent space."""
-
-    def __init__(self, d_model: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(d_model, hidden)
-        self.fc2 = nn.Linear(hidden, d_model)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(torch.nn.functional.gelu(self.fc1(x)))
 
 
 def init_expert_(expert: ExpertMLP, seed: int) -> None:
@@ -125,6 +117,7 @@ class ExpertParallelMoE(nn.Module):
                                          cfg.eval_capacity_factor, cfg.min_capacity,
                                          "Jitter" if cfg.noisy_gate == "jitter" else None, cfg.drop_tokens, False)
             moe.deepspeed_moe.gate = gate
+            install_grouped_experts(moe, cfg.expert_compute)
             local = moe.num_local_experts
             for i, expert in enumerate(moe.deepspeed_moe.experts.deepspeed_experts):
                 global_index = ep_rank * local + i
