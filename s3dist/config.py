@@ -91,6 +91,12 @@ class DataConfig:
                               "stream over part of the shards; batches are the same for any value). Used where "
                               "ranks get whole shards (shard count a multiple of the world size) and prefetch > "
                               "0; at most one per shard of the rank.", ge=1, le=64)
+    partitions: int = _f(0, "Streams the training rows are dealt into, fixed when a run starts (0: the world size "
+                            "it starts with). A run resumes mid-epoch on any world size dividing it without "
+                            "repeating or skipping a sample (set e.g. 8 for a run that may move between 1, 2, 4 "
+                            "and 8 ranks); it must be a multiple of the world size. Whole shards per partition where the shard "
+                            "count is a multiple of it, else every partitions-th row (each rank then reads every "
+                            "shard).", ge=0)
     synth: SynthConfig = field(default_factory=SynthConfig, metadata={"doc": "Embedded synthetic data set."})
 
 
@@ -262,6 +268,9 @@ class LoggingConfig:
     tensorboard: bool = _f(True, "Older switch, kept so existing config files load: false drops 'tensorboard' from "
                                  "logging.trackers; true changes nothing.")
     progress: bool = _f(True, "Progress bar on rank 0 (only when stdout is a terminal).")
+    sample_ids: bool = _f(False, "Write each training batch's sample ids per rank to <output_dir>/samples/"
+                                 "rank{r}.jsonl (step, stage, ids): an audit of the data order, e.g. that a resume "
+                                 "on another world size repeated or skipped no sample.")
     imbalance_threshold: float = _f(3.0, "Warn when an MoE layer's max/mean expert load stays above this...", gt=1.0)
     imbalance_patience: int = _f(3, "...for this many consecutive log intervals.", ge=1)
 

@@ -214,6 +214,29 @@ def truncate_metrics(path: Path, after_step: int) -> None:
     tmp.replace(path)
 
 
+class SampleLog:
+    """`logging.sample_ids`: the sample ids of every training batch this rank takes, one JSON row per step
+    ({"step", "stage", "ids"}) in <run>/samples/rank{r}.jsonl, to audit the data order (e.g. that a resume,
+    also on another world size, repeated or skipped nothing). Opened at the first write: on a resume,
+    rank 0 first truncates every rank's file to the checkpoint's step (`truncate_metrics`)."""
+
+    def __init__(self, run_dir: Path, rank: int):
+        self.path = run_dir / "samples" / f"rank{rank}.jsonl"
+        self._f = None
+
+    def write(self, step: int, stage: str, ids: list[int]) -> None:
+        if self._f is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._f = open(self.path, "a")
+        self._f.write(json.dumps({"step": step, "stage": stage, "ids": ids}) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
 # --------------------------------------------------------------------------------------------
 # MoE load
 # --------------------------------------------------------------------------------------------

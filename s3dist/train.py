@@ -254,7 +254,8 @@ def run(cfg: RunConfig, plan: ResumePlan | None = None):
     stream = ShardStream(data_url, "train", batch_size=cfg.data.batch_size, rank=rank, world_size=world,
                          modalities=cfg.data.modalities or None, seed=cfg.seed,
                          shuffle_buffer=cfg.data.shuffle_buffer, drop_last=True, nonfinite=cfg.data.nonfinite,
-                         prefetch=cfg.data.prefetch, read_threads=cfg.data.read_threads)
+                         prefetch=cfg.data.prefetch, read_threads=cfg.data.read_threads,
+                         partitions=cfg.data.partitions)
     modalities = stream.modalities
     ep = validate_world(cfg, world, len(modalities), has_concepts=bool(stream.manifest.num_concepts))
     dims = make_dims(rank, local_rank, world, device, backend, ep)
@@ -266,6 +267,8 @@ def run(cfg: RunConfig, plan: ResumePlan | None = None):
             record_config_changes(run_dir, plan)
             step = ckpt_io.read_meta(resume_from, verify=False)["state"]["global_step"]
             truncate_metrics(run_dir / "metrics.jsonl", step)
+            for samples in sorted((run_dir / "samples").glob("rank*.jsonl")):  # logging.sample_ids
+                truncate_metrics(samples, step)
     with open(run_dir / "ranks.jsonl", "a") as f:
         f.write(json.dumps({"rank": rank, "hostname": socket.gethostname(), "local_rank": local_rank,
                             "node_rank": int(os.environ.get("GROUP_RANK", os.environ.get("NODE_RANK", "0"))),

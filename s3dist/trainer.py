@@ -22,7 +22,7 @@ from s3dist import EXIT_REQUEUE
 from s3dist import checkpoint as ckpt_io
 from s3dist.config import RunConfig, to_dict
 from s3dist.dist import ParallelDims, build_engine
-from s3dist.metrics import ImbalanceAlarm, MetricsLogger, moe_load_metrics, peak_memory_mb
+from s3dist.metrics import ImbalanceAlarm, MetricsLogger, SampleLog, moe_load_metrics, peak_memory_mb
 from s3dist.model.encoder import S3Encoder
 from s3dist.objectives import STAGE_LOSS
 
@@ -76,6 +76,7 @@ class Trainer:
         self._last_save = time.monotonic()
         self.window = _Window()
         self._resume_meta: dict | None = None
+        self.sample_log = SampleLog(self.run_dir, self.dims.rank) if self.cfg.logging.sample_ids else None
 
     # -- stages --------------------------------------------------------------------------------
     def stage_params(self, stage: str) -> list[torch.nn.Parameter]:
@@ -109,6 +110,8 @@ class Trainer:
         finally:
             self._batches = None
             self.stream.close()  # the reader it may have started for the next epoch
+            if self.sample_log is not None:
+                self.sample_log.close()
         return self.state
 
     def _total_steps(self, stage: str) -> int:
@@ -134,7 +137,10 @@ class Trainer:
             self.progress.start(stage, total, self.state.stage_step)
         while self.state.stage_step < total:
             t0 = time.perf_counter()
-            batch = self._next_batch()
+            host_batch = self._next_batch()
+            if self.sample_log is not None:
+                self.sample_log.write(self.state.global_step + 1, stage, host_batch.ids.tolist())
+            batch = host_batch.to(self.dims.device)
             t_data = time.perf_counter()
             loss, terms = loss_fn(engine, batch, cfg, self.modalities)
             t_fwd = time.perf_counter()
@@ -154,6 +160,8 @@ class Trainer:
                 window = self.window = _Window()
             if self.progress is not None:
                 self.progress.update(self.state.stage_step, terms["loss"], len(batch) * self.dims.world_size)
+            del batch
+            host_batch.release()  # its buffers serve a later batch (the step no longer reads them)
             done = self.state.stage_step == total
             self.state.stage_done = done
             if done or preempt or self._save_due():
@@ -172,7 +180,7 @@ class Trainer:
             if self._batches is None:
                 self._batches = iter(self.stream)
             try:
-                return next(self._batches).to(self.dims.device)
+                return next(self._batches)
             except StopIteration:  # the stream advanced its epoch; start the next one
                 self._batches = None
 
@@ -247,8 +255,14 @@ class Trainer:
                 # the partial log window, so the first row logged after a resume averages the same steps
                 self.window.load_state_dict(rank_state["extra"]["window"], self.dims.device)
         else:
-            log.warning("data position and RNG are per rank and the world size changed: the data stream restarts "
-                        "its epoch")
+            # Every rank's stream state is the same position (rows taken from each partition), so the new
+            # ranks continue the epoch from rank 0's without repeating or skipping a sample; RNG streams
+            # are per rank and start anew.
+            self.stream.load_state_dict(ckpt_io.load_rank_state(ckpt, 0)["stream"])
+            log.warning("the world size changed (%d -> %d ranks): the data stream continues its epoch over %d "
+                        "partitions, %d rows per step (data.batch_size %d per rank); augmentation RNG restarts",
+                        meta["world_size"], self.dims.world_size, self.stream.partitions,
+                        self.stream.batch_size * self.dims.world_size, self.stream.batch_size)
         self._batches = None
 
     def _log(self, stage: str, engine, window: "_Window") -> None:

@@ -176,7 +176,7 @@ def test_shuffle_scatter_equals_the_eviction_buffer(rows, size, batch_size, bloc
     """The scatter-on-arrival shuffle emits exactly the rows a plain eviction buffer evicts, in the same
     order, then the buffer's leftovers permuted; every row once, whole batches except the last, every
     column of a row kept together, whatever the input block sizes."""
-    from s3dist.data.stream import _shuffled_batches
+    from s3dist.data.shuffle import shuffled_batches
 
     def input_blocks():
         start, k = 0, 0
@@ -187,7 +187,7 @@ def test_shuffle_scatter_equals_the_eviction_buffer(rows, size, batch_size, bloc
                    "m": (ids[:, None] % 3 == np.arange(4)[None, :])}
             start, k = start + n, k + 1
 
-    out = list(_shuffled_batches(input_blocks(), size, np.random.default_rng(7), batch_size))
+    out = list(shuffled_batches(input_blocks(), size, np.random.default_rng(7), batch_size))
     got = np.concatenate([b["id"] for b in out]).tolist() if out else []
     evicted, left = _eviction_buffer(list(range(rows)), size, batch_size, seed=7)
     assert got[:len(evicted)] == evicted
@@ -198,17 +198,33 @@ def test_shuffle_scatter_equals_the_eviction_buffer(rows, size, batch_size, bloc
         assert (b["m"] == (b["id"][:, None] % 3 == np.arange(4)[None, :])).all()
 
 
-def test_shuffled_batches_held_by_the_consumer_are_never_overwritten(synth):
-    """Output arrays are recycled only once the consumer has let go of them: batches kept in a list keep
-    their contents through the rest of the epoch and the next one, while batches that are dropped get
-    their memory reused."""
-    s = ShardStream(synth, "train", batch_size=8, shuffle_buffer=24, seed=3)
+def test_batch_memory_is_reused_only_once_handed_back(synth):
+    """Output arrays are reused only after `Batch.release()`: batches kept (never released) keep their
+    contents through the rest of the epoch and the next one, while released batches' memory serves
+    later batches; releasing twice, or releasing a batch of unshuffled (Arrow-backed) rows, is harmless."""
+    s = ShardStream(synth, "train", batch_size=8, shuffle_buffer=24, seed=3, prefetch=0)
     kept = [(b, b.ids.clone(), b.features["text"].clone()) for b in s]
     _ = ids_of(s)
     for b, ids, text in kept:
         assert torch.equal(b.ids, ids) and torch.equal(b.features["text"], text)
-    ptrs = {b.features["text"].data_ptr() for b in s}
-    assert len(ptrs) < s.batches_per_epoch
+    held = {b.features["text"].data_ptr() for b, _, _ in kept}
+    ptrs, alive = [], []  # kept alive, so only the pool (not the allocator) can give their memory again
+    for b in s:
+        ptrs.append(b.features["text"].data_ptr())
+        alive.append(b)
+        b.release()
+        b.release()
+    assert len(set(ptrs)) < len(ptrs) / 2 and not set(ptrs) & held
+    want = ids_of(ShardStream(synth, "train", batch_size=8, shuffle_buffer=24, seed=3, prefetch=0))
+    again = ShardStream(synth, "train", batch_size=8, shuffle_buffer=24, seed=3, prefetch=2)
+    got = []
+    for b in again:
+        got.append(b.ids.tolist())
+        b.release()
+    assert got == want
+    plain = ShardStream(synth, "train", batch_size=8)
+    for b in plain:
+        b.release()
 
 
 def test_prefetch_keeps_order_and_stops_with_the_consumer(synth):
@@ -224,7 +240,7 @@ def test_prefetch_keeps_order_and_stops_with_the_consumer(synth):
     it.close()
     assert not _readers_left()
 
-    from s3dist.data.stream import _prefetched
+    from s3dist.data.readahead import prefetched
 
     def failing():
         yield 1
@@ -233,7 +249,7 @@ def test_prefetch_keeps_order_and_stops_with_the_consumer(synth):
 
     got = []
     with pytest.raises(DataError, match="x.parquet went away"):
-        for x in _prefetched(failing(), 4):
+        for x in prefetched(failing(), 4):
             got.append(x)
     assert got == [1, 2]
 
@@ -245,9 +261,9 @@ def test_readers_closed_in_any_order_stop_without_hanging():
     elsewhere gets an error, not a silently shortened epoch."""
     import threading
 
-    from s3dist.data.stream import _Prefetcher
-    inner = _Prefetcher(iter(range(10**6)), 2)
-    outer = _Prefetcher((x for x in inner), 2)
+    from s3dist.data.readahead import Prefetcher
+    inner = Prefetcher(iter(range(10**6)), 2)
+    outer = Prefetcher((x for x in inner), 2)
     it = iter(outer)
     assert next(it) == 0
     closer = threading.Thread(target=lambda: (inner.close(), outer.close()))
@@ -290,7 +306,7 @@ def test_next_epoch_is_read_ahead_without_changing_any_batch(synth):
 
     opened = []
     real = s._numpy_batches
-    s._numpy_batches = lambda epoch: (opened.append(epoch), real(epoch))[1]
+    s._numpy_batches = lambda epoch, skip=0: (opened.append(epoch), real(epoch, skip))[1]
     it = iter(s)
     assert next(it).ids.tolist() == want[1][0] and opened == []  # served by the reader started ahead
     assert [b.ids.tolist() for b in it] == want[1][1:] and opened == [2]
@@ -315,11 +331,11 @@ def test_next_epoch_is_read_ahead_without_changing_any_batch(synth):
 
     # At interpreter exit, readers of streams nobody closed are stopped and joined (a daemon thread
     # still decoding while Python tears down aborts the process).
-    from s3dist.data.stream import _close_live_readers
+    from s3dist.data.readahead import close_live_readers
     assert ids_of(s) == want[1]
     thread = s._ahead_box[0][1]._thread
     assert thread.is_alive()
-    _close_live_readers()
+    close_live_readers()
     assert not thread.is_alive()
     assert ids_of(s) == want[2]  # a reader stopped that way is not used: the epoch is read anew
     del s, ref, mid, ev, it
@@ -356,11 +372,11 @@ def test_parallel_readers_hand_out_the_same_batches(uneven, world, shuffle, drop
         for k in (2, 3):
             s = ShardStream(uneven, "train", rank=rank, read_threads=k, **kw)
             opened: list[list[str]] = []
-            real = s._read
-            s._read = lambda files: (opened.append(files), real(files))[1]
+            real = s._reader._read
+            s._reader._read = lambda files, part, parts: (opened.append(files), real(files, part, parts))[1]
             got = batches(s) + batches(s)
             s.close()
-            del s._read, real
+            del s._reader._read, real
             assert [g[0] for g in got] == [w[0] for w in want]
             assert all(torch.equal(g[1], w[1]) and torch.equal(g[2], w[2]) for g, w in zip(got, want))
             readers = min(k, 8 // world)
@@ -464,16 +480,96 @@ def test_resume_at_epoch_end_moves_to_next_epoch(synth):
     assert ids_of(r) == epoch1 and len(epoch0) == len(epoch1)
 
 
-def test_resume_refuses_changed_pipeline_mid_epoch(synth):
-    """A mid-epoch state cannot be loaded into a stream with a different batch size or world size."""
-    s = ShardStream(synth, "train", batch_size=16)
+def _epoch_ids(streams, n=None) -> list[list[int]]:
+    """Per rank (stream), the ids of its next `n` batches of this epoch (all of them with n=None)."""
+    out = []
+    for s in streams:
+        it, got = iter(s), []
+        for b in it:
+            got.append(b.ids.tolist())
+            if n is not None and len(got) == n:
+                break
+        out.append(got)
+    return out
+
+
+@pytest.mark.parametrize("parts,before,after", [(2, 2, 1), (4, 2, 1), (4, 2, 4), (4, 1, 2)])
+def test_resume_on_another_world_size_neither_repeats_nor_skips(uneven, parts, before, after):
+    """`before` ranks take 3 batches and save; the state of rank 0 is loaded by `after` ranks, which
+    finish the epoch. Every row an uninterrupted `before`-rank epoch hands out is handed out exactly
+    once (the rows dropped at the epoch's end are the same), each partition continues its own row
+    sequence (the resumed ranks' rows, in order, are the uninterrupted run's from where it stopped),
+    and the next epoch is the uninterrupted run's."""
+    kw = {"shuffle_buffer": 32, "seed": 5, "partitions": parts, "prefetch": 1}
+    b = 20  # per-rank batch of the first run: q = 20 x before / parts rows of each partition per step
+    ref = [ShardStream(uneven, "train", batch_size=b, rank=r, world_size=before, **kw) for r in range(before)]
+    full = _epoch_ids(ref)
+    next_epoch = _epoch_ids(ref)
+    first = [ShardStream(uneven, "train", batch_size=b, rank=r, world_size=before, **kw) for r in range(before)]
+    taken = _epoch_ids(first, 3)
+    state = first[0].state_dict()
+    assert all(s.state_dict()["rows_done"] == state["rows_done"] for s in first)
+    b2 = b * before // after  # the same global batch; any batch giving whole rows per partition works
+    resumed = [ShardStream(uneven, "train", batch_size=b2, rank=r, world_size=after, **kw) for r in range(after)]
+    for s in resumed:
+        s.load_state_dict(state)
+    rest = _epoch_ids(resumed)
+    seen = [i for rank in taken + rest for batch in rank for i in batch]
+    want = [i for rank in full for batch in rank for i in batch]
+    assert len(seen) == len(set(seen)) and sorted(seen) == sorted(want)
+    assert len(set(want)) < 283 or parts == 4  # some rows dropped at the epoch's end, the same ones
+    # Partition p's rows in order: before the cut from its rank in the first run, after from its new rank.
+    q, q2 = b * before // parts, b2 * after // parts
+
+    def partition_rows(ranks, world, step_rows, p):
+        per = parts // world
+        j = p // world  # p's place among its rank's partitions
+        return [i for batch in ranks[p % world] for i in batch[j * step_rows:(j + 1) * step_rows]]
+
+    for p in range(parts):
+        assert (partition_rows(taken, before, q, p) + partition_rows(rest, after, q2, p)
+                == partition_rows(full, before, q, p))
+    assert sorted(i for r in _epoch_ids(resumed) for bb in r for i in bb) == sorted(
+        i for r in next_epoch for bb in r for i in bb)
+
+
+def test_resume_with_another_batch_size_continues_the_rows(synth):
+    """One rank, batch 16 -> 8 mid-epoch: the rows continue where they stopped; the smaller batch
+    leaves fewer rows over at the epoch's end, so the 8 rows the 16-row epoch dropped come last."""
+    kw = {"shuffle_buffer": 48, "seed": 9}
+    ref = [i for b in ShardStream(synth, "train", batch_size=16, **kw) for i in b.ids.tolist()]
+    s = ShardStream(synth, "train", batch_size=16, **kw)
     it = iter(s)
-    next(it)
+    head = next(it).ids.tolist() + next(it).ids.tolist()
+    r = ShardStream(synth, "train", batch_size=8, **kw)
+    r.load_state_dict(s.state_dict())
+    tail = [i for b in r for i in b.ids.tolist()]
+    assert (head + tail)[:len(ref)] == ref and len(head + tail) == 200
+    assert not set(tail[len(ref) - len(head):]) & set(ref)
+
+
+def test_resume_refuses_what_cannot_continue_the_epoch(synth):
+    """Mid-epoch: a world size that does not divide the partitions, a global batch that cannot take
+    whole rows from every partition, or a changed shuffle are refused, naming the setting; at an epoch
+    boundary the same states load."""
+    s = ShardStream(synth, "train", batch_size=16, shuffle_buffer=48)
+    next(iter(s))
     state = s.state_dict()
-    with pytest.raises(DataError, match="batch_size 16 -> 8"):
-        ShardStream(synth, "train", batch_size=8).load_state_dict(state)
-    with pytest.raises(DataError, match="world_size 1 -> 2"):
-        ShardStream(synth, "train", batch_size=16, world_size=2).load_state_dict(state)
+    with pytest.raises(DataError, match=r"2 ranks cannot share 1 partitions \(data.partitions\)"):
+        ShardStream(synth, "train", batch_size=16, world_size=2, shuffle_buffer=48).load_state_dict(state)
+    with pytest.raises(DataError, match="shuffle_buffer 48 -> 32"):
+        ShardStream(synth, "train", batch_size=16, shuffle_buffer=32).load_state_dict(state)
+    two = ShardStream(synth, "train", batch_size=16, world_size=2, partitions=2, shuffle_buffer=48)
+    next(iter(two))
+    with pytest.raises(DataError, match=r"1 x 15 rows \(data.batch_size\) cannot take the same number of rows "
+                                        r"from each of 2 partitions"):
+        ShardStream(synth, "train", batch_size=15, shuffle_buffer=48).load_state_dict(two.state_dict())
+    at_boundary = {**state, "rows_done": 0, "batches_done": 0, "epoch": 1}
+    r = ShardStream(synth, "train", batch_size=16, world_size=2, shuffle_buffer=48)
+    r.load_state_dict(at_boundary)
+    assert r.partitions == 2 and len(ids_of(r)) == r.batches_per_epoch
+    with pytest.raises(DataError, match="data.partitions"):
+        ShardStream(synth, "train", batch_size=16, world_size=2, partitions=3)
 
 
 def test_resume_refuses_a_mid_epoch_state_from_another_shuffle_order(synth):
@@ -483,7 +579,8 @@ def test_resume_refuses_a_mid_epoch_state_from_another_shuffle_order(synth):
     kw = {"batch_size": 16, "shuffle_buffer": 48, "seed": 9}
     s = ShardStream(synth, "train", **kw)
     next(iter(s))
-    old = {k: v for k, v in s.state_dict().items() if k != "order_version"}
+    old = {k: v for k, v in s.state_dict().items()  # as s3dist <= 0.1 wrote it
+           if k not in ("order_version", "rows_done", "partitions", "shuffle_chunk")}
     with pytest.raises(DataError, match="order_version 1 -> 2"):
         ShardStream(synth, "train", **kw).load_state_dict(old)
     r = ShardStream(synth, "train", **kw)

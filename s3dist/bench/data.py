@@ -97,7 +97,12 @@ def pyarrow_pass(url: str, split: str, batch_size: int, threads: int = 1) -> int
 
 
 def stream_pass(stream) -> int:
-    return sum(len(b) for b in stream)
+    """Rows of one epoch, each batch handed back once counted (as the trainer does after its step)."""
+    rows = 0
+    for b in stream:
+        rows += len(b)
+        b.release()
+    return rows
 
 
 def epoch_start_waits(stream, epochs: int, step_s: float) -> tuple[list[float], list[float]]:
@@ -109,8 +114,10 @@ def epoch_start_waits(stream, epochs: int, step_s: float) -> tuple[list[float], 
         it = iter(stream)
         for i in itertools.count():
             t0 = time.perf_counter()
-            if next(it, None) is None:
+            batch = next(it, None)
+            if batch is None:
                 break
+            batch.release()
             if epoch > 0:  # the first epoch's start is the stream's cold start, the same either way
                 (first if i == 0 else rest).append(time.perf_counter() - t0)
             time.sleep(step_s)
