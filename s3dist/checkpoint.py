@@ -126,8 +126,9 @@ def save(engine, run_dir: Path, state: TrainState, config: dict, stream_state: d
                 "checksums": {str(p.relative_to(root / tmp_tag)): _sha256(p) for p in files}}
         _fsync_write(root / tmp_tag / META, json.dumps(meta, indent=1))
         final = root / tag
-        if final.exists():  # a re-run of the same step (after a resume) replaces it
-            shutil.rmtree(final)
+        if final.exists():  # a re-run of the same step (after a resume) replaces it; removed by _prune
+            shutil.rmtree(root / f".deleting-{tag}", ignore_errors=True)
+            final.rename(root / f".deleting-{tag}")
         os.replace(root / tmp_tag, final)
         _fsync_write(root / LATEST, tag)
         _prune(root, keep_last)
@@ -141,8 +142,16 @@ def _complete(root: Path) -> list[Path]:
 
 
 def _prune(root: Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` checkpoints. Each is first renamed to `.deleting-<tag>` (one
+    atomic step), so a reader (`--resume`, `s3dist eval --run`) never finds a published checkpoint with
+    files missing, and a deletion cut short leaves only a hidden folder, removed by the next prune."""
     for old in _complete(root)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        aside = old.with_name(f".deleting-{old.name}")
+        if aside.exists():  # a leftover of the same tag (a re-run of that step)
+            shutil.rmtree(aside, ignore_errors=True)
+        old.rename(aside)
+    for aside in root.glob(".deleting-*"):
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def read_meta(ckpt: Path, verify: bool = True) -> dict:
