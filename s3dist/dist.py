@@ -115,6 +115,19 @@ def make_dims(rank: int, local_rank: int, world: int, device: torch.device, back
     return ParallelDims(rank, local_rank, world, ep_size, device, backend)
 
 
+def create_expert_groups(model: nn.Module) -> None:
+    """Create the expert / expert-data-parallel groups of every ep_size the model's MoE layers use, as
+    DeepSpeed's `MoE._create_process_groups` would (same call, same layout), before DeepSpeed gets there:
+    it would otherwise print "No existing process group found, creating a new group named: ep_size_N" on
+    every rank (a bare print, not its logger)."""
+    from deepspeed.moe.layer import MoE
+    from deepspeed.utils import groups
+
+    for ep in sorted({m.ep_size for m in model.modules() if isinstance(m, MoE)}):
+        if f"ep_size_{ep}" not in groups._get_expert_parallel_group_dict():
+            groups._create_expert_and_data_parallel(ep)
+
+
 def attach_expert_groups(model: nn.Module, dims: ParallelDims) -> None:
     """Create DeepSpeed's expert / expert-data-parallel groups and hand them to every MoE layer.
 
@@ -124,6 +137,7 @@ def attach_expert_groups(model: nn.Module, dims: ParallelDims) -> None:
     from deepspeed.moe.layer import MoE
     from deepspeed.utils import groups
 
+    create_expert_groups(model)
     for module in model.modules():
         if isinstance(module, MoE):
             module.set_deepspeed_parallelism()
@@ -187,6 +201,7 @@ def build_engine(model: nn.Module, params: list[nn.Parameter], *, lr: float, tot
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
     }
+    create_expert_groups(model)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config, dist_init_required=False)
     return engine
