@@ -185,13 +185,7 @@ class Trainer:
                 self._batches = None
 
     def _agree(self, loss: torch.Tensor) -> tuple[bool, bool]:
-        """One tiny all-reduce per step: any rank's non-finite loss or pre-emption signal stops all."""
-        flags = torch.tensor([0.0 if torch.isfinite(loss.detach()) else 1.0, 1.0 if self.preempt.raised else 0.0],
-                             device=loss.device)
-        if self.dims.world_size > 1:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        nonfinite, preempt = flags.tolist()
-        return bool(nonfinite), bool(preempt)
+        return agree_step_flags(loss, self.preempt.raised, self.dims.world_size)
 
     def _on_nonfinite(self, engine, batch, stage: str) -> None:
         self.state.skipped_steps += 1
@@ -209,12 +203,14 @@ class Trainer:
         c = self.cfg.checkpoint
         if c.every_steps and self.state.stage_step % c.every_steps == 0:
             return True
-        if c.every_minutes and time.monotonic() - self._last_save > 60 * c.every_minutes:
+        if not c.every_minutes:  # no clock to agree on: no tensor, no collective, no host sync
+            return False
+        if time.monotonic() - self._last_save > 60 * c.every_minutes:
             # ranks must agree: use rank 0's clock
             due = torch.tensor([1.0], device=self.dims.device)
         else:
             due = torch.tensor([0.0], device=self.dims.device)
-        if c.every_minutes and self.dims.world_size > 1:
+        if self.dims.world_size > 1:
             dist.broadcast(due, src=0)
         return bool(due.item())
 
@@ -282,6 +278,20 @@ class Trainer:
             self.alarm.update(load)
 
 
+def agree_step_flags(loss: torch.Tensor, preempt: bool, world_size: int) -> tuple[bool, bool]:
+    """The one host sync of a training step: whether any rank's loss is non-finite (the step is then
+    skipped everywhere) and whether any rank got a pre-emption signal, in one tiny MAX all-reduce.
+    The flags are built on the device, so reading them is the only wait for it (not one more for
+    `isfinite` in a Python `if`)."""
+    nonfinite = (~torch.isfinite(loss.detach())).to(torch.float32)
+    # full_like fills on the device; torch.tensor(..., device=cuda) would copy from the host and wait
+    flags = torch.stack([nonfinite, torch.full_like(nonfinite, float(preempt))])
+    if world_size > 1:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    nonfinite, preempted = flags.tolist()
+    return bool(nonfinite), bool(preempted)
+
+
 def _keep_configured_hyperparameters(engine, groups: list[dict], base_lrs: list[float]) -> None:
     """Loaded optimizer and scheduler states bring the checkpoint's peak lr, betas and weight decay; this run's
     config decides them (they differ only where --force-config changed optim.*). Moments and the schedule's
@@ -299,8 +309,8 @@ class _Window:
         self.sums: dict[str, torch.Tensor] = {}
         self.steps = 0
         self.samples = 0
-        self.tokens = 0
-        self.times = torch.zeros(4, dtype=torch.float64)
+        self.tokens: int | torch.Tensor = 0  # a device tensor while steps accumulate
+        self.times = [0.0, 0.0, 0.0, 0.0]
         self.t0 = time.perf_counter()
 
     def add(self, terms, n, batch, t_data, t_fwd, t_bwd, t_opt) -> None:
@@ -309,12 +319,13 @@ class _Window:
             self.sums[k] = self.sums[k] + v if k in self.sums else v
         self.steps += 1
         self.samples += n
-        self.tokens += int(sum(m.sum() for m in batch.masks.values()))
-        self.times += torch.tensor([t_data, t_fwd, t_bwd, t_opt], dtype=torch.float64)
+        # summed on the device, read once when the window is reduced: int() here waited for the GPU every step
+        self.tokens = self.tokens + sum(m.sum() for m in batch.masks.values())
+        self.times = [a + b for a, b in zip(self.times, (t_data, t_fwd, t_bwd, t_opt))]
 
     def state_dict(self) -> dict:
         return {"sums": {k: float(v) for k, v in self.sums.items()}, "steps": self.steps,
-                "samples": self.samples, "tokens": self.tokens}
+                "samples": self.samples, "tokens": int(self.tokens)}
 
     def load_state_dict(self, state: dict, device) -> None:
         self.sums = {k: torch.tensor(v, device=device) for k, v in state["sums"].items()}
@@ -324,7 +335,8 @@ class _Window:
         elapsed = time.perf_counter() - self.t0
         keys = sorted(self.sums)
         # one vector, built on the device (the loss sums live there; nccl reduces only CUDA tensors)
-        counts = torch.tensor([float(self.samples), float(self.tokens)], device=dims.device)
+        counts = torch.tensor([float(self.samples), 0.0], device=dims.device)
+        counts[1] += self.tokens
         vec = torch.cat([*(self.sums[k].to(dims.device).reshape(1) for k in keys), counts])
         if dims.world_size > 1:
             dist.all_reduce(vec)
@@ -334,6 +346,6 @@ class _Window:
         samples, tokens = vals[-2], vals[-1]
         out["samples_per_s"] = samples / elapsed
         out["tokens_per_s"] = tokens / elapsed
-        for name, t in zip(("data_wait", "forward", "backward", "optimizer"), self.times.tolist()):
+        for name, t in zip(("data_wait", "forward", "backward", "optimizer"), self.times):
             out[f"time/{name}_ms"] = 1000 * t / steps
         return out
