@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from s3dist.config import RunConfig
-from s3dist.sparsify import BatchSparsifier, FixedSparsifier, calibrate, pruned_layers
+from s3dist.sparsify import BatchSparsifier, FixedSparsifier, calibrate_sweep, pruned_layers
 
 log = logging.getLogger("s3dist")
 
@@ -37,6 +37,9 @@ def sparsifiers(cfg: RunConfig, model, train_batches, keep_fractions: list[float
     `train_batches` here (a collective: every rank calls it with its part of the training split)."""
     st = cfg.stages
     layers = pruned_layers(len(model.layers), st.prune_layers)
+    if st.prune_threshold == "calibrated":
+        calibrated = calibrate_sweep(model, train_batches, [p for p in keep_fractions if p < 1.0], st.prune_unit,
+                                     layers, device, st.prune_renormalize)
     out = {}
     for p in keep_fractions:
         if p >= 1.0:
@@ -44,8 +47,7 @@ def sparsifiers(cfg: RunConfig, model, train_batches, keep_fractions: list[float
         elif st.prune_threshold == "batch":
             out[p] = BatchSparsifier(p, st.prune_unit, layers, st.prune_renormalize)
         else:
-            out[p] = FixedSparsifier(calibrate(model, train_batches, p, st.prune_unit, layers, device,
-                                               st.prune_renormalize), st.prune_unit, st.prune_renormalize)
+            out[p] = FixedSparsifier(calibrated[p], st.prune_unit, st.prune_renormalize)
     return out
 
 

@@ -9,10 +9,10 @@ unit score: a unit is kept iff its score >= the threshold. Two ways to set the t
 * `batch` (`BatchSparsifier`, the paper's rule): the ceil(p * n)-th largest of the n unit scores of
   the *global* batch; every rank all-gathers the scores, so all ranks apply the threshold a single
   process holding the whole batch would.
-* `calibrated` (`calibrate`, then `FixedSparsifier`): each layer's threshold is fixed once on the
-  training split, layer by layer (layer l's scores are collected with layers < l already pruned), then
-  applied to every split. A sample's representation then depends on nothing but the sample: not on
-  its batch-mates, the evaluation batch size or the number of ranks.
+* `calibrated` (`calibrate` / `calibrate_sweep`, then `FixedSparsifier`): each layer's threshold is fixed
+  once on the training split, layer by layer (layer l's scores are collected with layers < l already
+  pruned), then applied to every split. A sample's representation then depends on nothing but the
+  sample: not on its batch-mates, the evaluation batch size or the number of ranks.
 
 p = 0 prunes every unit (threshold +inf): each pruned layer then adds nothing to the residual stream.
 Ties at the threshold are kept.
@@ -95,9 +95,14 @@ class FixedSparsifier:
         return PruneSpec(self.unit, dict(self.thresholds[layer]), self.renormalize)
 
 
+class _StopPass(Exception):
+    """Ends a calibration pass at its target layer: nothing after that layer's router is needed."""
+
+
 class _Recorder(FixedSparsifier):
-    """Calibration pass for one layer: prunes the layers before it with their fixed thresholds and
-    collects the unit scores of `target` (on the CPU: a whole training split's worth)."""
+    """Calibration pass for one layer: prunes the layers before it with their fixed thresholds, collects the
+    unit scores of `target` (on the CPU: a whole training split's worth), then stops the forward there. Every
+    rank stops at the same layer, so no rank waits in a collective of a layer the others skip."""
 
     def __init__(self, fixed: dict[int, dict[str, float]], target: int, unit: str, renormalize: bool) -> None:
         super().__init__(fixed, unit, renormalize)
@@ -108,30 +113,56 @@ class _Recorder(FixedSparsifier):
         if layer == self.target:
             for m, s in moe.prune_scores(x, valid, self.unit).items():
                 self.scores.setdefault(m, []).append(s.float().cpu())
-            return None
+            raise _StopPass
         return super().prune_spec(layer, moe, x, valid)
 
 
+def _layer_scores(model, batches, fixed: dict[int, dict[str, float]], target: int, unit: str, renormalize: bool,
+                  device) -> dict[str, torch.Tensor]:
+    """Per modality, the unit scores of layer `target` over all of `batches` and all ranks, with the layers in
+    `fixed` pruned at their thresholds."""
+    rec = _Recorder(fixed, target, unit, renormalize)
+    for batch in batches:
+        batch = batch.to(device)
+        try:
+            model(batch.features, batch.masks, sparsifier=rec)
+        except _StopPass:
+            pass
+    out = {}
+    for m in model.modalities:  # same collective order on every rank
+        local = torch.cat(rec.scores[m]) if rec.scores.get(m) else torch.zeros(0)
+        out[m], _ = _gather_rows(local.to(collective_device()))
+    return out
+
+
 @torch.no_grad()
-def calibrate(model, batches, keep_fraction: float, unit: str, layers: set[int], device,
-              renormalize: bool = False) -> dict[int, dict[str, float]]:
-    """Per pruned layer and modality, the threshold keeping the top p of the training split's units.
+def calibrate_sweep(model, batches, keep_fractions, unit: str, layers: set[int], device,
+                    renormalize: bool = False) -> dict[float, dict[int, dict[str, float]]]:
+    """{p: per pruned layer and modality, the threshold keeping the top p of the training split's units}.
 
     `batches` is a re-iterable of `Batch` (this rank's part of the training split; every rank calls this
     with the same number of batches, as the MoE layers are collectives). Layer by layer: layer l's scores
     are those the encoder produces with layers < l already pruned, so each threshold keeps p of the units
     that really reach that layer. Scores are gathered over all ranks, so the thresholds are the same for
-    any number of ranks."""
+    any number of ranks.
+
+    One pass over `batches` per (p, pruned layer), each stopping at its layer's router, except that the first
+    pruned layer's scores do not depend on p (nothing before it is pruned): one pass serves every p."""
+    order = sorted(layers)
+    if not keep_fractions or not order:
+        return {p: {} for p in keep_fractions}
     model.eval()
-    fixed: dict[int, dict[str, float]] = {}
-    for layer in sorted(layers):
-        rec = _Recorder(fixed, layer, unit, renormalize)
-        for batch in batches:
-            batch = batch.to(device)
-            model(batch.features, batch.masks, sparsifier=rec)
-        fixed[layer] = {}
-        for m in model.modalities:  # same collective order on every rank
-            local = torch.cat(rec.scores.get(m, [])) if rec.scores.get(m) else torch.zeros(0)
-            everyone, _ = _gather_rows(local.to(collective_device()))
-            fixed[layer][m] = threshold(everyone, keep_fraction)
-    return fixed
+    first = _layer_scores(model, batches, {}, order[0], unit, renormalize, device)
+    out = {p: {order[0]: {m: threshold(s, p) for m, s in first.items()}} for p in keep_fractions}
+    del first  # a training split's worth of scores
+    for p, fixed in out.items():
+        for layer in order[1:]:
+            scores = _layer_scores(model, batches, fixed, layer, unit, renormalize, device)
+            fixed[layer] = {m: threshold(s, p) for m, s in scores.items()}
+    return out
+
+
+def calibrate(model, batches, keep_fraction: float, unit: str, layers: set[int], device,
+              renormalize: bool = False) -> dict[int, dict[str, float]]:
+    """The thresholds of `calibrate_sweep` for one keep fraction p."""
+    return calibrate_sweep(model, batches, [keep_fraction], unit, layers, device, renormalize)[keep_fraction]

@@ -223,6 +223,79 @@ def test_calibrated_thresholds_do_not_depend_on_batch_or_ranks(tmp_path):
     assert np.abs(batch_256 - batch_32).max() > 1e-3
 
 
+
+def _calibrate_the_long_way(model, batches, p, unit, layers):
+    """The definition of the calibrated thresholds, with nothing shared or cut short: per pruned layer in order,
+    a full forward of every batch with the layers before it pruned at their thresholds, then that layer's
+    threshold for p."""
+    from s3dist.sparsify import FixedSparsifier, threshold
+
+    fixed = {}
+    for target in sorted(layers):
+        scores = {m: [] for m in model.modalities}
+
+        class Record(FixedSparsifier):
+            def prune_spec(self, layer, moe, x, valid):
+                if layer == target:
+                    for m, s in moe.prune_scores(x, valid, unit).items():
+                        scores[m].append(s)
+                    return None
+                return super().prune_spec(layer, moe, x, valid)
+
+        for b in batches:
+            model(b.features, b.masks, sparsifier=Record(dict(fixed), unit))
+        fixed[target] = {m: threshold(torch.cat(s), p) for m, s in scores.items()}
+    return fixed
+
+
+CALIBRATION_PS = (0.0, 0.3, 0.5, 0.9, 1.0)
+
+
+def _calibration_cases(rank, world, out_dir):
+    from s3dist.config import DistConfig
+    from s3dist.data.stream import Batch
+    from s3dist.dist import attach_expert_groups, init_distributed, make_dims
+    from s3dist.sparsify import calibrate, calibrate_sweep
+
+    dims = make_dims(*init_distributed(DistConfig()), 1)
+    batches = []
+    for seed, b in ((1, 6), (2, 5), (3, 7)):  # uneven batch sizes
+        feats, masks = _inputs(b=b, seed=seed)
+        batches.append(Batch(ids=torch.arange(b), labels=torch.zeros(b, dtype=torch.long), features=feats,
+                             masks=masks, concepts=None))
+    res = {}
+    for num_layers, layers, unit in [(2, {0, 1}, "token_pairs"), (2, {1}, "token_pairs"),
+                                     (2, {0, 1}, "sample_pairs"), (3, {0, 1, 2}, "token_pairs")]:
+        model, _ = _model(layers=num_layers)
+        attach_expert_groups(model, dims)
+        model.eval()
+        moe_calls = []
+        for moe in model.moe_layers():
+            moe.register_forward_hook(lambda *_: moe_calls.append(1))
+        with torch.no_grad():
+            want = {p: _calibrate_the_long_way(model, batches, p, unit, layers) for p in CALIBRATION_PS}
+            moe_calls.clear()
+            sweep = calibrate_sweep(model, batches, CALIBRATION_PS, unit, layers, "cpu")
+            sweep_moe_calls = len(moe_calls)
+            one = calibrate(model, batches, 0.3, unit, layers, "cpu")
+        res[(num_layers, tuple(sorted(layers)), unit)] = {"want": want, "sweep": sweep, "one": one,
+                                                          "sweep_moe_calls": sweep_moe_calls}
+    return res
+
+
+@pytest.mark.slow
+def test_calibrate_sweep_equals_the_definition(tmp_path):
+    """calibrate_sweep (the first pruned layer's scores collected once for every p, each pass stopped at its
+    layer's router) gives exactly the thresholds of the definition run the long way, for 2 and 3 layers, all
+    or the last layer pruned, both units, p from 0 to 1; calibrate(p) is the sweep's entry for p. For 2 pruned
+    layers the sweep runs one MoE layer per batch and p (the definition: 4)."""
+    res = run_ranks(_calibration_cases, 1, tmp_path)[0]
+    for case, r in res.items():
+        assert r["sweep"] == r["want"], case
+        assert r["one"] == r["want"][0.3], case
+        assert r["want"][0.5][max(case[1])] != r["want"][0.9][max(case[1])], case  # later layers depend on p
+    assert res[(2, (0, 1), "token_pairs")]["sweep_moe_calls"] == len(CALIBRATION_PS) * 3
+
 def _eval_drops(rank, world, out_dir):
     from s3dist.config import DistConfig
     from s3dist.dist import attach_expert_groups, init_distributed, make_dims
