@@ -147,8 +147,8 @@ class MoEConfig:
                                  "expert-parallel ranks (no drops, one extra tiny all-reduce).")
     expert_compute: str = _f("auto", "How a layer's local experts run: 'grouped' (one batched GEMM per "
                                      "projection over all local experts), 'loop' (DeepSpeed's per-expert loop) "
-                                     "or 'auto' (grouped from the local-expert count where it measured faster: "
-                                     "GROUPED_MIN_LOCAL_EXPERTS in s3dist/model/experts.py). Same results.",
+                                     "or 'auto' (grouped on CUDA; on CPU only for small per-expert GEMMs, where it "
+                                     "measured faster: s3dist/model/experts.py). Same results either way.",
                              choices=("auto", "loop", "grouped"))
     noisy_gate: str = _f("none", "Router noise in training: 'none' or 'jitter' (multiplicative input jitter).",
                          choices=("none", "jitter"))
