@@ -3,8 +3,9 @@
 `GroupedExperts` replaces DeepSpeed's `Experts` inside its `MOELayer` (gate, dispatch, all-to-all and
 combine stay DeepSpeed's). DeepSpeed runs each local expert as its own small MLP in a Python loop, so a
 layer dispatches a handful of ops per expert, forward and backward; with fine-grained experts (N = 16-48
-per layer) that loop, not the matmuls, is the step's cost on a host-bound GPU and on CPU alike. Here
-each projection of all local experts is one `baddbmm` over the stacked per-expert weights.
+per layer) on a host-bound GPU that loop, not the matmuls, is the cost. Here each projection of all
+local experts is one `baddbmm` over the stacked per-expert weights. On CPU that pays only for small
+per-expert GEMMs: larger ones ran faster as the loop (see `CPU_GROUPED_MAX_ROWS_X_HIDDEN`).
 
 The parameters stay DeepSpeed's: one `ExpertMLP` (an `nn.Linear` pair) per local expert in
 `deepspeed_experts`, with its expert-parallel flags (`allreduce=False`, `group_name`), so checkpoints
@@ -21,11 +22,14 @@ from deepspeed.moe.experts import Experts
 from torch import nn
 
 # `moe.expert_compute=auto` on CPU: grouped only while one expert's hidden activation (rows x hidden
-# elements) is at most this. Measured (fwd+bwd of the local experts alone, 1 thread, BENCHMARKS.md
-# "Grouped local experts"): below it the loop's per-expert dispatch dominates and grouped wins (1.2-2.9x
-# on small shapes); above it CPU batched GEMMs ran slower than the loop's per-expert GEMMs (0.6-0.95x:
-# the [E, rows, hidden] intermediates leave the cache and ep > 1 adds a transpose copy each way).
+# elements) is at most this. Measured with `s3dist bench experts` (fwd+bwd of the local experts alone,
+# 1 thread; BENCHMARKS.md "Host work per step, grouped local experts"): up to it the loop's per-expert
+# dispatch dominates and grouped won (1.1-3x); from ~40k on the loop's per-expert GEMMs were faster
+# (grouped at 0.7-0.85x: the [E, rows, hidden] intermediates leave the cache, and ep > 1 adds a
+# transpose copy each way).
 CPU_GROUPED_MAX_ROWS_X_HIDDEN = 32_768
+
+
 class ExpertMLP(nn.Module):
     """One expert: d_model -> hidden -> d_model, mapping into the shared latent space."""
 
