@@ -6,8 +6,8 @@
 #   none       no balancing at all (moe.balance=none)
 #   dropless   aux_loss without capacity drops (moe.drop_tokens=false)
 # Each run is S3 chi=2 (launch_configs/recipes/s3_synth.yaml: N=4, k=2, all three stages) on 2 processes
-# with expert parallelism (ep_size=2), the s3_experiment.sh run recipe. About 3 minutes a run on 2 idle
-# CPU cores (12 runs); STEPS / SELECT_STEPS shorten it.
+# with expert parallelism (ep_size=2), the s3_experiment.sh run recipe. 3-5 minutes a run on 2 CPU cores
+# shared with other jobs: the 12 runs took 49 minutes (docs/balancing.md); STEPS / SELECT_STEPS shorten it.
 #
 #   bash scripts/balance_experiment.sh
 #   SEEDS=0 VARIANTS="aux_loss bias" bash scripts/balance_experiment.sh
