@@ -76,6 +76,37 @@ def test_plan_command_writes_record(tmp_path, capsys, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 
 
+def test_bench_experts_record_and_auto_choice(tmp_path, monkeypatch):
+    """`bench experts`: one row per shape with both paths timed, and the CPU choice `auto` makes there
+    (grouped for a tiny per-expert GEMM, the loop above the threshold)."""
+    out = tmp_path / "experts.json"
+    _bench(monkeypatch, ["bench", "experts", "--shape", "4,8,4,2,2", "--shape", "2,40000,4,1,1", "--repeats", "1",
+                         "--warmup", "0", "--json", str(out)])
+    rows = _record(out, "experts")["shapes"]
+    assert [(r["experts"], r["rows"], r["auto_cpu"]) for r in rows] == [(4, 8, "grouped"), (2, 40000, "loop")]
+    assert all(r["loop_ms"] > 0 and r["grouped_ms"] > 0 for r in rows)
+
+
+def test_bench_moe_granularity_sets_experts_k_and_fine_grained_width():
+    """`--granularity G`: N = G x rho, k = G, and unless --hidden is given k x hidden stays the default's
+    2 x 128; without it the flags are used as given."""
+    import argparse
+
+    from s3dist.bench.moe import add_arguments, resolve_granularity
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args(["--granularity", "8"])
+    resolve_granularity(args)
+    assert (args.experts, args.topk, args.hidden) == (16, 8, 32)
+    args = p.parse_args(["--granularity", "4", "--expansion", "3", "--hidden", "50"])
+    resolve_granularity(args)
+    assert (args.experts, args.topk, args.hidden) == (12, 4, 50)
+    args = p.parse_args(["--experts", "5", "--topk", "3"])
+    resolve_granularity(args)
+    assert (args.experts, args.topk, args.hidden) == (5, 3, 128)
+
+
 @pytest.mark.slow
 def test_bench_moe_record_and_counted_bytes_match_plan(tmp_path, monkeypatch):
     """`bench moe` on 2 ranks: every variant reports throughput, ratios and shares, and the bytes it
@@ -117,6 +148,8 @@ def test_bench_train_record_memory_split_and_counted_bytes_match_plan(tmp_path, 
         assert set(v["phase_ms"]) == {"data", "forward", "all_to_all", "backward", "optimizer"}
         assert v["samples_per_s"] > 0 and v["tokens_per_s"] > 0
         assert len(v["parameter_bytes_per_rank"]) == 2 and len(v["step_peak_tensor_mb_per_rank"]) == 2
+        assert v["aten_ops_per_step"] > 100  # a Stage-1 step dispatches hundreds of ops at least
+    assert fig["layouts"]["s3 ep=2"]["host_ms_per_step"] > 0  # the first layout at tiny width
     ep2, ep1 = fig["layouts"]["s3 ep=2"], fig["layouts"]["s3 ep=1"]
     assert ep2["expert_fraction_per_rank"] == 0.5 and ep1["expert_fraction_per_rank"] == 1.0
     assert all(b["expert"] * 2 == ep2["expert_bytes_all_ranks"] for b in ep2["parameter_bytes_per_rank"])

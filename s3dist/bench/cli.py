@@ -13,6 +13,7 @@ import importlib
 BENCHMARKS = [
     ("data", "s3dist.bench.data", "samples/s of the training stream vs plain pyarrow, same shards"),
     ("moe", "s3dist.bench.moe", "MoE layer throughput"),
+    ("experts", "s3dist.bench.experts", "local experts: per-expert loop vs grouped GEMMs"),
     ("train", "s3dist.bench.train", "end-to-end training throughput"),
     ("plan", "s3dist.bench.plan", "parallel layout planning"),
 ]

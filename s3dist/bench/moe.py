@@ -11,6 +11,10 @@ On `--ranks` real gloo processes (expert-parallel size `--ep`), in the same run 
   what fusing saves; in the single case (one group, same buffers as bare) the wrapper's own cost, so
   s3dist vs this row is the S3 router alone.
 
+`--granularity G` sets the layer the way the config's `moe.granularity` does (N = G x rho experts per
+modality, k = G) with fine-grained experts (k x hidden fixed); `--expert-compute` picks how the s3dist
+layers run their local experts (`moe.expert_compute`; bare is always DeepSpeed's per-expert loop).
+
 Repetitions interleave the variants (order alternating) after a warm-up, each step starts behind a
 barrier, a step's time is the slowest rank's, and the median is reported. A separate profiled pass
 (torch profiler) gives each variant's share of step time in all-to-all (the `_AllToAll` autograd
@@ -182,6 +186,7 @@ class LayerSpec:
     hidden: int
     capacity_factor: float
     min_capacity: int = 4
+    expert_compute: str = "auto"   # moe.expert_compute of the s3dist layers (bare keeps DeepSpeed's loop)
 
     @property
     def tokens_per_rank(self) -> int:
@@ -204,8 +209,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--d-model", type=int, default=64)
     p.add_argument("--experts", type=int, default=4, help="experts per modality")
     p.add_argument("--topk", type=int, default=2)
-    p.add_argument("--hidden", type=int, default=128, help="expert MLP hidden width")
+    p.add_argument("--hidden", type=int, default=0, help="expert MLP hidden width (0: 128, or with "
+                   "--granularity the default's active width 2 x 128 split over k = G experts)")
+    p.add_argument("--granularity", type=int, default=0,
+                   help="chi = G: N = G x --expansion experts per modality and k = G (overrides --experts, --topk)")
+    p.add_argument("--expansion", type=int, default=2, help="rho, with --granularity")
     p.add_argument("--capacity-factor", type=float, default=1.25)
+    p.add_argument("--expert-compute", choices=("auto", "loop", "grouped"), default="auto",
+                   help="moe.expert_compute of the s3dist layers")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=20, help="timed steps per variant (median reported)")
     p.add_argument("--profile-steps", type=int, default=5)
@@ -219,11 +230,13 @@ def _build_variants(spec: LayerSpec, ep: int, ep_rank: int):
     from deepspeed.moe.layer import MoE
 
     from s3dist.config import MoEConfig
-    from s3dist.model.moe import ExpertMLP, ExpertParallelMoE
+    from s3dist.model.experts import ExpertMLP
+    from s3dist.model.moe import ExpertParallelMoE
 
     d = spec.d_model
     cfg = MoEConfig(kind="s3", num_experts=spec.experts, top_k=spec.topk, expert_hidden=spec.hidden,
-                    capacity_factor=spec.capacity_factor, min_capacity=spec.min_capacity, drop_tokens=True)
+                    capacity_factor=spec.capacity_factor, min_capacity=spec.min_capacity, drop_tokens=True,
+                    expert_compute=spec.expert_compute)
     gen = torch.Generator().manual_seed(1000 + int(os.environ.get("RANK", "0")))
     tokens = {m: torch.randn(spec.batch, spec.steps, d, generator=gen).requires_grad_() for m in spec.modalities}
     valid = {m: torch.ones(spec.batch, spec.steps, dtype=torch.bool) for m in spec.modalities}
@@ -319,11 +332,23 @@ def measure(specs: dict[str, LayerSpec], ranks: int, ep: int, *, warmup: int, re
     return figures
 
 
+def resolve_granularity(args: argparse.Namespace) -> None:
+    """`--granularity G` as the config's `moe.granularity`/`moe.expansion` (N = chi x rho, k = chi). Unless
+    --hidden is given, fine-grained experts are the default's experts split G/2 ways: k x hidden (the
+    width one token meets) stays 2 x 128, as the recipes size them (s3_mosei: 8 x 64 = one dense FFN)."""
+    if args.granularity:
+        args.experts, args.topk = args.granularity * args.expansion, args.granularity
+        args.hidden = args.hidden or max(1, 2 * 128 // args.granularity)
+    args.hidden = args.hidden or 128
+
+
 def run(args: argparse.Namespace) -> int:
     ep = args.ep or args.ranks
+    resolve_granularity(args)
     cases = ["fused", "single"] if args.case == "both" else [args.case]
     specs = {case: LayerSpec(list(MODALITIES if case == "fused" else MODALITIES[:1]), args.batch, args.steps,
-                             args.d_model, args.experts, args.topk, args.hidden, args.capacity_factor)
+                             args.d_model, args.experts, args.topk, args.hidden, args.capacity_factor,
+                             expert_compute=args.expert_compute)
              for case in cases}
     figures = measure(specs, args.ranks, ep, warmup=args.warmup, repeats=args.repeats,
                       profile_steps=args.profile_steps, threads=args.threads)

@@ -13,8 +13,11 @@ A step is what `Trainer.run_stage` does per step: next batch, `specialize_loss` 
 in one encoder call), the one-flag all-reduce, `engine.backward`, `engine.step`. A profiled pass
 splits it into data wait / forward / all-to-all / backward / optimizer (all-to-all carved out of
 forward and backward; gradient all-reduces stay in backward and are also reported on their own), and
-gives the peak of live tensor memory in a step. Parameter bytes per rank are counted and the expert
-share is asserted to be 1/ep of all expert bytes.
+gives the peak of live tensor memory in a step and the aten ops dispatched per step
+(`aten_ops_per_step`, nested ops included). Parameter bytes per rank are counted and the expert share
+is asserted to be 1/ep of all expert bytes. The host's own cost, `host_ms_per_step`, is the first
+layout's CPU time per step at a tiny width (`tiny_width`: same layers, experts and k, compute
+negligible): what a GPU step costs the host before any kernel runs.
 """
 
 from __future__ import annotations
@@ -72,10 +75,8 @@ class Layout:
         batch's valid tokens (time steps with mask True, all modalities)."""
         import contextlib
 
-        import torch
-        import torch.distributed as dist
-
         from s3dist.objectives import specialize_loss
+        from s3dist.trainer import agree_step_flags
 
         mark = mark or (lambda phase: contextlib.nullcontext())
         with mark("data"):
@@ -83,10 +84,7 @@ class Layout:
         with mark("forward"):
             loss, _ = specialize_loss(self.engine, batch, self.cfg, self.modalities)
             # the trainer's per-step agreement on non-finite loss / pre-emption: one tiny all-reduce
-            flags = torch.stack([(~torch.isfinite(loss.detach())).float(), loss.new_zeros(())])
-            if self.dims.world_size > 1:
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            flags.tolist()
+            agree_step_flags(loss, False, self.dims.world_size)
         with mark("backward"):
             self.engine.backward(loss)
         with mark("optimizer"):
@@ -175,11 +173,13 @@ def profile_step(layout: Layout, next_batch, steps: int) -> dict:
             if cuda:
                 torch.cuda.synchronize()
     spans = {p: [] for p in ("data", "forward", "backward", "optimizer")}
-    a2a, allreduce, mem = [], 0.0, []
+    a2a, allreduce, mem, aten_starts = [], 0.0, [], []
     for ev in prof.events():
         name = ev.name
         if name.startswith("bench::"):
             spans[name[7:]].append((ev.time_range.start, ev.time_range.end))
+        elif name.startswith("aten::"):
+            aten_starts.append(ev.time_range.start)
         elif name == "_AllToAll":
             a2a.append((ev.time_range.start, ev.time_range.end))
         elif name == "gloo:all_reduce" or name.startswith("nccl:all_reduce"):
@@ -187,6 +187,10 @@ def profile_step(layout: Layout, next_batch, steps: int) -> dict:
         if not cuda and ev.self_cpu_memory_usage:  # allocations (ops) and frees ([memory] events)
             mem.append((ev.time_range.start, ev.self_cpu_memory_usage))
     ms = {p: sum(b - a for a, b in s) / 1e3 / steps for p, s in spans.items()}
+    # Every aten op the dispatcher ran inside the step's phases (nested ones too: each is a dispatch,
+    # i.e. host work; on a GPU most of them launch a kernel). The bench's own bookkeeping is outside.
+    step_spans = sorted(x for s in spans.values() for x in s)
+    aten_ops = sum(1 for t in aten_starts if any(a <= t <= b for a, b in step_spans))
     a2a_in = {p: sum(b - a for a, b in a2a if any(s <= a <= e for s, e in spans[p])) / 1e3 / steps
               for p in ("forward", "backward")}
     phases = {"data": ms["data"], "forward": ms["forward"] - a2a_in["forward"],
@@ -199,7 +203,33 @@ def profile_step(layout: Layout, next_batch, steps: int) -> dict:
         for _, delta in sorted(mem):
             live += delta
             peak = max(peak, live)
-    return {"phase_ms": phases, "all_reduce_ms": allreduce / 1e3 / steps, "step_peak_tensor_bytes": int(peak)}
+    return {"phase_ms": phases, "all_reduce_ms": allreduce / 1e3 / steps, "step_peak_tensor_bytes": int(peak),
+            "aten_ops_per_step": aten_ops / steps}
+
+
+def tiny_width(cfg):
+    """`cfg` at a width where compute is negligible: same layers, experts, k, modalities and step
+    sequence, but d_model = 2 x heads, expert (and dense) hidden 2 and 4 samples per rank. Its step time
+    is the host's per-op work (dispatch, autograd, Python, DeepSpeed bookkeeping)."""
+    import copy
+
+    tiny = copy.deepcopy(cfg)
+    tiny.model.d_model = 2 * max(1, getattr(tiny.model, "num_heads", 1))
+    tiny.moe.expert_hidden = 2
+    tiny.data.batch_size = 4
+    return tiny
+
+
+def host_overhead_ms(layout: Layout, open_stream, dims_in: dict[str, int], warmup: int, repeats: int) -> float:
+    """Median CPU ms per Stage-1 step of `layout`'s config at `tiny_width` (this rank), on its own engine
+    and stream. Called on every rank."""
+    import statistics
+
+    cfg = tiny_width(layout.cfg)
+    tiny = Layout(f"{layout.name} tiny", cfg, layout.dims, dims_in, layout.modalities)
+    _, next_batch = open_stream(cfg)
+    _, cpu, _ = interleaved_times({"tiny": lambda: tiny.step(next_batch)}, warmup=warmup, repeats=repeats)
+    return 1e3 * statistics.median(cpu["tiny"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,22 +250,28 @@ def _rank_main(rank: int, world: int, cfg_dict: dict, layouts: list[tuple[str, s
 
     base: RunConfig = from_dict(cfg_dict)
     rank, local_rank, world, device, backend = init_distributed(base.dist)
-    stream = ShardStream(data_url, "train", batch_size=base.data.batch_size, rank=rank, world_size=world,
-                         modalities=base.data.modalities or None, seed=base.seed,
-                         shuffle_buffer=base.data.shuffle_buffer, drop_last=True, prefetch=base.data.prefetch,
-                         read_threads=base.data.read_threads)
+
+    def open_stream(cfg):
+        """The training stream of `cfg` and a `next_batch()` over it that rolls into the next epoch."""
+        stream = ShardStream(data_url, "train", batch_size=cfg.data.batch_size, rank=rank, world_size=world,
+                             modalities=cfg.data.modalities or None, seed=cfg.seed,
+                             shuffle_buffer=cfg.data.shuffle_buffer, drop_last=True, prefetch=cfg.data.prefetch,
+                             read_threads=cfg.data.read_threads)
+        batches = iter(stream)
+
+        def next_batch():
+            nonlocal batches
+            while True:
+                try:
+                    return next(batches).to(device)
+                except StopIteration:  # next epoch
+                    batches = iter(stream)
+        return stream, next_batch
+
+    stream, next_batch = open_stream(base)
     modalities = stream.modalities
     base.data.modalities = list(modalities)
     dims_in = {m: stream.manifest.modalities[m].shape[-1] for m in modalities}
-    batches = iter(stream)
-
-    def next_batch():
-        nonlocal batches
-        while True:
-            try:
-                return next(batches).to(device)
-            except StopIteration:  # next epoch
-                batches = iter(stream)
 
     built = {}
     for name, kind, ep in layouts:
@@ -263,6 +299,8 @@ def _rank_main(rank: int, world: int, cfg_dict: dict, layouts: list[tuple[str, s
                   "active_parameters_per_token": lay.active_parameters_per_token(),
                   "flops_per_step": count_step_flops(lay, next_batch),
                   **profile_step(lay, next_batch, profile_steps)}
+    first = names[0]
+    out[first]["host_ms_per_step"] = host_overhead_ms(built[first], open_stream, dims_in, warmup, repeats)
     out["_rank"] = {"max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
                     "batch_size": base.data.batch_size, "modalities": modalities,
                     "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else None}
@@ -323,7 +361,10 @@ def measure(cfg, ranks: int, ep: int, *, compare: bool = True, warmup: int = 3, 
             "all_to_all_bytes_per_step": r0["all_to_all_bytes_per_step"],
             "flops_per_step_per_rank": [r[name]["flops_per_step"] for r in res],
             # per device: this rank's counted FLOPs over the slowest rank's step time
-            "model_tflops_per_s_per_rank": [r[name]["flops_per_step"] / med / 1e12 for r in res]}
+            "model_tflops_per_s_per_rank": [r[name]["flops_per_step"] / med / 1e12 for r in res],
+            "aten_ops_per_step": r0["aten_ops_per_step"]}  # rank 0, profiled steps
+        if "host_ms_per_step" in r0:  # the first (S3) layout: CPU ms per step at tiny width, median over ranks
+            figures["layouts"][name]["host_ms_per_step"] = statistics.median(r[name]["host_ms_per_step"] for r in res)
         v = figures["layouts"][name]
         v["mfu"] = (statistics.mean(v["model_tflops_per_s_per_rank"]) / peak_tflops) if peak_tflops else None
     lay = figures["layouts"]
@@ -352,7 +393,8 @@ def run(args: argparse.Namespace) -> int:
     for name, v in fig["layouts"].items():
         pb = v["parameter_bytes_per_rank"][0]
         row = {"layout": name, "samples/s": v["samples_per_s"], "tokens/s": v["tokens_per_s"],
-               "ms/step": v["step_ms_median"], "cpu ms/rank": v["cpu_ms_per_rank_median"]}
+               "ms/step": v["step_ms_median"], "cpu ms/rank": v["cpu_ms_per_rank_median"],
+               "aten ops/step": v["aten_ops_per_step"], "host ms (tiny)": v.get("host_ms_per_step", "-")}
         row.update({f"{p} ms": v["phase_ms"][p] for p in PHASES})
         row.update({"all-reduce ms": v["all_reduce_ms"], "peak MiB": max(v["step_peak_tensor_mb_per_rank"]),
                     "params MiB/rank": pb["total"] / 2 ** 20, "expert MiB/rank": pb["expert"] / 2 ** 20,
