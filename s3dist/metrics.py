@@ -312,7 +312,8 @@ class ImbalanceAlarm:
                 msg = (f"expert imbalance: modality '{modality}' {layer} has max/mean load {v:.2f} > "
                        f"{self.threshold} for {self.streak[key]} log intervals; hottest experts: "
                        + ", ".join(f"{h} ({loads[h]:.1%})" for h in hottest)
-                       + ". Consider raising moe.aux_loss_weight or moe.capacity_factor.")
+                       + ". Consider raising moe.aux_loss_weight (moe.balance=aux_loss) or moe.bias_update_rate "
+                         "(balance=bias), or moe.capacity_factor.")
                 log.warning(msg)
                 messages.append(msg)
         return messages

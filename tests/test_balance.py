@@ -355,3 +355,25 @@ def test_checkpoint_carries_the_bias_and_resume_matches_uninterrupted(tmp_path):
     for step, loss in losses["a"].items():
         if step > 10:
             assert abs(losses["b"][step] - loss) <= 1e-6, (step, losses["b"][step], loss)
+
+
+def test_stage3_ranks_the_routes_the_biased_router_takes():
+    """With balance=bias, Stage 3's token_pairs scores are the gates of the routes the router selects
+    (probability + bias decides which), not the k highest unbiased probabilities."""
+    from s3dist.config import MoEConfig
+    from s3dist.model.moe import ExpertParallelMoE
+
+    layer = ExpertParallelMoE(4, ["a"], MoEConfig(kind="s3", num_experts=4, top_k=2, expert_hidden=8),
+                              ep_size=1, ep_rank=0, layer_index=0)
+    (router,) = layer.routers
+    router.set_balance("bias", GAMMA)
+    with torch.no_grad():
+        router.route_bias.copy_(torch.tensor([0.0, 0.0, 0.0, 2.0]))
+    x = torch.randn(3, 5, 4)
+    valid = torch.ones(3, 5, dtype=torch.bool)
+    valid[0, :2] = False
+    scores = layer.prune_scores({"a": x}, {"a": valid}, "token_pairs")["a"]
+    probs = router.logits("a", x.reshape(-1, 4)).softmax(-1)
+    want = probs.gather(1, (probs + router.route_bias).topk(2, dim=-1).indices)[valid.reshape(-1)].reshape(-1)
+    torch.testing.assert_close(scores, want)
+    assert not torch.allclose(scores, probs.topk(2, dim=-1).values[valid.reshape(-1)].reshape(-1))

@@ -172,7 +172,7 @@ class ExpertParallelMoE(nn.Module):
                 x, v = tokens[m], valid[m]
                 probs = router.logits(m, x.reshape(-1, x.shape[-1])).softmax(-1)          # [B*T, N]
                 if unit == "token_pairs":
-                    out[m] = probs.topk(router.k, dim=-1).values[v.reshape(-1)].reshape(-1)
+                    out[m] = router.select(m, probs)[0][v.reshape(-1)].reshape(-1)
                 else:
                     vf = v.unsqueeze(-1).to(probs.dtype)
                     per_sample = (probs.view(*v.shape, probs.shape[-1]) * vf).sum(1) / vf.sum(1).clamp_min(1.0)
