@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The balancing table of docs/balancing.md (issue #20): how S3's Stage-1 load balancing and capacity
+# The balancing table of BENCHMARKS.md "Balancing and drops" (issue #20): how S3's Stage-1 load balancing and capacity
 # drops compare on synthetic v2 (data.synth.kind=factors, as scripts/s3_experiment.sh makes it), 3 seeds,
 #   aux_loss   the default: Switch-style balance loss on global routing fractions (moe.aux_loss_weight)
 #   bias       DeepSeek-V3's auxiliary-loss-free rule (moe.balance=bias, moe.bias_update_rate)
@@ -7,7 +7,7 @@
 #   dropless   aux_loss without capacity drops (moe.drop_tokens=false)
 # Each run is S3 chi=2 (launch_configs/recipes/s3_synth.yaml: N=4, k=2, all three stages) on 2 processes
 # with expert parallelism (ep_size=2), the s3_experiment.sh run recipe. 3-5 minutes a run on 2 CPU cores
-# shared with other jobs: the 12 runs took 49 minutes (docs/balancing.md); STEPS / SELECT_STEPS shorten it.
+# shared with other jobs: the 12 runs took 49 minutes (BENCHMARKS.md "Balancing and drops"); STEPS / SELECT_STEPS shorten it.
 #
 #   bash scripts/balance_experiment.sh
 #   SEEDS=0 VARIANTS="aux_loss bias" bash scripts/balance_experiment.sh

@@ -1,4 +1,4 @@
-"""The balancing table of `scripts/balance_experiment.sh` (docs/balancing.md), as markdown.
+"""The balancing table of `scripts/balance_experiment.sh` (BENCHMARKS.md "Balancing and drops"), as markdown.
 
     .venv/bin/python scripts/balance_report.py runs/balance [--json table.json]
 
