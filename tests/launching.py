@@ -17,6 +17,15 @@ TINY = ["data.synth.num_train=512", "data.synth.num_val=128", "data.synth.num_te
         "model.d_model=32", "moe.expert_hidden=32", "logging.every_steps=5", "checkpoint.every_steps=20",
         "eval.keep_fractions=0.3,1.0", "eval.probe_Cs=1.0"]
 
+# The uninterrupted 2-rank ep=2 run that the slow tests share, trained once per session (`reference_run` in
+# tests/conftest.py): test_checkpoint and test_runlock compare jobs of the same command, killed and resumed,
+# with it; test_pretrained exports it; test_train checks its run directory. rows_per_shard=40 cuts each split
+# into several shards (test: 40, 40, 40, 8 rows; train: 13), so 2 ranks read whole, uneven shards of the test
+# split and every other row of the training split. It evaluates at the end (eval.json, a TINY sweep); the jobs
+# compared with it need not (eval.run_at_end=false changes no weight and no logged loss).
+REFERENCE = TINY + ["stages.specialize_steps=40", "stages.select_steps=20", "checkpoint.every_steps=10",
+                    "checkpoint.keep_last=10", "dist.ep_size=2", "data.synth.rows_per_shard=40"]
+
 
 def launch_cmd(out: Path, overrides: list[str], *, launcher: str = "accelerate.commands.launch",
                extra: list[str] = ()) -> list[str]:

@@ -1,7 +1,7 @@
 """Never lose a run: exact resume after SIGKILL, pre-emption, resharding, export, clear failures.
 
-All runs are real 2-process `accelerate launch` jobs on CPU/gloo unless a test says otherwise. The
-uninterrupted reference run is shared (module fixture) so every resume is compared against it.
+All runs are real 2-process `accelerate launch` jobs on CPU/gloo unless a test says otherwise. Every resume
+is compared against the session's uninterrupted run of the same command (`reference_run`, tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -18,13 +18,12 @@ import pytest
 import torch
 
 from tests import launching
-from tests.launching import ROOT, TINY
+from tests.launching import REFERENCE, ROOT, TINY
 from tests.multirank import run_ranks
 
 pytestmark = pytest.mark.slow
 
-RUN = TINY + ["stages.specialize_steps=40", "stages.select_steps=20", "checkpoint.every_steps=10",
-              "checkpoint.keep_last=10", "eval.run_at_end=false", "dist.ep_size=2"]
+RUN = REFERENCE + ["eval.run_at_end=false"]  # 40 + 20 steps, a checkpoint every 10, ep=2
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
@@ -38,14 +37,6 @@ def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     from s3dist.checkpoint import consolidated_state_dict, find_latest
 
     return consolidated_state_dict(find_latest(run_dir))
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ref") / "run"
-    p = launching.run(out, RUN)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return out
 
 
 def _kill_when(proc: subprocess.Popen, out: Path, predicate, timeout: float = 300) -> str:
@@ -79,7 +70,7 @@ def _assert_same_run(out: Path, reference: Path, after_step: int) -> None:
 
 
 @pytest.mark.parametrize("where", ["mid_stage1", "stage_boundary"])
-def test_sigkill_then_resume_matches_uninterrupted(tmp_path, reference, where):
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path, reference_run, where):
     """SIGKILL mid-Stage-1 (or right after the Stage-1 checkpoint), then --resume auto: the final
     parameters and every logged loss after the resume point equal the uninterrupted run's."""
     out = tmp_path / "run"
@@ -92,10 +83,10 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, reference, where):
     assert step < 60, "the job finished before it was killed: nothing was tested"
     p = launching.run(out, RUN, extra=["--resume", "auto"])
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    _assert_same_run(out, reference, step)
+    _assert_same_run(out, reference_run, step)
 
 
-def test_preemption_signal_checkpoints_exits_75_and_resumes(tmp_path, reference):
+def test_preemption_signal_checkpoints_exits_75_and_resumes(tmp_path, reference_run):
     """SIGUSR2 (what SLURM sends before pre-empting) to a running 2-rank job: every rank finishes its
     step, a checkpoint is written, the job exits 75; --resume auto then finishes like the reference."""
     out = tmp_path / "run"
@@ -112,7 +103,7 @@ def test_preemption_signal_checkpoints_exits_75_and_resumes(tmp_path, reference)
     assert 10 <= step < 60
     p = launching.run(out, RUN, extra=["--resume", "auto"])
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    _assert_same_run(out, reference, step)
+    _assert_same_run(out, reference_run, step)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,24 +138,24 @@ def _outputs_from_checkpoint(rank, world, out_dir, ckpt, ep):
     return {m: e for m, e in out.embeddings.items()}
 
 
-def test_reshard_ep2_checkpoint_to_ep1(tmp_path, reference):
+def test_reshard_ep2_checkpoint_to_ep1(tmp_path, reference_run):
     """Weights written with ep_size=2 on 2 ranks load on 1 rank with ep_size=1 (DeepSpeed maps expert
     files by global index); outputs on the same inputs are equal before and after."""
     from s3dist.checkpoint import find_latest
 
-    ckpt = str(find_latest(reference))
+    ckpt = str(find_latest(reference_run))
     two = run_ranks(_outputs_from_checkpoint, 2, tmp_path / "ep2", ckpt, 2)
     one = run_ranks(_outputs_from_checkpoint, 1, tmp_path / "ep1", ckpt, 1)[0]
     for m in one:
         torch.testing.assert_close(torch.cat([two[0][m], two[1][m]]), one[m], atol=1e-5, rtol=1e-5)
 
 
-def test_resume_on_one_rank_resets_optimizer_with_message(tmp_path, reference):
+def test_resume_on_one_rank_resets_optimizer_with_message(tmp_path, reference_run):
     """Resuming a 2-rank checkpoint with 1 process continues training and says the optimizer was reset."""
     import shutil
 
     out = tmp_path / "run"
-    shutil.copytree(reference, out)
+    shutil.copytree(reference_run, out)
     from s3dist.checkpoint import find_latest
 
     ckpt = find_latest(out)
@@ -182,20 +173,20 @@ def test_resume_on_one_rank_resets_optimizer_with_message(tmp_path, reference):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_export_loads_without_deepspeed_and_evaluates(tmp_path, reference):
+def test_export_loads_without_deepspeed_and_evaluates(tmp_path, reference_run):
     """`s3dist export` writes one safetensors file with every expert and the config; a fresh process
     loads it into an ep=1 model without DeepSpeed and `s3dist eval --model` evaluates it."""
     from safetensors.torch import load_file
 
     f = tmp_path / "model.safetensors"
-    p = subprocess.run([sys.executable, "-m", "s3dist.cli", "export", "--run", str(reference), "--out", str(f)],
+    p = subprocess.run([sys.executable, "-m", "s3dist.cli", "export", "--run", str(reference_run), "--out", str(f)],
                        cwd=ROOT, env=launching.env(), capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
     tensors = load_file(str(f))
     experts = {k.split("deepspeed_experts.")[1].split(".")[0] for k in tensors if "deepspeed_experts" in k}
     assert experts == {str(i) for i in range(8)}  # 2 modalities x 4 experts, all in one file
     ev = subprocess.run([sys.executable, "-m", "s3dist.cli", "eval", "--model", str(f), "--data",
-                         str(reference / "data"), "--keep-fraction", "0.5"],
+                         str(reference_run / "data"), "--keep-fraction", "0.5"],
                         cwd=ROOT, env=launching.env(), capture_output=True, text=True, timeout=300)
     assert ev.returncode == 0, ev.stderr[-3000:]
     res = json.loads((tmp_path / "eval.json").read_text())
@@ -203,14 +194,14 @@ def test_export_loads_without_deepspeed_and_evaluates(tmp_path, reference):
     assert 0.5 <= res["probe_accuracy"] <= 1.0
 
 
-def test_eval_overrides_and_calibrated_stage3_do_not_depend_on_eval_batch(tmp_path, reference):
+def test_eval_overrides_and_calibrated_stage3_do_not_depend_on_eval_batch(tmp_path, reference_run):
     """`s3dist eval --run DIR --keep-fraction P KEY=VALUE`: evaluation settings can be overridden; with the
     default calibrated Stage 3 the thresholds and accuracies at p=0.3 are the same for eval batch 32 and 256,
     no token is dropped; a key that would change the model is refused by name, before anything runs."""
     results = {}
     for bs in (32, 256):
         out = tmp_path / f"bs{bs}"
-        ev = subprocess.run([sys.executable, "-m", "s3dist.cli", "eval", "--run", str(reference), "--keep-fraction",
+        ev = subprocess.run([sys.executable, "-m", "s3dist.cli", "eval", "--run", str(reference_run), "--keep-fraction",
                              "0.3", "--out", str(out), f"data.eval_batch_size={bs}"],
                             cwd=ROOT, env=launching.env(), capture_output=True, text=True, timeout=300)
         assert ev.returncode == 0, ev.stderr[-3000:]
@@ -223,7 +214,7 @@ def test_eval_overrides_and_calibrated_stage3_do_not_depend_on_eval_batch(tmp_pa
             assert t == pytest.approx(b["stage3"]["thresholds"]["0.3"][layer][m], abs=1e-6)
     assert [r["accuracy"] for r in a["sweep"]] == [r["accuracy"] for r in b["sweep"]]
     assert a["eval_dropped_fraction"] == b["eval_dropped_fraction"] == 0.0
-    bad = subprocess.run([sys.executable, "-m", "s3dist.cli", "eval", "--run", str(reference), "--out",
+    bad = subprocess.run([sys.executable, "-m", "s3dist.cli", "eval", "--run", str(reference_run), "--out",
                           str(tmp_path / "bad"), "model.d_model=8"],
                          cwd=ROOT, env=launching.env(), capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "cannot override ['model.d_model']" in bad.stderr
@@ -235,25 +226,25 @@ def test_eval_overrides_and_calibrated_stage3_do_not_depend_on_eval_batch(tmp_pa
 # ---------------------------------------------------------------------------------------------
 
 
-def test_incompatible_resume_is_refused(tmp_path, reference):
+def test_incompatible_resume_is_refused(tmp_path, reference_run):
     """Resuming with another number of experts names the key, both values and the checkpoint."""
     import shutil
 
     out = tmp_path / "run"
-    shutil.copytree(reference, out)
+    shutil.copytree(reference_run, out)
     p = launching.run(out, RUN + ["moe.num_experts=2"], extra=["--resume", "auto"])
     assert p.returncode != 0
     assert "moe.num_experts was 0 there but is 2 now" in p.stdout + p.stderr
 
 
-def test_truncated_checkpoint_file_is_named(tmp_path, reference):
+def test_truncated_checkpoint_file_is_named(tmp_path, reference_run):
     """A truncated expert file fails the checksum check with the file's path, before DeepSpeed loads it."""
     import shutil
 
     from s3dist.checkpoint import CheckpointError, find_latest, read_meta
 
     out = tmp_path / "run"
-    shutil.copytree(reference, out)
+    shutil.copytree(reference_run, out)
     ckpt = find_latest(out)
     victim = sorted(ckpt.glob("layer_*_expert_*"))[0]
     victim.write_bytes(victim.read_bytes()[:100])
@@ -264,12 +255,12 @@ def test_truncated_checkpoint_file_is_named(tmp_path, reference):
         read_meta(ckpt)
 
 
-def test_existing_run_is_not_overwritten(tmp_path, reference):
+def test_existing_run_is_not_overwritten(tmp_path, reference_run):
     """A fresh start in a directory holding a run is refused unless --resume or --overwrite is given."""
     import shutil
 
     out = tmp_path / "run"
-    shutil.copytree(reference, out)
+    shutil.copytree(reference_run, out)
     p = subprocess.run([sys.executable, "-m", "s3dist.train", "--output_dir", str(out), *RUN], cwd=ROOT,
                        env=launching.env(), capture_output=True, text=True, timeout=120)
     assert p.returncode == 2

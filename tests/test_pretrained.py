@@ -1,8 +1,8 @@
 """A trained encoder outside its training job: export folder, `S3Encoder.from_pretrained` in a plain
 process, `embed`, `s3dist embed` on 1 and 2 ranks, `s3dist eval --model FOLDER`, the README example.
 
-The slow tests share one real 2-rank ep=2 `accelerate launch` run (module fixture) and its export; the
-fast ones build small untrained encoders in this process.
+The slow tests share the session's real 2-rank ep=2 `accelerate launch` run (`reference_run`, tests/conftest.py)
+and its export; the fast ones build small untrained encoders in this process.
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ import pytest
 import torch
 
 from tests import launching
-from tests.launching import ROOT, TINY
+from tests.launching import ROOT
 from tests.multirank import run_ranks
 
-# rows_per_shard=40: the test split is 4 shards of 40, 40, 40, 8 rows (2 ranks get whole, uneven shards), the
-# training split 13 shards (2 ranks get every other row): both ways ShardStream splits data across ranks.
-RUN = TINY + ["stages.specialize_steps=20", "stages.select_steps=10", "dist.ep_size=2", "data.synth.rows_per_shard=40"]
+# reference_run is tests/launching.py REFERENCE: its rows_per_shard=40 makes the test split 4 shards of 40, 40,
+# 40, 8 rows (2 ranks get whole, uneven shards), the training split 13 shards (2 ranks get every other row): both
+# ways ShardStream splits data across ranks.
 P = 0.3  # a keep fraction the run's evaluation calibrated (TINY: eval.keep_fractions=0.3,1.0)
 
 
@@ -161,23 +161,15 @@ def test_calibrate_embed_split_data_order_and_what_a_missing_p_needs(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("pretrained") / "run"
-    p = launching.run(out, RUN)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return out
-
-
-@pytest.fixture(scope="module")
-def exported(trained) -> Path:
-    out = trained.parent / "exported"
-    p = _cli("export", "--run", trained, "--out", out)
+def exported(reference_run, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("pretrained") / "exported"
+    p = _cli("export", "--run", reference_run, "--out", out)
     assert p.returncode == 0, p.stderr[-3000:]
     return out
 
 
 @pytest.mark.slow
-def test_export_folder_holds_config_weights_and_model_card(trained, exported, tmp_path):
+def test_export_folder_holds_config_weights_and_model_card(reference_run, exported, tmp_path):
     """config.json rebuilds the encoder (modalities, widths, run config, Stage-3 thresholds of eval.json,
     where the data is, version); model.safetensors holds every expert of both ranks under its global index,
     bit-equal to the checkpoint; the model card shows the run's figures. A .safetensors --out still writes
@@ -188,16 +180,16 @@ def test_export_folder_holds_config_weights_and_model_card(trained, exported, tm
     from s3dist.checkpoint import consolidated_state_dict, export, find_latest, load_export
 
     conf = json.loads((exported / "config.json").read_text())
-    ev = json.loads((trained / "eval.json").read_text())
+    ev = json.loads((reference_run / "eval.json").read_text())
     assert conf["modalities"] == ["text", "audio"] and conf["input_dims"] == {"text": 12, "audio": 8}
     assert conf["run_config"]["moe"]["kind"] == "s3" and conf["run_config"]["model"]["d_model"] == 32
     assert conf["stage3"] == ev["stage3"] and list(conf["stage3"]["thresholds"]) == [str(P)]
-    assert conf["data"]["embedded_synthetic"] and conf["data"]["run_dir"] == str(trained.resolve())
+    assert conf["data"]["embedded_synthetic"] and conf["data"]["run_dir"] == str(reference_run.resolve())
     assert conf["s3dist_version"] == s3dist.__version__ and conf["checkpoint"]["world_size"] == 2
     assert conf["evaluation"]["probe_accuracy"] == ev["probe_accuracy"]
 
     weights = load_file(str(exported / "model.safetensors"))
-    ckpt = consolidated_state_dict(find_latest(trained))
+    ckpt = consolidated_state_dict(find_latest(reference_run))
     assert weights.keys() == ckpt.keys()
     for k in weights:
         assert torch.equal(weights[k], ckpt[k]), k
@@ -208,7 +200,7 @@ def test_export_folder_holds_config_weights_and_model_card(trained, exported, tm
     assert "library_name: s3dist" in card and f"Probe accuracy at p = 1: {ev['probe_accuracy']:.4f}" in card
     assert f"| {P:g} | {ev['sweep'][0]['accuracy']:.4f} |" in card
 
-    single = export(trained, tmp_path / "model.safetensors")
+    single = export(reference_run, tmp_path / "model.safetensors")
     assert single.is_file() and load_export(single)[0]["moe"]["kind"] == "s3"
 
 
@@ -268,17 +260,17 @@ print("process group initialised:", torch.distributed.is_initialized())
 
 
 @pytest.mark.slow
-def test_from_pretrained_in_fresh_process_matches_distributed_encoder(trained, exported, tmp_path):
+def test_from_pretrained_in_fresh_process_matches_distributed_encoder(reference_run, exported, tmp_path):
     """A fresh `python` that never initialises torch.distributed loads the export (and the run directory:
     same weights) and reproduces the 2-rank ep=2 encoder's test-split embeddings to 1e-5, at p = 1 and with
     Stage 3 at p = 0.3, and the probe accuracies of the run's own evaluation."""
     from s3dist.config import from_dict
     from s3dist.evaluate import fit_probe
 
-    dist = run_ranks(_distributed_embeddings, 2, tmp_path / "dist", str(trained))[0]
+    dist = run_ranks(_distributed_embeddings, 2, tmp_path / "dist", str(reference_run))[0]
     script = tmp_path / "fresh.py"
     script.write_text(FRESH)
-    p = subprocess.run([sys.executable, str(script), str(exported), str(trained), str(tmp_path / "fresh.npz")],
+    p = subprocess.run([sys.executable, str(script), str(exported), str(reference_run), str(tmp_path / "fresh.npz")],
                        cwd=tmp_path, env=_plain_env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "process group initialised: False" in p.stdout
@@ -290,7 +282,7 @@ def test_from_pretrained_in_fresh_process_matches_distributed_encoder(trained, e
         np.testing.assert_allclose(fresh[f"test_{p_}"][order_f], dist["emb"][p_][order_d], atol=1e-5, rtol=0)
     assert np.abs(fresh[f"test_{P}"] - fresh["test_1.0"]).max() > 1e-3  # Stage 3 did prune
 
-    ev = json.loads((trained / "eval.json").read_text())
+    ev = json.loads((reference_run / "eval.json").read_text())
     cfg = from_dict(json.loads((exported / "config.json").read_text())["run_config"])
     for row in ev["sweep"]:
         k = row["keep_fraction"]
@@ -309,7 +301,7 @@ def _embed_cmd(world: int, *args) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("split", ["test", "train"])
-def test_embed_one_and_two_ranks_write_the_same_parquet(trained, exported, tmp_path, split):
+def test_embed_one_and_two_ranks_write_the_same_parquet(reference_run, exported, tmp_path, split):
     """`s3dist embed` on 1 process and under `accelerate launch` with 2 ranks writes byte-identical Parquet
     files: one row per sample of the split, in shard order, each with its own label and embeddings (checked
     against `embed` in this process). test: whole, uneven shards per rank (one rank runs out of rows
@@ -329,13 +321,13 @@ def test_embed_one_and_two_ranks_write_the_same_parquet(trained, exported, tmp_p
     assert hashlib.sha256(files[1].read_bytes()).digest() == hashlib.sha256(files[2].read_bytes()).digest()
 
     table = pq.read_table(files[2])
-    man = json.loads((trained / "data" / "manifest.json").read_text())["splits"][split]
-    shard_ids = np.concatenate([pq.read_table(trained / "data" / f, columns=["id"])["id"].to_numpy()
+    man = json.loads((reference_run / "data" / "manifest.json").read_text())["splits"][split]
+    shard_ids = np.concatenate([pq.read_table(reference_run / "data" / f, columns=["id"])["id"].to_numpy()
                                 for f in man["files"]])
     assert table.num_rows == man["rows"] and table["id"].to_pylist() == shard_ids.tolist()
     enc = S3Encoder.from_pretrained(exported)
     row = {int(i): r for r, i in enumerate(table["id"].to_numpy())}
-    for batch in ShardStream(str(trained / "data"), split, batch_size=64, shuffle_buffer=0, drop_last=False):
+    for batch in ShardStream(str(reference_run / "data"), split, batch_size=64, shuffle_buffer=0, drop_last=False):
         out = enc.embed(batch.features, batch.masks, keep_fraction=P)
         rows = [row[int(i)] for i in batch.ids]
         assert table["label"].take(rows).to_pylist() == batch.labels.tolist()
@@ -345,13 +337,13 @@ def test_embed_one_and_two_ranks_write_the_same_parquet(trained, exported, tmp_p
 
 
 @pytest.mark.slow
-def test_eval_model_folder_finds_or_names_its_data(trained, exported, tmp_path):
+def test_eval_model_folder_finds_or_names_its_data(reference_run, exported, tmp_path):
     """`s3dist eval --model FOLDER` without --data evaluates on the run's embedded data set and gets the run's
     figures; when the run directory is gone it exits 2 naming the --data to pass and the command that
     regenerates that data set, which does regenerate it (same shard checksums)."""
     ev = _cli("eval", "--model", exported, "--out", tmp_path / "ev", "--keep-fraction", P)
     assert ev.returncode == 0, ev.stderr[-3000:]
-    got, want = (json.loads(f.read_text()) for f in (tmp_path / "ev" / "eval.json", trained / "eval.json"))
+    got, want = (json.loads(f.read_text()) for f in (tmp_path / "ev" / "eval.json", reference_run / "eval.json"))
     assert got["sweep"] == want["sweep"] and got["probe_accuracy"] == want["probe_accuracy"]
 
     moved = tmp_path / "moved"
@@ -368,7 +360,7 @@ def test_eval_model_folder_finds_or_names_its_data(trained, exported, tmp_path):
     regen = _cli(*command.replace("DIR", str(tmp_path / "regen")).split()[1:])
     assert regen.returncode == 0, regen.stderr[-2000:]
     sums = lambda url: {s: v["checksums"] for s, v in json.loads((url / "manifest.json").read_text())["splits"].items()}  # noqa: E731
-    assert sums(tmp_path / "regen") == sums(trained / "data")
+    assert sums(tmp_path / "regen") == sums(reference_run / "data")
 
 
 @pytest.mark.slow

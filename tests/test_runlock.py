@@ -24,7 +24,7 @@ import pytest
 
 from s3dist import runlock
 from tests import launching
-from tests.launching import ROOT, TINY
+from tests.launching import REFERENCE, ROOT, TINY
 
 HOST = socket.gethostname()
 
@@ -307,8 +307,10 @@ def test_without_a_launcher_nothing_is_armed():
 # Real jobs
 # ---------------------------------------------------------------------------------------------
 
-RUN = TINY + ["stages.specialize_steps=40", "stages.select_steps=20", "checkpoint.every_steps=10",
-              "checkpoint.keep_last=2", "eval.run_at_end=false", "dist.ep_size=2"]
+# The session's reference command (tests/launching.py: 40 + 20 steps, a checkpoint every 10, ep=2); keeping 2
+# checkpoints and skipping the evaluation change no weight and no logged loss: `reference_run` is this job
+# uninterrupted.
+RUN = REFERENCE + ["checkpoint.keep_last=2", "eval.run_at_end=false"]
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
@@ -336,16 +338,8 @@ def _wait_for_checkpoint(proc: subprocess.Popen, out: Path, timeout: float = 300
     pytest.fail("no checkpoint appeared in time")
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ref") / "run"
-    p = launching.run(out, RUN)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return out
-
-
 @pytest.mark.slow
-def test_sigkill_of_the_launcher_alone_ends_every_rank_and_resume_matches(tmp_path, reference):
+def test_sigkill_of_the_launcher_alone_ends_every_rank_and_resume_matches(tmp_path, reference_run):
     """SIGKILL of the `accelerate launch` process only (its workers sit in sessions of their own):
     both ranks are gone within 30 s, having published no further checkpoint (orphans would train on
     to step 60 in seconds), the newest checkpoint verifies, and `--resume auto` (which takes over
@@ -374,7 +368,7 @@ def test_sigkill_of_the_launcher_alone_ends_every_rank_and_resume_matches(tmp_pa
     p = launching.run(out, RUN, extra=["--resume", "auto"])
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert f"took over the lock of host {HOST}" in p.stdout + p.stderr
-    ref, got = _losses(reference), _losses(out)
+    ref, got = _losses(reference_run), _losses(out)
     assert ref.keys() == got.keys()
     for s in ref:
         if s > step:
