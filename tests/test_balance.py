@@ -363,10 +363,9 @@ def test_stage3_ranks_the_routes_the_biased_router_takes():
     from s3dist.config import MoEConfig
     from s3dist.model.moe import ExpertParallelMoE
 
-    layer = ExpertParallelMoE(4, ["a"], MoEConfig(kind="s3", num_experts=4, top_k=2, expert_hidden=8),
-                              ep_size=1, ep_rank=0, layer_index=0)
+    cfg = MoEConfig(kind="s3", num_experts=4, top_k=2, expert_hidden=8, balance="bias", bias_update_rate=GAMMA)
+    layer = ExpertParallelMoE(4, ["a"], cfg, ep_size=1, ep_rank=0, layer_index=0)
     (router,) = layer.routers
-    router.set_balance("bias", GAMMA)
     with torch.no_grad():
         router.route_bias.copy_(torch.tensor([0.0, 0.0, 0.0, 2.0]))
     x = torch.randn(3, 5, 4)

@@ -28,7 +28,7 @@ from torch import nn
 
 from s3dist.config import ModelConfig, MoEConfig
 from s3dist.model.moe import ExpertParallelMoE
-from s3dist.model.router import PruneSpec, S3Router
+from s3dist.model.router import PruneSpec
 
 
 class ModalityStem(nn.Module):
@@ -166,11 +166,7 @@ class S3Encoder(nn.Module):
         def ffn(i: int) -> nn.Module:
             if moe_cfg.kind == "dense":
                 return DenseFFN(d, self.modalities, moe_cfg)
-            layer = ExpertParallelMoE(d, self.modalities, moe_cfg, ep_size=ep_size, ep_rank=ep_rank, layer_index=i)
-            for router in layer.routers:
-                if isinstance(router, S3Router):
-                    router.set_balance(moe_cfg.balance, moe_cfg.bias_update_rate)
-            return layer
+            return ExpertParallelMoE(d, self.modalities, moe_cfg, ep_size=ep_size, ep_rank=ep_rank, layer_index=i)
 
         self.blocks = nn.ModuleList([Block(d, self.modalities, model_cfg, ffn(i)) for i in range(model_cfg.num_layers)])
         self.final_norm = nn.ModuleDict({m: nn.LayerNorm(d) for m in self.modalities})

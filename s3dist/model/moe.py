@@ -111,7 +111,8 @@ class ExpertParallelMoE(nn.Module):
                 gate = S3Router(d_model, group, self.n, self.k, shared_experts=cfg.shared_experts,
                                 capacity_factor=cfg.capacity_factor, eval_capacity_factor=cfg.eval_capacity_factor,
                                 min_capacity=cfg.min_capacity, drop_tokens=cfg.drop_tokens,
-                                noisy_gate=cfg.noisy_gate, compute_z_loss=cfg.z_loss_weight > 0)
+                                noisy_gate=cfg.noisy_gate, compute_z_loss=cfg.z_loss_weight > 0,
+                                balance=cfg.balance, bias_update_rate=cfg.bias_update_rate)
             else:
                 gate = DeepSpeedTopKGate(d_model, group_experts, self.k, cfg.capacity_factor,
                                          cfg.eval_capacity_factor, cfg.min_capacity,

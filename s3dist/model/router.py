@@ -132,21 +132,16 @@ class S3Router(EvalDropCounter, nn.Module):
         # balance term (the paper's Selection lets experts be used unevenly; stages.select_balance_weight is
         # its opt-in), and a bias still chasing balance there would undo the selectivity Stage 2 learns.
         self.bias_updates = True
-        self.set_balance(balance, bias_update_rate)
-
-    def set_balance(self, balance: str, bias_update_rate: float) -> None:
-        """Choose the balancing rule (`moe.balance`). Only 'bias' adds state: the persistent buffer
-        `route_bias` [num_experts] (not named *expert*: DeepSpeed files every MoE state key containing
-        'expert' with the experts, and this one belongs to the replicated model states). Without it the
-        state dict is unchanged, so checkpoints of aux_loss runs keep loading."""
+        # moe.balance. Only 'bias' adds state: the persistent buffer `route_bias` [num_experts] (not named
+        # *expert*: DeepSpeed files every MoE state key containing 'expert' with the experts, and this one
+        # belongs to the replicated model states). Without it the state dict is unchanged, so checkpoints of
+        # aux_loss runs keep loading.
         if balance not in ("aux_loss", "bias", "none"):
             raise ValueError(f"moe.balance must be aux_loss, bias or none, not {balance!r}")
         self.balance = balance
         self.bias_update_rate = bias_update_rate
-        if balance == "bias" and getattr(self, "route_bias", None) is None:
-            self.register_buffer("route_bias", torch.zeros(self.num_experts, device=self._counters.device))
-        elif balance != "bias" and getattr(self, "route_bias", None) is not None:
-            del self._buffers["route_bias"]
+        if balance == "bias":
+            self.register_buffer("route_bias", torch.zeros(self.num_experts))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
