@@ -55,8 +55,9 @@ class PartitionReader:
         ahead, so while one shard is consumed the next ones are being decoded on other cores (Arrow
         releases the GIL). Why: decoding is the stream's main cost and Arrow decodes a row group's
         columns in parallel only as far as the columns allow (one wide modality dominates), so a single
-        reader leaves cores idle. Parallel readers need whole shards (`whole_shards`)."""
-        k = min(readers, len(files) // parts) if self.whole_shards(len(files), parts) else 1
+        reader leaves cores idle. `readers` > 1 needs whole shards and at most one reader per shard of the
+        partition (the caller, `ShardStream._readers`, decides it so)."""
+        k = readers
         if k <= 1:
             yield from self._read(files, part, parts)
             return
