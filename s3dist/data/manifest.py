@@ -22,6 +22,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 import fsspec
+import numpy as np
 
 from s3dist.data import DataError
 
@@ -90,6 +91,21 @@ class Manifest:
     # which stored concepts are which generating factors, and which of them the label is built from.
     concept_groups: dict[str, list[int]] | None = None
     label_concepts: list[int] | None = None
+
+    def columns(self, modalities: list[str]) -> dict[str, tuple[np.dtype, int | None]]:
+        """The Parquet columns of `modalities` (the layout above): name -> (numpy dtype, fixed list size, None
+        for a scalar). The one description the stream's checks, its `datasets` features and its empty
+        batches are built from."""
+        cols: dict[str, tuple[np.dtype, int | None]] = {"id": (np.dtype(np.int64), None),
+                                                         "label": (np.dtype(np.int64), None)}
+        for name in modalities:
+            spec = self.modalities[name]
+            cols[name] = (np.dtype(np.float32), spec.flat_size)
+            if spec.sequence:
+                cols[f"{name}__mask"] = (np.dtype(bool), spec.steps)
+        if self.num_concepts:
+            cols["concepts"] = (np.dtype(np.uint8), self.num_concepts)
+        return cols
 
     def to_json(self) -> str:
         doc = asdict(self)

@@ -14,7 +14,6 @@ from collections.abc import Iterator
 import numpy as np
 import pyarrow as pa
 
-from s3dist.data.manifest import Manifest
 from s3dist.data.readahead import Prefetcher
 from s3dist.data.validate import column_numpy
 from s3dist.data.writer import ROW_GROUP_ROWS
@@ -26,12 +25,12 @@ _READER_DEPTH = 4  # blocks (row groups) a parallel reader decodes ahead: a defa
 
 class PartitionReader:
     """Reads partitions of one split: `fs`/`root` locate the shards, `file_rows` holds each shard's
-    verified row count, `columns` the columns in use."""
+    verified row count, `columns` the columns in use (`Manifest.columns`)."""
 
-    def __init__(self, manifest: Manifest, split: str, fs, root: str, modalities: list[str], columns: list[str],
+    def __init__(self, split: str, fs, root: str, columns: dict[str, tuple[np.dtype, int | None]],
                  file_rows: dict[str, int]):
-        self.manifest, self.split, self._fs, self._root = manifest, split, fs, root
-        self.modalities, self.columns, self.file_rows = modalities, columns, file_rows
+        self.split, self._fs, self._root = split, fs, root
+        self.columns, self.file_rows = columns, file_rows
 
     @staticmethod
     def whole_shards(n_files: int, parts: int) -> bool:
@@ -85,22 +84,15 @@ class PartitionReader:
         fs = self._fs
         local = type(fs).__name__ == "LocalFileSystem"
         urls = [f"{self._root}/{f}" if local else fs.unstrip_protocol(f"{self._root}/{f}") for f in files]
-        m = self.manifest
-        feats = {"id": Value("int64"), "label": Value("int64")}
-        for name in self.modalities:
-            spec = m.modalities[name]
-            feats[name] = List(Value("float32"), length=spec.flat_size)
-            if spec.sequence:
-                feats[f"{name}__mask"] = List(Value("bool"), length=spec.steps)
-        if m.num_concepts:
-            feats["concepts"] = List(Value("uint8"), length=m.num_concepts)
+        feats = {c: Value(str(dtype)) if size is None else List(Value(str(dtype)), length=size)
+                 for c, (dtype, size) in self.columns.items()}
         # One at a time: parallel readers (and the next epoch's) open their parts concurrently, and
         # load_dataset's file resolution runs tqdm's thread_map, whose class-level lock set-up is not
         # thread-safe (AttributeError: type object 'tqdm' has no attribute '_lock'). Only the opening is
         # serialised; the decoding below runs in parallel.
         with _OPEN_LOCK:
             ds = load_dataset("parquet", data_files={self.split: urls}, split=self.split, streaming=True,
-                              columns=self.columns, features=Features(feats))
+                              columns=list(self.columns), features=Features(feats))
             if parts > 1:
                 ds = split_dataset_by_node(ds, rank=part, world_size=parts)
         # Blocks of whole row groups whatever the batch size: the shuffle and the re-batching take any

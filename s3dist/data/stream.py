@@ -151,17 +151,11 @@ class ShardStream:
         else:
             self.modalities = list(m.modalities)
         fs, root = dataset_fs(url)
-        self._columns = ["id", "label"]
-        for name in self.modalities:
-            self._columns.append(name)
-            if m.modalities[name].sequence:
-                self._columns.append(f"{name}__mask")
-        if m.num_concepts:
-            self._columns.append("concepts")
+        self._columns = m.columns(self.modalities)
         check = SplitCheck(self.url, split, m, fs, root, self.modalities)
         self._file_rows = check.file_rows()
         self._finite_check = check.nonfinite_to_check(nonfinite)
-        self._reader = PartitionReader(m, split, fs, root, self.modalities, self._columns, self._file_rows)
+        self._reader = PartitionReader(split, fs, root, self._columns, self._file_rows)
         # Idle output batches handed back by the consumer, kept for the next ones.
         self._pool = BufferPool(per_shape=3 * shuffle_buffer // batch_size + 8)
         self._epoch = 0
@@ -323,16 +317,7 @@ class ShardStream:
         stop_ahead(self._ahead_box, wait=True)
 
     def _empty_block(self) -> dict[str, np.ndarray]:
-        block = {"id": np.zeros(0, np.int64), "label": np.zeros(0, np.int64)}
-        m = self.manifest
-        for name in self.modalities:
-            spec = m.modalities[name]
-            block[name] = np.zeros((0, spec.flat_size), np.float32)
-            if spec.sequence:
-                block[f"{name}__mask"] = np.zeros((0, spec.steps), bool)
-        if m.num_concepts:
-            block["concepts"] = np.zeros((0, m.num_concepts), np.uint8)
-        return block
+        return {c: np.zeros((0,) if size is None else (0, size), dtype) for c, (dtype, size) in self._columns.items()}
 
     def _to_torch(self, block: dict[str, np.ndarray]) -> Batch:
         n = len(block["id"])
@@ -341,7 +326,7 @@ class ShardStream:
         for name in self.modalities:
             spec = self.manifest.modalities[name]
             x = _tensor(block[name]).view(n, spec.steps, spec.width)
-            # Only where the manifest does not rule NaN / inf out (see `_nonfinite_at_open`). One cheap
+            # Only where the manifest does not rule NaN / inf out (`SplitCheck.nonfinite_to_check`). One cheap
             # single-threaded reduction (NaN / inf propagate into the sum; an overflow only sends us to
             # the exact check). torch's threaded kernels stall on busy machines.
             if name in self._finite_check and not np.isfinite(block[name].sum()):

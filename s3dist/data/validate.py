@@ -35,6 +35,7 @@ class SplitCheck:
         self.url, self.split, self.manifest = url, split, manifest
         self._spec: SplitSpec = manifest.splits[split]
         self._fs, self._root, self.modalities = fs, root, modalities
+        self.columns = manifest.columns(modalities)
 
     def file_rows(self) -> dict[str, int]:
         """Every shard verified; its row count, in the manifest's order."""
@@ -117,15 +118,8 @@ class SplitCheck:
 
     def check_schema(self, where: str, schema: pa.Schema) -> None:
         m = self.manifest
-        expected: dict[str, tuple[pa.DataType, int | None]] = {"id": (pa.int64(), None), "label": (pa.int64(), None)}
-        for name in self.modalities:
-            spec = m.modalities[name]
-            expected[name] = (pa.float32(), spec.flat_size)
-            if spec.sequence:
-                expected[f"{name}__mask"] = (pa.bool_(), spec.steps)
-        if m.num_concepts:
-            expected["concepts"] = (pa.uint8(), m.num_concepts)
-        for col, (typ, size) in expected.items():
+        for col, (dtype, size) in self.columns.items():
+            typ = pa.from_numpy_dtype(dtype)
             idx = schema.get_field_index(col)
             if idx < 0:
                 raise DataError(f"{where} has no column '{col}' that the manifest declares; re-create the data set")
