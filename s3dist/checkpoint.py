@@ -36,6 +36,11 @@ from s3dist.config import check_safe_name, flatten
 
 META = "s3dist_meta.json"
 LATEST = "latest"
+# How a layer's local experts are held as parameters (`s3dist.model.experts.GroupedExperts`): one stacked
+# tensor per projection. Checkpoints without the key were written with one `nn.Linear` pair per expert.
+# The module weights are saved per expert either way, but ZeRO's optimizer state (fp32 master weights,
+# Adam moments) is one flat buffer in parameter order, so it only loads into the layout that wrote it.
+EXPERT_LAYOUT = "stacked"
 
 
 class CheckpointError(RuntimeError):
@@ -122,6 +127,7 @@ def save(engine, run_dir: Path, state: TrainState, config: dict, stream_state: d
     if _rank() == 0:
         files = sorted(p for p in (root / tmp_tag).rglob("*") if p.is_file())
         meta = {"version": s3dist.__version__, "tag": tag, "state": vars(state), "config": config,
+                "expert_layout": EXPERT_LAYOUT,
                 "world_size": dist.get_world_size() if dist.is_initialized() else 1,
                 "checksums": {str(p.relative_to(root / tmp_tag)): _sha256(p) for p in files}}
         _fsync_write(root / tmp_tag / META, json.dumps(meta, indent=1))
@@ -188,6 +194,28 @@ def find_latest(run_dir: Path) -> Path | None:
             return root / name
     complete = _complete(root)
     return complete[-1] if complete else None
+
+
+def optimizer_state_mismatch(meta: dict, world_size: int, ep_size: int) -> str | None:
+    """Why this run cannot take the checkpoint's optimizer and LR-scheduler state (None: it can).
+
+    DeepSpeed loads module weights on any layout (experts by global index) but not the optimizer state:
+    each rank's covers the experts that rank held, in the parameter layout it was written with."""
+    old_ep = meta["config"]["dist"]["ep_size"] or meta["world_size"]
+    if meta["world_size"] != world_size:
+        return (f"it was written by {meta['world_size']} ranks, this run has {world_size}: model weights and "
+                "experts are resharded, optimizer and LR-scheduler state are reset (DeepSpeed cannot reshard them)")
+    if old_ep != ep_size:
+        return (f"it was written with dist.ep_size={old_ep}, this run has {ep_size} (same {world_size} ranks): "
+                "experts are resharded, the expert optimizer state cannot be, so optimizer and LR-scheduler state "
+                "are reset; data position and RNG continue")
+    trains_experts = meta["state"]["stage"] == "specialize"  # Stage 2's optimizer holds the routers only
+    if trains_experts and meta.get("expert_layout") != EXPERT_LAYOUT:
+        return (f"it was written by s3dist {meta.get('version', '?')} with one parameter per expert; this version "
+                "stacks a layer's experts into one parameter per projection, so the optimizer state's flat layout "
+                "differs: the weights load unchanged, optimizer and LR-scheduler state are reset (Adam restarts "
+                "its moments); data position and RNG continue")
+    return None
 
 
 def load_rank_state(ckpt: Path, rank: int) -> dict:

@@ -148,11 +148,17 @@ def attach_expert_groups(model: nn.Module, dims: ParallelDims) -> None:
 
 
 def optimizer_param_groups(params: list[nn.Parameter], weight_decay: float) -> list[dict]:
-    """AdamW groups, split by DeepSpeed so expert params reduce over the expert-data-parallel group."""
+    """AdamW groups, split by DeepSpeed so expert params reduce over the expert-data-parallel group.
+
+    Weights (matrices) decay, biases and norms do not; a stacked expert parameter (`GroupedExperts`) is
+    judged by one expert's shape, not the stack's."""
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
+    def is_matrix(p: nn.Parameter) -> bool:
+        return p.ndim - getattr(p, "expert_dims", 0) >= 2
+
+    decay = [p for p in params if is_matrix(p)]
+    no_decay = [p for p in params if not is_matrix(p)]
     groups = [g for g in ({"params": decay, "weight_decay": weight_decay, "name": "decay"},
                           {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}) if g["params"]]
     return split_params_into_different_moe_groups_for_optimizer(groups)

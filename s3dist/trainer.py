@@ -223,20 +223,10 @@ class Trainer:
     def _load(self, engine, ckpt: Path, full: bool) -> None:
         meta = self._resume_meta  # read, verified and checked for compatibility by fit()
         same_world = meta["world_size"] == self.dims.world_size
-        # Each rank's optimizer state covers the experts it held: with another ep_size at the same world size the
-        # ranks hold other experts (and expert-dp groups of another size), so that state must not be loaded.
-        old_ep = meta["config"]["dist"]["ep_size"] or meta["world_size"]
-        same_experts = same_world and old_ep == self.dims.ep_size
-        load_optim = full and same_experts
-        if full and not same_world:
-            log.warning("checkpoint %s was written by %d ranks, this run has %d: model weights and experts are "
-                        "resharded, optimizer and LR-scheduler state are reset (DeepSpeed cannot reshard them)",
-                        ckpt.name, meta["world_size"], self.dims.world_size)
-        elif full and not same_experts:
-            log.warning("checkpoint %s was written with dist.ep_size=%d, this run has %d (same %d ranks): experts are "
-                        "resharded, the expert optimizer state cannot be, so optimizer and LR-scheduler state are "
-                        "reset; data position and RNG continue", ckpt.name, old_ep, self.dims.ep_size,
-                        self.dims.world_size)
+        mismatch = ckpt_io.optimizer_state_mismatch(meta, self.dims.world_size, self.dims.ep_size)
+        load_optim = full and mismatch is None
+        if full and mismatch:
+            log.warning("checkpoint %s: %s", ckpt.name, mismatch)
         configured = [{k: g[k] for k in ("betas", "weight_decay")} for g in engine.optimizer.param_groups]
         base_lrs = list(engine.lr_scheduler.base_lrs)
         engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_optimizer_states=load_optim,

@@ -393,3 +393,23 @@ def test_bf16_grad_check_reaches_deepspeed(tmp_path, check):
     """`dist.bf16_grad_check` is what DeepSpeed's engine reads (bf16 itself needs CUDA; fp32 here)."""
     res = run_ranks(_engine_precision_settings, 1, tmp_path, check)[0]
     assert res == {"enabled": False, "check": check}
+
+
+def test_optimizer_state_is_reused_only_on_the_layout_that_wrote_it():
+    """The optimizer state is reset, with the reason, when the ranks, the expert-parallel size or (for a
+    checkpoint of Stage 1, whose optimizer holds the experts) the experts' parameter layout differ: a
+    checkpoint from before the stacked expert parameters has no `expert_layout`, and its flat ZeRO state
+    would load into the wrong parameters. Stage 2's optimizer holds only the routers, so it is reused."""
+    from s3dist.checkpoint import EXPERT_LAYOUT, optimizer_state_mismatch
+
+    def meta(stage="specialize", world=2, ep=2, layout=EXPERT_LAYOUT):
+        m = {"world_size": world, "config": {"dist": {"ep_size": ep}}, "state": {"stage": stage}, "version": "0.9"}
+        return m if layout is None else {**m, "expert_layout": layout}
+
+    assert optimizer_state_mismatch(meta(), 2, 2) is None
+    assert "written by 2 ranks, this run has 1" in optimizer_state_mismatch(meta(), 1, 1)
+    assert "dist.ep_size=2, this run has 1" in optimizer_state_mismatch(meta(), 2, 1)
+    assert "dist.ep_size=2" in optimizer_state_mismatch(meta(ep=0), 2, 1)  # ep_size 0: the world size
+    old = optimizer_state_mismatch(meta(layout=None), 2, 2)
+    assert "s3dist 0.9 with one parameter per expert" in old and "reset" in old
+    assert optimizer_state_mismatch(meta(stage="select", layout=None), 2, 2) is None

@@ -1,57 +1,65 @@
-"""Grouped local experts (`s3dist.model.experts.GroupedExperts`): the batched forward computes what
-DeepSpeed's per-expert loop computes, keeps DeepSpeed's parameters and expert-parallel flags, and its
-gradients go through DeepSpeed's expert-data-parallel reduction (2 real gloo processes, ep=1)."""
+"""Grouped local experts (`s3dist.model.experts.GroupedExperts`): stacked parameters whose batched and
+loop forwards compute what DeepSpeed's own `Experts` computes, with DeepSpeed's per-expert state dict and
+expert-parallel flags, and whose gradients go through DeepSpeed's expert-data-parallel reduction (2 real
+gloo processes, ep=1)."""
 
 from __future__ import annotations
-
-import copy
 
 import pytest
 import torch
 from deepspeed.moe.experts import Experts
 
-from s3dist.model.experts import CPU_GROUPED_MAX_ROWS_X_HIDDEN, ExpertMLP, GroupedExperts, use_grouped
+from s3dist.model.experts import (CPU_GROUPED_MAX_ROWS_X_HIDDEN, PER_EXPERT_NAMES, ExpertMLP, GroupedExperts,
+                                  use_grouped)
 from tests.multirank import run_ranks
 
 
 def _experts(e, d, h, compute, seed=0):
-    torch.manual_seed(seed)
-    mod = GroupedExperts(ExpertMLP(d, h), e, "ep_size_2", compute)
-    for i, expert in enumerate(mod.deepspeed_experts):  # distinct experts (DeepSpeed deep-copies one)
-        with torch.no_grad():
-            for p in expert.parameters():
-                p.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(100 * seed + i))
+    mod = GroupedExperts(d, h, e, "ep_size_2", compute)
+    with torch.no_grad():  # distinct experts, every slice its own draw
+        for p in mod.parameters():
+            for i in range(e):
+                p[i].normal_(0.0, 0.5, generator=torch.Generator().manual_seed(100 * seed + 10 * i + p.ndim))
     return mod
 
 
+def _deepspeed_twin(mod: GroupedExperts) -> Experts:
+    """DeepSpeed's own `Experts` (a loop of `ExpertMLP`s) holding the same weights, via the state dict."""
+    plain = Experts(ExpertMLP(mod.w1.shape[2], mod.hidden), mod.num_local_experts, "ep_size_2")
+    plain.load_state_dict(mod.state_dict())
+    return plain
+
+
+@pytest.mark.parametrize("compute", ["loop", "grouped"])
 @pytest.mark.parametrize("ep,e,c,d,h", [(1, 4, 6, 8, 16), (2, 3, 5, 8, 4), (2, 6, 0, 8, 16), (4, 2, 3, 16, 8)])
-def test_grouped_matches_loop(ep, e, c, d, h):
-    """Outputs, the input gradient and every expert's parameter gradients agree to 1e-6, including an
-    empty capacity (C=0: every expert gets no rows, parameter gradients are zero)."""
-    loop = _experts(e, d, h, "loop")
-    grouped = copy.deepcopy(loop)
-    grouped.compute = "grouped"
+def test_matches_deepspeed_experts(compute, ep, e, c, d, h):
+    """Both paths over the stacked parameters agree with DeepSpeed's per-expert loop to 1e-6: outputs,
+    the input gradient and every expert's parameter gradients (each expert's slice of the stacked
+    gradient), including an empty capacity (C=0: no rows, parameter gradients zero)."""
+    mod = _experts(e, d, h, compute)
+    ref = _deepspeed_twin(mod)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(ep, e, c, d, generator=g)
     w = torch.randn(ep, e, c, d, generator=g)
-    outs, grads = [], []
-    for mod in (loop, grouped):
+    outs, inputs = [], []
+    for m in (ref, mod):
         xi = x.clone().requires_grad_()
-        out = mod(xi)
+        out = m(xi)
         (out * w).sum().backward()
         outs.append(out.detach())
-        grads.append({"input": xi.grad, **{n: p.grad for n, p in mod.named_parameters()}})
+        inputs.append(xi.grad)
     assert outs[1].shape == (ep, e, c, d)
     torch.testing.assert_close(outs[1], outs[0], atol=1e-6, rtol=1e-6)
-    assert set(grads[1]) == set(grads[0]) and len(grads[0]) == 1 + 4 * e
-    for name, ref in grads[0].items():
-        assert grads[1][name] is not None, name
-        torch.testing.assert_close(grads[1][name], ref, atol=1e-6, rtol=1e-6, msg=lambda s: f"{name}: {s}")
+    torch.testing.assert_close(inputs[1], inputs[0], atol=1e-6, rtol=1e-6)
+    for i, expert in enumerate(ref.deepspeed_experts):
+        for name, key in PER_EXPERT_NAMES.items():
+            torch.testing.assert_close(getattr(mod, name).grad[i], expert.get_parameter(key).grad, atol=1e-6,
+                                       rtol=1e-6, msg=lambda s: f"expert {i} {key}: {s}")
 
 
 def test_grouped_dispatches_a_fixed_number_of_ops():
-    """The point of grouping: forward+backward dispatches a few ops per expert (handing each expert
-    its gradient slices), the loop a whole MLP's worth (counted by the profiler, as `s3dist bench train`
+    """The point of grouping: forward+backward dispatches a fixed number of ops whatever the expert
+    count, the loop a whole MLP's worth per expert (counted by the profiler, as `s3dist bench train`
     counts)."""
     from torch.profiler import profile
 
@@ -63,18 +71,50 @@ def test_grouped_dispatches_a_fixed_number_of_ops():
         return sum(1 for ev in prof.events() if ev.name.startswith("aten::"))
 
     g4, g16, l4, l16 = count(4, "grouped"), count(16, "grouped"), count(4, "loop"), count(16, "loop")
-    assert (g16 - g4) * 4 < l16 - l4
-    assert g16 * 3 < l16
+    assert g16 == g4
+    assert g16 * 3 < l16 and l16 - l4 > 12 * 10
 
 
-def test_grouped_keeps_deepspeed_parameters_and_flags():
-    """Same parameter names as DeepSpeed's `Experts` (the per-expert checkpoint files key on them) and
-    DeepSpeed's expert-parallel flags on every parameter."""
+def test_state_dict_is_deepspeeds_per_expert_one():
+    """The state dict has DeepSpeed's per-expert names in DeepSpeed's order (its checkpoint files key on
+    them) and round-trips through DeepSpeed's `Experts`; the stacked parameters carry DeepSpeed's
+    expert-parallel flags."""
     mod = _experts(3, 8, 4, "grouped")
-    plain = Experts(ExpertMLP(8, 4), 3, "ep_size_2")
+    plain = _deepspeed_twin(mod)
     assert list(mod.state_dict()) == list(plain.state_dict())
+    for k, v in plain.state_dict().items():
+        assert torch.equal(mod.state_dict()[k], v), k
+    back = GroupedExperts(8, 4, 3, "ep_size_2")
+    back.load_state_dict(plain.state_dict())
+    for name in PER_EXPERT_NAMES:
+        assert torch.equal(getattr(back, name), getattr(mod, name)), name
+    assert [n for n, _ in mod.named_parameters()] == ["w1", "b1", "w2", "b2"]
     for p in mod.parameters():
         assert p.allreduce is False and p.group_name == "ep_size_2"
+    saved = mod.state_dict()["deepspeed_experts.1.fc1.weight"]
+    assert saved.untyped_storage().nbytes() == saved.numel() * saved.element_size()  # its own copy, not the stack
+
+
+def test_state_dict_of_another_expert_count_is_refused_by_name():
+    """Loading a state dict with fewer experts names the missing entries; one with more reports the
+    extra ones as unexpected."""
+    small = _experts(2, 8, 4, "grouped").state_dict()
+    with pytest.raises(RuntimeError, match=r"missing for this module's 3 local experts: deepspeed_experts\.2\."):
+        GroupedExperts(8, 4, 3, "g").load_state_dict(small)
+    with pytest.raises(RuntimeError, match=r"Unexpected key.*deepspeed_experts\.2\.fc1\.weight"):
+        GroupedExperts(8, 4, 2, "g").load_state_dict(_experts(3, 8, 4, "grouped").state_dict())
+
+
+def test_stacked_biases_are_not_weight_decayed():
+    """Weight decay is decided per expert's shape: the stacked biases ([E, hidden], 2-D) do not decay,
+    the stacked weights do, as with one nn.Linear pair per expert."""
+    from s3dist.dist import optimizer_param_groups
+
+    mod = _experts(3, 8, 4, "grouped")
+    groups = optimizer_param_groups(list(mod.parameters()), weight_decay=0.1)
+    decay = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert decay == {id(mod.w1), id(mod.w2)}
+    assert sum(len(g["params"]) for g in groups) == 4
 
 
 def test_auto_choice():
@@ -140,7 +180,7 @@ def test_expert_data_parallel_reduction_with_grouped_experts(tmp_path):
     different ones: the grouped experts' gradients reach DeepSpeed's expert-data-parallel all-reduce."""
     ref = run_ranks(_grads, 1, tmp_path / "ref")[0]["local"]
     res = run_ranks(_grads, 2, tmp_path / "dp")
-    assert ref and len(ref) % 4 == 0  # fc1/fc2 weight and bias per expert
+    assert ref and len(ref) % 4 == 0  # stacked fc1/fc2 weight and bias per layer
     for r in res:
         assert set(r["reduced"]) == set(ref)
         for k, g in ref.items():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from s3dist.model.experts import PER_EXPERT_NAMES, GroupedExperts
 from tests.multirank import run_ranks
 
 MODS = {"text": 5, "audio": 3}
@@ -74,19 +75,20 @@ def _fwd_bwd(rank, world, out_dir, ep):
             g /= world
         else:                               # expert: DeepSpeed divides by the whole dp world too
             g /= world
-        grads[_global_name(name, dims, model)] = g
+        grads.update(_per_expert(name, g, dims, model))
     return {"emb": {m: out.embeddings[m].detach() for m in MODS}, "aux": aux / world, "grads": grads}
 
 
-def _global_name(name, dims, model):
-    """Rename 'deepspeed_experts.{local}' to the expert's global index so ep sizes compare."""
-    parts = name.split(".")
-    if "deepspeed_experts" in parts:
-        i = parts.index("deepspeed_experts")
-        local = int(parts[i + 1])
-        n_local = len(model.layers[0].moes[0].deepspeed_moe.experts.deepspeed_experts)
-        parts[i + 1] = str(dims.ep_rank * n_local + local)
-    return ".".join(parts)
+def _per_expert(name, g, dims, model):
+    """A parameter's gradient under the names DeepSpeed's checkpoint uses: a stacked expert parameter
+    (`GroupedExperts`) split into 'deepspeed_experts.{global index}.fc1.weight' etc., so ep sizes compare."""
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if not isinstance(module, GroupedExperts):
+        return {name: g}
+    first = dims.ep_rank * module.num_local_experts
+    return {f"{module_name}.deepspeed_experts.{first + i}.{PER_EXPERT_NAMES[attr]}": g[i]
+            for i in range(module.num_local_experts)}
 
 
 @pytest.mark.slow
@@ -115,11 +117,11 @@ def test_parallel_matches_single_rank(tmp_path, world, ep):
 
 def _ownership(rank, world, out_dir, ep):
     model, dims = _build(rank, world, ep)
-    experts = model.layers[0].moes[0].deepspeed_moe.experts.deepspeed_experts
+    experts = model.layers[0].moes[0].deepspeed_moe.experts
     n_expert = sum(p.numel() for p in model.parameters() if not getattr(p, "allreduce", True))  # every layer's
     n_total = sum(p.numel() for p in model.parameters())
-    first = experts[0].fc1.weight.detach().clone()
-    return {"local": len(experts), "expert_params": n_expert, "total": n_total, "first": first}
+    first = experts.w1[0].detach().clone()
+    return {"local": experts.num_local_experts, "expert_params": n_expert, "total": n_total, "first": first}
 
 
 @pytest.mark.slow

@@ -20,7 +20,8 @@ def _train(rank, world, out_dir, overrides):
     cfg = load_config(None, overrides + [f"output_dir={out_dir / 'run'}"])
     trainer = run(cfg)
     model = trainer.model
-    expert = {n: p.detach().clone() for n, p in model.named_parameters() if not getattr(p, "allreduce", True)}
+    # experts under DeepSpeed's per-expert names (the state dict's; the parameters are stacked per layer)
+    expert = {n: p.clone() for n, p in model.state_dict().items() if ".deepspeed_experts." in n}
     dense = {n: p.detach().clone() for n, p in model.named_parameters() if getattr(p, "allreduce", True)}
     return {"expert": expert, "dense": dense, "ep_rank": trainer.dims.ep_rank}
 

@@ -35,10 +35,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def time_shape(e: int, rows: int, d: int, hidden: int, ep: int, warmup: int, repeats: int) -> dict:
     import torch
 
-    from s3dist.model.experts import ExpertMLP, GroupedExperts, use_grouped
+    from s3dist.model.experts import GroupedExperts, use_grouped
 
     torch.manual_seed(0)
-    mod = GroupedExperts(ExpertMLP(d, hidden), e, "bench")
+    mod = GroupedExperts(d, hidden, e, "bench")
+    with torch.no_grad():  # nn.Linear's scale (the stack starts uninitialised)
+        for p in mod.parameters():
+            p.uniform_(-p.shape[-1] ** -0.5, p.shape[-1] ** -0.5)
     x = torch.randn(ep, e, rows // ep, d, requires_grad=True)
     w = torch.randn(d)
     cpu: dict[str, list[float]] = {"loop": [], "grouped": []}

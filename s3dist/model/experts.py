@@ -1,24 +1,29 @@
-"""The expert MLP and the local experts of one DeepSpeed MoE layer computed as batched GEMMs.
+"""The local experts of one DeepSpeed MoE layer: stacked parameters, computed as batched GEMMs.
 
 `GroupedExperts` replaces DeepSpeed's `Experts` inside its `MOELayer` (gate, dispatch, all-to-all and
-combine stay DeepSpeed's). DeepSpeed runs each local expert as its own small MLP in a Python loop, so a
-layer dispatches a handful of ops per expert, forward and backward; with fine-grained experts (N = 16-48
-per layer) on a host-bound GPU that loop, not the matmuls, is the cost. Here each projection of all
-local experts is one `baddbmm` over the stacked per-expert weights. On CPU that pays only for small
-per-expert GEMMs: larger ones ran faster as the loop (see `CPU_GROUPED_MAX_ROWS_X_HIDDEN`).
+combine stay DeepSpeed's). DeepSpeed keeps each local expert as its own `nn.Linear` pair and runs them in
+a Python loop. That costs twice per expert: the loop dispatches a small MLP's worth of ops per expert,
+forward and backward, and DeepSpeed's ZeRO optimizer handles every parameter *tensor* on its own each
+step (gradient-bucket copy, norm, copy-back: ~40 ops per tensor per step). With fine-grained experts
+(N = 16-48 per layer) both, not the matmuls, are the cost of a host-bound step.
 
-The parameters stay DeepSpeed's: one `ExpertMLP` (an `nn.Linear` pair) per local expert in
-`deepspeed_experts`, with its expert-parallel flags (`allreduce=False`, `group_name`), so checkpoints
-keep one file per expert by global index, resharding between ep sizes and the expert-data-parallel
-gradient reduction are untouched. The weights are stacked per forward (one small copy per projection);
-autograd hands each expert's slice of the gradient back to its own parameters.
+So the parameters are stacked, as torchtitan's and DeepSpeed's own grouped experts (AutoEP) keep them:
+one tensor per projection for all local experts of the layer (`w1` [E, hidden, d], `b1` [E, hidden],
+`w2` [E, d, hidden], `b2` [E, d]) with DeepSpeed's expert-parallel flags (`allreduce=False`,
+`group_name`), so ZeRO and the expert-data-parallel gradient reduction treat them as expert parameters.
+The state dict is still DeepSpeed's per-expert one (`deepspeed_experts.{i}.fc1.weight`, ...): a hook
+writes each expert's slices under those names and a load hook stacks them back, so checkpoints keep one
+file per expert by global index, resharding between ep sizes and export are unchanged.
+
+Each projection of all local experts is one `baddbmm`; on CPU that pays only for small per-expert GEMMs,
+larger ones ran faster as the loop (see `CPU_GROUPED_MAX_ROWS_X_HIDDEN`), which runs over the slices of
+the same stacked parameters.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from deepspeed.moe.experts import Experts
 from torch import nn
 
 # `moe.expert_compute=auto` on CPU: grouped only while one expert's hidden activation (rows x hidden
@@ -57,46 +62,107 @@ def use_grouped(compute: str, num_local_experts: int, rows: int, hidden: int, de
     return device.type == "cuda" or rows * hidden <= CPU_GROUPED_MAX_ROWS_X_HIDDEN
 
 
-class GroupedExperts(Experts):
-    """DeepSpeed's `Experts` (same parameters, names and flags) with a batched forward.
+# The stacked parameters and the per-expert state-dict names DeepSpeed's checkpoint files key on.
+PER_EXPERT_NAMES = {"w1": "fc1.weight", "b1": "fc1.bias", "w2": "fc2.weight", "b2": "fc2.bias"}
+
+
+class GroupedExperts(nn.Module):
+    """The local experts of one layer as stacked parameters (see the module docstring), with a batched
+    forward and DeepSpeed's per-expert state dict.
 
     `compute` is `moe.expert_compute`; the choice is made per call from the received buffer's shape,
-    so evaluation batches and capacity changes pick their own path. 'loop' is DeepSpeed's forward
-    unchanged (the reference the tests compare against).
+    so evaluation batches and capacity changes pick their own path. 'loop' is DeepSpeed's per-expert
+    forward over the stacked parameters' slices (the reference the tests compare against).
 
     Capacity makes every expert's slice the same size ([ep, E, C, d]), so a plain batched GEMM (bmm) is
     the grouped GEMM here; torch's `_grouped_mm` pays for ragged groups, which this layout never has.
     """
 
-    def __init__(self, expert: ExpertMLP, num_local_experts: int, expert_group_name: str | None,
+    # Leading dimensions of a parameter that index experts, not the expert's own shape: the optimizer
+    # decides weight decay from an expert's weight shape (`s3dist.dist.optimizer_param_groups`).
+    EXPERT_DIMS = 1
+
+    def __init__(self, d_model: int, hidden: int, num_local_experts: int, expert_group_name: str | None,
                  compute: str = "auto") -> None:
-        super().__init__(expert, num_local_experts, expert_group_name)
+        super().__init__()
+        e = num_local_experts
+        self.num_local_experts = e
         self.compute = compute
-        self.hidden = expert.fc1.out_features
+        self.hidden = hidden
+        self.w1 = nn.Parameter(torch.empty(e, hidden, d_model))
+        self.b1 = nn.Parameter(torch.empty(e, hidden))
+        self.w2 = nn.Parameter(torch.empty(e, d_model, hidden))
+        self.b2 = nn.Parameter(torch.empty(e, d_model))
+        for p in self.parameters():  # DeepSpeed's expert-parallel flags, as `deepspeed.moe.experts.Experts` sets
+            p.allreduce = False
+            p.group_name = expert_group_name
+            p.expert_dims = self.EXPERT_DIMS
+        self.register_state_dict_post_hook(_per_expert_state)
+        self.register_load_state_dict_pre_hook(_stack_expert_state)
+
+    @torch.no_grad()
+    def load_expert_(self, i: int, expert: ExpertMLP) -> None:
+        """Copy one `ExpertMLP`'s weights into local expert `i`."""
+        for name, key in PER_EXPERT_NAMES.items():
+            getattr(self, name)[i].copy_(expert.get_parameter(key))
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         """inputs: [ep, E_local, C, d] as `MOELayer` lays out the received buffer; same shape out."""
         ep, e, c, d = inputs.shape
         if not use_grouped(self.compute, e, ep * c, self.hidden, inputs.device):
-            return super().forward(inputs)
+            # DeepSpeed's loop (`Experts.forward`): one chunk per expert, outputs concatenated. `unbind`'s
+            # backward stacks the experts' gradients into each parameter in one op.
+            slices = zip(inputs.chunk(e, dim=1), self.w1.unbind(0), self.b1.unbind(0), self.w2.unbind(0),
+                         self.b2.unbind(0))
+            return torch.cat([F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2) for x, w1, b1, w2, b2 in slices], dim=1)
         # [E, ep * C, d]: each expert's rows from every source rank, one batch entry per expert. With
         # ep=1 the transpose is a view; otherwise it is the one copy the batched layout needs.
         x = inputs.transpose(0, 1).reshape(e, ep * c, d)
-        w1, b1, w2, b2 = self._stacked()
-        h = torch.baddbmm(b1.unsqueeze(1), x, w1.transpose(1, 2))
-        y = torch.baddbmm(b2.unsqueeze(1), F.gelu(h), w2.transpose(1, 2))
+        h = torch.baddbmm(self.b1.unsqueeze(1), x, self.w1.transpose(1, 2))
+        y = torch.baddbmm(self.b2.unsqueeze(1), F.gelu(h), self.w2.transpose(1, 2))
         return y.view(e, ep, c, d).transpose(0, 1)
 
-    def _stacked(self) -> tuple[torch.Tensor, ...]:
-        experts = self.deepspeed_experts
-        return (torch.stack([x.fc1.weight for x in experts]), torch.stack([x.fc1.bias for x in experts]),
-                torch.stack([x.fc2.weight for x in experts]), torch.stack([x.fc2.bias for x in experts]))
+
+def _per_expert_state(module: GroupedExperts, state: dict, prefix: str, local_metadata) -> None:
+    """state_dict hook: each stacked parameter becomes DeepSpeed's per-expert entries
+    (`{prefix}deepspeed_experts.{i}.fc1.weight`, ...), local index i, in DeepSpeed's order (expert by
+    expert). Copies, not views: a view would carry the whole stacked storage into every saved file."""
+    stacked = {name: state.pop(prefix + name) for name in PER_EXPERT_NAMES}
+    for i in range(module.num_local_experts):
+        for name, key in PER_EXPERT_NAMES.items():
+            state[f"{prefix}deepspeed_experts.{i}.{key}"] = stacked[name][i].detach().clone()
+
+
+def _stack_expert_state(module: GroupedExperts, state: dict, prefix: str, local_metadata, strict: bool,
+                        missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+    """load_state_dict pre-hook: DeepSpeed's per-expert entries (local indices 0..E-1, as DeepSpeed's
+    `load_moe_state_dict` renames them) stacked into the parameters. A state dict with only some of this
+    module's experts is an error naming the missing ones (e.g. a checkpoint from another expert count)."""
+    per_expert = f"{prefix}deepspeed_experts."
+    found = {k for k in state if k.startswith(per_expert)}
+    if not found:
+        return  # stacked names (or nothing: load_state_dict reports the missing keys)
+    e = module.num_local_experts
+    want = {f"{per_expert}{i}.{key}" for i in range(e) for key in PER_EXPERT_NAMES.values()}
+    missing = sorted(want - found)
+    if missing:
+        error_msgs.append(f"{prefix[:-1] or type(module).__name__}: per-expert weights missing for this module's {e} local experts: "
+                          f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} (was the state dict "
+                          "written with another number of experts, or another expert-parallel size?)")
+        return
+    for name, key in PER_EXPERT_NAMES.items():
+        state[prefix + name] = torch.stack([state.pop(f"{per_expert}{i}.{key}") for i in range(e)])
+    # entries beyond E stay: load_state_dict reports them as unexpected keys
 
 
 def install_grouped_experts(moe, compute: str) -> GroupedExperts:
-    """Swap a freshly built `deepspeed.moe.layer.MoE`'s `Experts` for `GroupedExperts` (before experts are
-    initialised or groups attached). The expert prototype is DeepSpeed's first deep copy."""
+    """Swap a freshly built `deepspeed.moe.layer.MoE`'s `Experts` for `GroupedExperts` (before groups are
+    attached), starting from DeepSpeed's copies of the expert prototype."""
     old = moe.deepspeed_moe.experts
-    new = GroupedExperts(old.deepspeed_experts[0], old.num_local_experts, moe.expert_group_name, compute)
+    proto = old.deepspeed_experts[0]
+    new = GroupedExperts(proto.fc1.in_features, proto.fc1.out_features, old.num_local_experts,
+                         moe.expert_group_name, compute)
+    for i, expert in enumerate(old.deepspeed_experts):
+        new.load_expert_(i, expert)
     moe.deepspeed_moe.experts = new
     return new

@@ -20,22 +20,22 @@ from deepspeed.moe.sharded_moe import TopKGate
 from torch import nn
 
 from s3dist.config import MoEConfig
-from s3dist.model.experts import ExpertMLP, install_grouped_experts
+from s3dist.model.experts import ExpertMLP, GroupedExperts, install_grouped_experts
 from s3dist.model.router import EvalDropCounter, PruneSpec, RoutingPlan, S3Router, Segment
 
 
-def init_expert_(expert: ExpertMLP, seed: int) -> None:
-    """Initialise one expert from its own generator (nn.Linear's default distribution).
+def init_expert_(experts: GroupedExperts, i: int, seed: int) -> None:
+    """Initialise local expert `i` from its own generator (nn.Linear's default distribution).
 
     DeepSpeed deep-copies a single prototype, so all experts would start identical; seeding by the
     expert's *global* index makes the weights independent of ep_size and of which rank builds them.
     """
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for lin in (expert.fc1, expert.fc2):
-            bound = lin.in_features ** -0.5
-            lin.weight.copy_(torch.empty_like(lin.weight).uniform_(-bound, bound, generator=gen))
-            lin.bias.copy_(torch.empty_like(lin.bias).uniform_(-bound, bound, generator=gen))
+        for w, b in ((experts.w1[i], experts.b1[i]), (experts.w2[i], experts.b2[i])):
+            bound = w.shape[1] ** -0.5  # fan-in
+            w.copy_(torch.empty_like(w).uniform_(-bound, bound, generator=gen))
+            b.copy_(torch.empty_like(b).uniform_(-bound, bound, generator=gen))
 
 
 class DeepSpeedTopKGate(EvalDropCounter, TopKGate):
@@ -118,11 +118,10 @@ class ExpertParallelMoE(nn.Module):
                                          cfg.eval_capacity_factor, cfg.min_capacity,
                                          "Jitter" if cfg.noisy_gate == "jitter" else None, cfg.drop_tokens, False)
             moe.deepspeed_moe.gate = gate
-            install_grouped_experts(moe, cfg.expert_compute)
-            local = moe.num_local_experts
-            for i, expert in enumerate(moe.deepspeed_moe.experts.deepspeed_experts):
-                global_index = ep_rank * local + i
-                init_expert_(expert, cfg.init_seed * 1_000_003 + layer_index * 10_007 + g * 1_009 + global_index)
+            experts = install_grouped_experts(moe, cfg.expert_compute)
+            for i in range(experts.num_local_experts):
+                global_index = ep_rank * experts.num_local_experts + i
+                init_expert_(experts, i, cfg.init_seed * 1_000_003 + layer_index * 10_007 + g * 1_009 + global_index)
             self.moes.append(moe)
 
     @property
