@@ -127,6 +127,7 @@ class S3Router(EvalDropCounter, nn.Module):
         # Global ranks of the expert-parallel group, on the module's device: `_agree` reads their rows on
         # every training forward (a buffer, so it follows `.to(device)` and is not rebuilt per call).
         self.register_buffer("_ep_members", torch.zeros(0, dtype=torch.long), persistent=False)
+        self._index_cache: dict[tuple, TokenIndex] = {}  # token maps per segment layout (`_token_index`)
         # The selection bias moves only while the experts train (set by `s3dist.dist.build_engine`): it exists
         # to spread the load the experts learn from. Stage 2 trains the routers alone on an objective with no
         # balance term (the paper's Selection lets experts be used unevenly; stages.select_balance_weight is
@@ -172,15 +173,20 @@ class S3Router(EvalDropCounter, nn.Module):
         return F.linear(x, self.proj[modality].weight.float())
 
     def select(self, modality: str, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The top-k routes of each token: (gate probabilities [S, k], expert indices within the modality's
-        block [S, k]). With balance=bias the experts are chosen by probability + bias, the gates are the
-        unbiased probabilities of the chosen experts (DeepSeek-V3: the bias steers load, never the output's
-        weighting). Stage 3 must rank the same routes, so its score computation uses this too."""
+        """The top-k routes of each of `modality`'s tokens: (gate probabilities [S, k], expert indices within
+        the modality's block [S, k]). With balance=bias the experts are chosen by probability + bias, the
+        gates are the unbiased probabilities of the chosen experts (DeepSeek-V3: the bias steers load, never
+        the output's weighting). Stage 3 must rank the same routes the forward takes, so its score
+        computation uses this too."""
         bias = getattr(self, "route_bias", None)
+        off = self.offset(modality)
+        return self._select(probs, None if bias is None else bias[off:off + self.n])
+
+    def _select(self, probs: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`select` with the bias given as one row [N] or one row per token [S, N]."""
         if bias is None:
             return probs.topk(self.k, dim=-1)
-        off = self.offset(modality)
-        top_i = (probs + bias[off:off + self.n]).topk(self.k, dim=-1).indices
+        top_i = (probs + bias).topk(self.k, dim=-1).indices
         return probs.gather(1, top_i), top_i
 
     # ------------------------------------------------------------------------------------------
@@ -194,64 +200,38 @@ class S3Router(EvalDropCounter, nn.Module):
         total = sum(s.tokens for s in plan.segments)
         if total != tokens.shape[0]:
             raise RuntimeError(f"RoutingPlan covers {total} tokens but the layer got {tokens.shape[0]}")
-        valid_all = (torch.ones(total, dtype=torch.bool, device=tokens.device) if used_token is None
-                     else used_token.reshape(-1).bool())
-
+        valid = (torch.ones(total, dtype=torch.bool, device=tokens.device) if used_token is None
+                 else used_token.reshape(-1).bool())
         prune = plan.prune
-        idx_parts, gate_parts, on_parts, taken_parts = [], [], [], []
-        prob_sums, valid_counts, z_parts, ent_parts = [], [], [], []
-        seg_demand = []
-        self.sample_scores = {}
-        # split (not slicing): its backward is one concatenation, where each slice's backward would
-        # zero-fill a gradient the size of the whole token matrix and add it up.
-        sizes = [seg.tokens for seg in plan.segments]
-        for seg, x, valid in zip(plan.segments, tokens.split(sizes), valid_all.split(sizes)):
-            logits = self.logits(seg.modality, x)                       # [S_m, N]
-            probs = logits.softmax(dim=-1)
-            top_p, top_i = self.select(seg.modality, probs)             # [S_m, k]
-            route_on = valid.unsqueeze(1).expand_as(top_i)
-            vf = valid.unsqueeze(1).to(probs.dtype)
-            probs_valid = probs * vf
-            scores = probs_valid.view(seg.batch, seg.steps, self.n).sum(1)
-            steps = vf.view(seg.batch, seg.steps).sum(1, keepdim=True).clamp_min(1.0)
-            self.sample_scores[seg.modality] = scores / steps            # mean gate prob per (sample, expert)
-            taken = route_on  # selected routes Stage 3 keeps; no extra work on the training path
-            if prune is not None and seg.modality in prune.thresholds:
-                taken = route_on & _prune_keep(prune, seg, top_p, top_i, self.sample_scores[seg.modality])
-            prob_sums.append(probs_valid.sum(0))
-            valid_counts.append(valid.sum())
-            # logsumexp(logits) = logit_i - log p_i for any i; the top-1 (p >= 1/N) needs no second
-            # exp-sum over the logits. A biased selection's first choice may have p ~ 0: exp-sum then.
-            if self.compute_z_loss:
-                lse = (logits.logsumexp(-1) if self.balance == "bias" else
-                       logits.gather(1, top_i[:, :1]).squeeze(1) - top_p[:, 0].log())
-                z_parts.append((lse.square() * vf.squeeze(1)).sum())
-            if self.training:  # only the load counters use it
-                with torch.no_grad():
-                    ent_parts.append((-(probs * probs.clamp_min(1e-9).log()).sum(-1) * vf.squeeze(1)).sum())
-            # scatter_add instead of bincount(top_i[route_on]): no boolean indexing, so no host sync on GPU.
-            seg_demand.append(_count_routes(top_i, taken, self.n))
-            idx_parts.append(top_i + self.offset(seg.modality))
-            gate_parts.append(top_p)
-            on_parts.append(route_on)
-            taken_parts.append(taken)
+        ix = self._token_index(plan.segments, tokens.device)
+        nseg = len(ix.segments)
 
-        if idx_parts:
-            idx, gates, selected = torch.cat(idx_parts), torch.cat(gate_parts), torch.cat(on_parts)
-            route_on = torch.cat(taken_parts) if prune is not None else selected
-        else:  # no modality segments at all (cannot happen through the encoder; keep shapes sane)
-            idx = tokens.new_zeros((0, self.k), dtype=torch.long)
-            gates, selected = tokens.new_zeros((0, self.k)), idx.bool()
-            route_on = selected
+        # All segments at once: each token's logits over its own modality's N experts, then one softmax,
+        # one top-k, and per-segment sums by index_add over the token -> segment / sample maps (a loop of
+        # these small ops per segment was most of the router's dispatches, and the router most of the layer's).
+        logits = (torch.cat([self.logits(m, xs) for m, xs in zip(ix.modalities, tokens.split(ix.sizes))]) if nseg
+                  else tokens.new_zeros(0, self.n, dtype=torch.float32))                         # [S, N]
+        probs = logits.softmax(dim=-1)
+        top_p, top_i = self._select(probs, ix.bias_rows(getattr(self, "route_bias", None)))     # [S, k]
+        vf = valid.to(probs.dtype)                                                             # [S]
+        probs_valid = probs * vf.unsqueeze(1)
+        # mean gate probability per (sample, expert): the compactness loss and Stage 3's sample rule read it
+        steps = probs.new_zeros(ix.samples).index_add_(0, ix.sample_of, vf).clamp_min(1.0)
+        scores = probs.new_zeros(ix.samples, self.n).index_add_(0, ix.sample_of, probs_valid) / steps.unsqueeze(1)
+        self.sample_scores = dict(zip(ix.modalities, scores.split(ix.batches)))
+        selected = valid.unsqueeze(1).expand_as(top_i)
+        # the selected routes Stage 3 keeps; no extra work on the training path
+        route_on = selected & _prune_keep(prune, ix, top_p, top_i, scores) if prune is not None else selected
+        # Routes per (segment, expert) before capacity, only those really taken, in one scatter_add (no boolean
+        # indexing, so no host sync on GPU); `demand` is the same per expert of the layer's pool.
+        seg_demand = _count_routes(top_i + ix.segment_of.unsqueeze(1) * self.n, route_on, nseg * self.n)
+        demand = torch.zeros(self.num_experts, device=tokens.device).index_add_(0, ix.expert_of_block, seg_demand)
+        idx = top_i + ix.offset_of.unsqueeze(1)
+        gates = top_p
+        valid_counts = probs.new_zeros(nseg).index_add_(0, ix.segment_of, vf)
 
-        # Demand before capacity, counted only for routes that are really taken.
-        demand = torch.zeros(self.num_experts, device=tokens.device)
-        for seg, d in zip(plan.segments, seg_demand):
-            off = self.offset(seg.modality)
-            demand[off:off + self.n] += d
         # The two statistics the ranks must agree on, in one collective where possible (see _agree).
-        balance = (torch.cat([torch.cat(seg_demand), torch.stack(valid_counts).float()])
-                   if self.training and prob_sums else None)
+        balance = torch.cat([seg_demand, valid_counts]) if self.training and nseg else None
         cap_stat, balance, world = self._agree(self._capacity_stat(plan, demand), balance)
         capacity = self._capacity(cap_stat)
         locations = self._locations(idx, route_on)
@@ -267,25 +247,42 @@ class S3Router(EvalDropCounter, nn.Module):
         if not self.training:
             self._count_eval(demand.sum(), kept.sum())
 
-        l_aux = self._balance_loss(prob_sums, balance, world) if balance is not None else demand.new_zeros(())
-        if balance is not None and self.balance == "bias" and self.bias_updates:
-            self._update_bias(plan.segments, balance)
-        n_valid = torch.stack(valid_counts).sum() if valid_counts else tokens.new_zeros(())
-        self.z_loss = (torch.stack(z_parts).sum() / n_valid.clamp_min(1)) if z_parts else tokens.new_zeros(())
+        if balance is not None:
+            prob_sums = probs.new_zeros(nseg, self.n).index_add_(0, ix.segment_of, probs_valid)
+            l_aux = self._balance_loss(prob_sums, balance, world)
+            if self.balance == "bias" and self.bias_updates:
+                self._update_bias(ix, balance)
+        else:
+            l_aux = demand.new_zeros(())
+        self.z_loss = tokens.new_zeros(())
+        if self.compute_z_loss and nseg:
+            # logsumexp(logits) = logit_i - log p_i for any i; the top-1 (p >= 1/N) needs no second
+            # exp-sum over the logits. A biased selection's first choice may have p ~ 0: exp-sum then.
+            lse = (logits.logsumexp(-1) if self.balance == "bias" else
+                   logits.gather(1, top_i[:, :1]).squeeze(1) - top_p[:, 0].log())
+            self.z_loss = (lse.square() * vf).sum() / valid_counts.sum().clamp_min(1)
         if self.training:
-            with torch.no_grad():
-                ent = torch.zeros(len(self.modalities), device=tokens.device)
-                cnt = torch.zeros(len(self.modalities), device=tokens.device)
-                for seg, e, c in zip(plan.segments, ent_parts, valid_counts):
-                    j = self.modalities.index(seg.modality)
-                    ent[j] += e
-                    cnt[j] += c
-                self._counters += torch.cat([demand, kept, ent, cnt])
+            with torch.no_grad():  # router entropy and valid tokens per modality, for the load counters
+                ent = -(probs * probs.clamp_min(1e-9).log()).sum(-1) * vf
+                per_mod = torch.zeros(2, len(self.modalities), device=tokens.device)
+                per_mod.index_add_(1, ix.modality_of, torch.stack([ent, vf]))
+                self._counters += torch.cat([demand, kept, per_mod.flatten()])
 
         neg = torch.full_like(idx, -1)
         indices = torch.where(route_on, idx, neg).t().contiguous().to(torch.int32)
         locs = (locations * route_on).t().contiguous().to(torch.int32)
         return l_aux, capacity, self.num_experts, indices, locs, gates.t().contiguous(), demand
+
+    def _token_index(self, segments: list[Segment], device: torch.device) -> TokenIndex:
+        """The layer's token maps for these segments, built once per segment layout and device (a training
+        run has one or two layouts: its batch, and an uneven last batch; evaluation a few more)."""
+        key = (tuple((s.modality, s.batch, s.steps) for s in segments), str(device))
+        ix = self._index_cache.get(key)
+        if ix is None:
+            if len(self._index_cache) >= 8:
+                self._index_cache.pop(next(iter(self._index_cache)))
+            ix = self._index_cache[key] = TokenIndex.build(self, segments, device)
+        return ix
 
     # ------------------------------------------------------------------------------------------
     def _capacity_stat(self, plan: RoutingPlan, demand: torch.Tensor) -> torch.Tensor:
@@ -349,25 +346,23 @@ class S3Router(EvalDropCounter, nn.Module):
         pos = torch.empty_like(pos_sorted).scatter_(0, order, pos_sorted)
         return pos.view(k, s).t()
 
-    def _balance_loss(self, prob_sums, stat: torch.Tensor, world: int) -> torch.Tensor:
-        """Switch-style balance loss per modality on global fractions, scaled so that its mean over
-        data-parallel ranks is the loss of the whole global batch (DeepSpeed averages gradients).
+    def _balance_loss(self, prob_sums: torch.Tensor, stat: torch.Tensor, world: int) -> torch.Tensor:
+        """Switch-style balance loss per modality segment on global fractions, summed over segments and
+        scaled so that its mean over data-parallel ranks is the loss of the whole global batch (DeepSpeed
+        averages gradients).
 
-        `stat` is (per-segment demand, per-segment token counts) summed over the whole world (by
-        `_agree`): the routing fractions it gives are exact for the global batch, not a per-rank
-        estimate."""
-        nseg = len(prob_sums)
-        g_demand, g_counts = stat[:nseg * self.n].view(nseg, self.n), stat[nseg * self.n:]
-        loss = stat.new_zeros(())
-        for j, seg_sum in enumerate(prob_sums):
-            n_tok = g_counts[j].clamp_min(1.0)
-            me = seg_sum / n_tok                                          # this rank's share of the global mean
-            ce = g_demand[j] / (n_tok * self.k)
-            loss = loss + world * self.n * (me * ce).sum()
-        return loss
+        `prob_sums` [segments, N] is this rank's sum of gate probabilities over its valid tokens; `stat` is
+        (per-segment demand, per-segment token counts) summed over the whole world (by `_agree`): the routing
+        fractions it gives are exact for the global batch, not a per-rank estimate."""
+        nseg = prob_sums.shape[0]
+        g_demand = stat[:nseg * self.n].view(nseg, self.n)
+        n_tok = stat[nseg * self.n:].clamp_min(1.0).unsqueeze(1)
+        me = prob_sums / n_tok                      # this rank's share of the global mean probability
+        ce = g_demand / (n_tok * self.k)            # global fraction of routes per expert
+        return world * self.n * (me * ce).sum()
 
     @torch.no_grad()
-    def _update_bias(self, segments: list[Segment], stat: torch.Tensor) -> None:
+    def _update_bias(self, ix: TokenIndex, stat: torch.Tensor) -> None:
         """bias_e += gamma * sign(mean load - load_e) within each modality's block of experts (the experts a
         modality's tokens compete for; with shared_experts, the one pool), from `stat`, the balance
         statistics `_agree` summed over the world: every rank applies the same update to the same bias.
@@ -379,11 +374,8 @@ class S3Router(EvalDropCounter, nn.Module):
         selection that changes inside one step): the update would then belong at the accumulation boundary,
         from the load summed over the micro-batches. A step skipped for a non-finite loss still moves it (the
         route counts are finite whatever the loss)."""
-        g_demand = stat[:len(segments) * self.n].view(len(segments), self.n)
-        load = torch.zeros(self.num_experts, device=stat.device)
-        for seg, d in zip(segments, g_demand):
-            off = self.offset(seg.modality)
-            load[off:off + self.n] += d
+        g_demand = stat[:len(ix.segments) * self.n]
+        load = torch.zeros(self.num_experts, device=stat.device).index_add_(0, ix.expert_of_block, g_demand)
         blocks = load.view(-1, self.n)   # a block no token reached this step has error 0: no move
         self.route_bias += self.bias_update_rate * torch.sign(blocks.mean(1, keepdim=True) - blocks).flatten()
 
@@ -394,14 +386,56 @@ class S3Router(EvalDropCounter, nn.Module):
         return out
 
 
-def _prune_keep(prune: PruneSpec, seg: Segment, top_p: torch.Tensor, top_i: torch.Tensor,
+def _prune_keep(prune: PruneSpec, ix: TokenIndex, top_p: torch.Tensor, top_i: torch.Tensor,
                 sample_scores: torch.Tensor) -> torch.Tensor:
-    """bool [S_m, k]: which of a segment's selected routes Stage 3 keeps."""
-    thr = prune.thresholds[seg.modality]
+    """bool [S, k]: which selected routes Stage 3 keeps. A modality without a threshold keeps all."""
+    thr = torch.tensor([prune.thresholds.get(m, -math.inf) for m in ix.modalities], device=top_p.device)
     if prune.unit == "token_pairs":
-        return top_p >= thr
-    keep_pair = sample_scores >= thr                                    # [B, N]
-    return keep_pair.repeat_interleave(seg.steps, dim=0).gather(1, top_i)
+        return top_p >= thr.index_select(0, ix.segment_of).unsqueeze(1)
+    keep_pair = sample_scores >= thr.index_select(0, ix.segment_of_sample).unsqueeze(1)   # [samples, N]
+    return keep_pair.index_select(0, ix.sample_of).gather(1, top_i)
+
+
+@dataclass
+class TokenIndex:
+    """Where each token of a layer's token matrix belongs, for one layout of segments (`S3Router` builds
+    it once per layout and device and keeps it): the maps that let the router's per-segment statistics
+    be one `index_add_` over all tokens."""
+
+    segments: list[Segment]
+    modalities: list[str]            # per segment
+    sizes: list[int]                 # tokens per segment
+    batches: list[int]               # samples per segment
+    samples: int
+    n: int                           # experts per modality block
+    segment_of: torch.Tensor         # [S] segment of each token
+    sample_of: torch.Tensor          # [S] sample (over all segments) of each token
+    segment_of_sample: torch.Tensor  # [samples]
+    modality_of: torch.Tensor        # [S] index in the router's modalities
+    block_of: torch.Tensor           # [S] the token's block of N experts in the layer's pool
+    offset_of: torch.Tensor          # [S] first expert of that block
+    expert_of_block: torch.Tensor    # [segments * N] pool expert of (segment, j)
+
+    @classmethod
+    def build(cls, router: S3Router, segments: list[Segment], device: torch.device) -> TokenIndex:
+        seg = torch.arange(len(segments))
+        sizes = torch.tensor([s.tokens for s in segments], dtype=torch.long)
+        batches = torch.tensor([s.batch for s in segments], dtype=torch.long)
+        block = torch.tensor([router.offset(s.modality) // router.n for s in segments], dtype=torch.long)
+        modality = torch.tensor([router.modalities.index(s.modality) for s in segments], dtype=torch.long)
+        segment_of_sample = seg.repeat_interleave(batches)
+        steps_of_sample = torch.tensor([s.steps for s in segments], dtype=torch.long).repeat_interleave(batches)
+        segment_of = seg.repeat_interleave(sizes)
+        maps = {"segment_of": segment_of, "sample_of": torch.arange(len(segment_of_sample)).repeat_interleave(
+                    steps_of_sample), "segment_of_sample": segment_of_sample, "modality_of": modality[segment_of],
+                "block_of": block[segment_of], "offset_of": block[segment_of] * router.n,
+                "expert_of_block": (block.unsqueeze(1) * router.n + torch.arange(router.n)).flatten()}
+        return cls(list(segments), [s.modality for s in segments], sizes.tolist(), batches.tolist(),
+                   int(batches.sum()), router.n, **{k: v.to(device) for k, v in maps.items()})
+
+    def bias_rows(self, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """Each token's row [S, N] of the selection bias (None without one)."""
+        return None if bias is None else bias.view(-1, self.n).index_select(0, self.block_of)
 
 
 def _count_routes(idx: torch.Tensor, route_on: torch.Tensor, num_experts: int) -> torch.Tensor:
