@@ -28,8 +28,9 @@ def augment(x: torch.Tensor, mask: torch.Tensor, cfg) -> tuple[torch.Tensor, tor
         drop = (torch.rand(mask.shape, device=x.device) < cfg.time_mask) & mask
         keep = mask & ~drop
         empty = ~keep.any(1) & mask.any(1)
-        keep[empty] = mask[empty]  # never mask a sample away entirely
-        mask = keep
+        # never mask a sample away entirely (torch.where, not keep[empty] = ...: boolean indexing waits for
+        # the device to learn how many rows it selects)
+        mask = torch.where(empty.unsqueeze(1), mask, keep)
     if cfg.feature_dropout > 0:
         x = x * (torch.rand_like(x) >= cfg.feature_dropout) / (1 - cfg.feature_dropout)
     if cfg.noise_std > 0:
