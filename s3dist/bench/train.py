@@ -23,6 +23,7 @@ negligible): what a GPU step costs the host before any kernel runs.
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import statistics
 from dataclasses import asdict
@@ -173,13 +174,13 @@ def profile_step(layout: Layout, next_batch, steps: int) -> dict:
             if cuda:
                 torch.cuda.synchronize()
     spans = {p: [] for p in ("data", "forward", "backward", "optimizer")}
-    a2a, allreduce, mem, aten_starts = [], 0.0, [], []
+    a2a, allreduce, mem, aten_starts = [], 0.0, [], []  # aten_starts: (start, op name)
     for ev in prof.events():
         name = ev.name
         if name.startswith("bench::"):
             spans[name[7:]].append((ev.time_range.start, ev.time_range.end))
         elif name.startswith("aten::"):
-            aten_starts.append(ev.time_range.start)
+            aten_starts.append((ev.time_range.start, name))
         elif name == "_AllToAll":
             a2a.append((ev.time_range.start, ev.time_range.end))
         elif name == "gloo:all_reduce" or name.startswith("nccl:all_reduce"):
@@ -189,8 +190,15 @@ def profile_step(layout: Layout, next_batch, steps: int) -> dict:
     ms = {p: sum(b - a for a, b in s) / 1e3 / steps for p, s in spans.items()}
     # Every aten op the dispatcher ran inside the step's phases (nested ones too: each is a dispatch,
     # i.e. host work; on a GPU most of them launch a kernel). The bench's own bookkeeping is outside.
-    step_spans = sorted(x for s in spans.values() for x in s)
-    aten_ops = sum(1 for t in aten_starts if any(a <= t <= b for a, b in step_spans))
+    # Counted per phase and per op name, so a change's effect can be placed (e.g. DeepSpeed's per-tensor
+    # gradient-bucket copies in backward, the optimizer's per-tensor norms).
+    by_phase, by_name = collections.Counter(), collections.Counter()
+    for t, op in aten_starts:
+        phase = next((p for p, s in spans.items() if any(a <= t <= b for a, b in s)), None)
+        if phase is not None:
+            by_phase[phase] += 1
+            by_name[(phase, op)] += 1
+    aten_ops = sum(by_phase.values())
     a2a_in = {p: sum(b - a for a, b in a2a if any(s <= a <= e for s, e in spans[p])) / 1e3 / steps
               for p in ("forward", "backward")}
     phases = {"data": ms["data"], "forward": ms["forward"] - a2a_in["forward"],
@@ -204,7 +212,10 @@ def profile_step(layout: Layout, next_batch, steps: int) -> dict:
             live += delta
             peak = max(peak, live)
     return {"phase_ms": phases, "all_reduce_ms": allreduce / 1e3 / steps, "step_peak_tensor_bytes": int(peak),
-            "aten_ops_per_step": aten_ops / steps}
+            "aten_ops_per_step": aten_ops / steps,
+            "aten_ops_by_phase": {p: by_phase[p] / steps for p in spans},
+            "top_aten_ops": {p: dict([(op, n / steps) for (q, op), n in by_name.most_common() if q == p][:12])
+                             for p in spans}}
 
 
 def tiny_width(cfg):
@@ -362,7 +373,8 @@ def measure(cfg, ranks: int, ep: int, *, compare: bool = True, warmup: int = 3, 
             "flops_per_step_per_rank": [r[name]["flops_per_step"] for r in res],
             # per device: this rank's counted FLOPs over the slowest rank's step time
             "model_tflops_per_s_per_rank": [r[name]["flops_per_step"] / med / 1e12 for r in res],
-            "aten_ops_per_step": r0["aten_ops_per_step"]}  # rank 0, profiled steps
+            "aten_ops_per_step": r0["aten_ops_per_step"],  # rank 0, profiled steps
+            "aten_ops_by_phase": r0["aten_ops_by_phase"], "top_aten_ops": r0["top_aten_ops"]}
         if "host_ms_per_step" in r0:  # the first (S3) layout: CPU ms per step at tiny width, median over ranks
             figures["layouts"][name]["host_ms_per_step"] = statistics.median(r[name]["host_ms_per_step"] for r in res)
         v = figures["layouts"][name]
