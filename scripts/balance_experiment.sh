@@ -11,6 +11,9 @@
 #
 #   bash scripts/balance_experiment.sh
 #   SEEDS=0 VARIANTS="aux_loss bias" bash scripts/balance_experiment.sh
+#   OUT=runs/balance-chi8 SEEDS=0 VARIANTS="aux_loss bias none" \
+#     EXTRA="moe.granularity=8 moe.expert_hidden=32" bash scripts/balance_experiment.sh    # fine-grained: N=16, k=8
+#   OUT=runs/bias-rate SEEDS=0 VARIANTS="bias_r1e-4 bias bias_r1e-2" bash scripts/balance_experiment.sh
 #   .venv/bin/python scripts/balance_report.py runs/balance        # the markdown table
 #
 # Results: $OUT/<variant>-s<seed>/{metrics.jsonl,eval.json}. A run whose eval.json exists is skipped.
@@ -29,6 +32,8 @@ VARIANTS="${VARIANTS:-aux_loss bias none dropless}"
 PORT="${PORT:-29730}"
 STEPS="${STEPS:-150}"          # Stage 1 (the recipe's default); the balancing rule acts here
 SELECT_STEPS="${SELECT_STEPS:-60}"
+EXTRA="${EXTRA:-}"            # overrides added to every run (e.g. another granularity)
+read -r -a extra_all <<< "$EXTRA"
 
 mkdir -p "$OUT"
 declare -A VARIANT=(
@@ -36,6 +41,8 @@ declare -A VARIANT=(
   [bias]="moe.balance=bias"
   [none]="moe.balance=none"
   [dropless]="moe.balance=aux_loss moe.drop_tokens=false"
+  [bias_r1e-4]="moe.balance=bias moe.bias_update_rate=1e-4"   # bias_update_rate sweep around the default 1e-3
+  [bias_r1e-2]="moe.balance=bias moe.bias_update_rate=1e-2"
 )
 
 for seed in $SEEDS; do
@@ -46,7 +53,7 @@ for seed in $SEEDS; do
     echo "$(date +%T) $v seed $seed -> $dir"
     "$VENV/bin/accelerate" launch --config_file launch_configs/cpu_2proc.yaml --main_process_port "$PORT" \
       -m s3dist.train --config launch_configs/recipes/s3_synth.yaml --output_dir "$dir" --overwrite \
-      seed="$seed" data.synth.kind=factors data.synth.seed="$seed" "${extra[@]}" \
+      seed="$seed" data.synth.kind=factors data.synth.seed="$seed" "${extra[@]}" ${extra_all[@]+"${extra_all[@]}"} \
       stages.specialize_steps="$STEPS" stages.select_steps="$SELECT_STEPS" \
       logging.progress=false logging.tensorboard=false > "$OUT/$v-s$seed.log" 2>&1 \
       || { echo "run failed: $OUT/$v-s$seed.log" >&2; tail -20 "$OUT/$v-s$seed.log" >&2; exit 1; }
