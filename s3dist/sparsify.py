@@ -95,42 +95,21 @@ class FixedSparsifier:
         return PruneSpec(self.unit, dict(self.thresholds[layer]), self.renormalize)
 
 
-class _StopPass(Exception):
-    """Ends a calibration pass at its target layer: nothing after that layer's router is needed."""
-
-
-class _Recorder(FixedSparsifier):
-    """Calibration pass for one layer: prunes the layers before it with their fixed thresholds, collects the
-    unit scores of `target` (on the CPU: a whole training split's worth), then stops the forward there. Every
-    rank stops at the same layer, so no rank waits in a collective of a layer the others skip."""
-
-    def __init__(self, fixed: dict[int, dict[str, float]], target: int, unit: str, renormalize: bool) -> None:
-        super().__init__(fixed, unit, renormalize)
-        self.target = target
-        self.scores: dict[str, list[torch.Tensor]] = {}
-
-    def prune_spec(self, layer, moe, x, valid) -> PruneSpec | None:
-        if layer == self.target:
-            for m, s in moe.prune_scores(x, valid, self.unit).items():
-                self.scores.setdefault(m, []).append(s.float().cpu())
-            raise _StopPass
-        return super().prune_spec(layer, moe, x, valid)
-
-
 def _layer_scores(model, batches, fixed: dict[int, dict[str, float]], target: int, unit: str, renormalize: bool,
                   device) -> dict[str, torch.Tensor]:
     """Per modality, the unit scores of layer `target` over all of `batches` and all ranks, with the layers in
-    `fixed` pruned at their thresholds."""
-    rec = _Recorder(fixed, target, unit, renormalize)
+    `fixed` pruned at their thresholds. Each pass runs the encoder only up to that layer's router input, and
+    every rank stops at the same layer, so no rank waits in a collective of a layer the others skip."""
+    before = FixedSparsifier(fixed, unit, renormalize)
+    scores: dict[str, list[torch.Tensor]] = {}
     for batch in batches:
         batch = batch.to(device)
-        try:
-            model(batch.features, batch.masks, sparsifier=rec)
-        except _StopPass:
-            pass
+        x, valid = model.ffn_input(batch.features, batch.masks, target, sparsifier=before)
+        for m, s in model.layers[target].prune_scores(x, valid, unit).items():
+            scores.setdefault(m, []).append(s.float().cpu())  # on the CPU: a whole training split's worth
     out = {}
     for m in model.modalities:  # same collective order on every rank
-        local = torch.cat(rec.scores[m]) if rec.scores.get(m) else torch.zeros(0)
+        local = torch.cat(scores[m]) if scores.get(m) else torch.zeros(0)
         out[m], _ = _gather_rows(local.to(collective_device()))
     return out
 

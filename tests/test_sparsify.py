@@ -53,6 +53,40 @@ def _zero_ffn(ffn):
     ffn.forward = lambda tokens, valid, prune=None: ({m: torch.zeros_like(x) for m, x in tokens.items()}, None, None)
 
 
+def _ffn_input_case(rank, world, out_dir):
+    from s3dist.config import DistConfig
+    from s3dist.dist import attach_expert_groups, init_distributed, make_dims
+    from s3dist.sparsify import FixedSparsifier
+
+    dims = make_dims(*init_distributed(DistConfig()), 1)
+    feats, masks = _inputs()
+    model, _ = _model(layers=3)
+    attach_expert_groups(model, dims)
+    model.eval()
+    seen, calls = {}, []
+    for i, block in enumerate(model.blocks):
+        block.ffn.register_forward_pre_hook(lambda mod, args, i=i: seen.setdefault(i, args) and None)
+        block.ffn.register_forward_hook(lambda mod, args, out, i=i: calls.append(i) and None)
+    prune = FixedSparsifier({0: {"text": 0.3, "audio": 0.3}}, "token_pairs")
+    with torch.no_grad():
+        model(feats, masks, sparsifier=prune)
+        calls.clear()
+        x, valid = model.ffn_input(feats, masks, 1, sparsifier=prune)
+    return {"full": seen[1], "got": (x, valid), "ran": list(calls)}
+
+
+def test_ffn_input_is_what_the_forward_feeds_that_layer_and_runs_nothing_after(tmp_path):
+    """Stage 3's calibration reads layer l's routing scores from `S3Encoder.ffn_input`: the tokens the full
+    forward (with the earlier layers pruned) hands to block l's MoE, with only the layers before it run."""
+    res = run_ranks(_ffn_input_case, 1, tmp_path)[0]
+    want_x, want_valid = res["full"][:2]  # the FFN is called with (tokens, valid, prune)
+    got_x, got_valid = res["got"]
+    for m in want_x:
+        torch.testing.assert_close(got_x[m], want_x[m])
+        assert torch.equal(got_valid[m], want_valid[m])
+    assert res["ran"] == [0]
+
+
 def _prune_cases(rank, world, out_dir):
     from s3dist.config import DistConfig
     from s3dist.dist import attach_expert_groups, init_distributed, make_dims

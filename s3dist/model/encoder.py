@@ -189,6 +189,24 @@ class S3Encoder(nn.Module):
                 sparsifier: Sparsifier | None = None) -> EncoderOutput:
         """features[m]: [B, T, D_m]; masks[m]: bool [B, T]. Every modality must be present, also with B=0
         (each MoE layer is a collective over the expert-parallel group)."""
+        h, valid, out, aux, z = self._run(features, masks, sparsifier)
+        if self.representation == "residual":
+            emb = {m: _masked_mean(self.final_norm[m](h[m]), valid[m]) for m in self.modalities}
+        else:
+            emb = {m: _masked_mean(out[m], valid[m]) for m in self.modalities}
+        last = self.layers[-1]
+        scores = last.sample_scores() if isinstance(last, ExpertParallelMoE) else {}
+        return EncoderOutput(emb, aux, z, scores)
+
+    def ffn_input(self, features: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], layer: int,
+                  sparsifier: Sparsifier | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The tokens entering block `layer`'s FFN (its MoE layer) and their validity, with the blocks before
+        it run (pruned by `sparsifier`) and nothing after it: Stage 3's calibration reads a layer's routing
+        scores from these. Every rank must ask for the same layer (the layers before it are collectives)."""
+        return self._run(features, masks, sparsifier, stop_at=layer)
+
+    def _run(self, features, masks, sparsifier: Sparsifier | None, stop_at: int | None = None):
+        """The blocks in order: (h, valid, last FFN output, aux, z), or block `stop_at`'s FFN input and validity."""
         # Under DeepSpeed bf16 the parameters are bf16 but nothing casts the inputs (it does so only for
         # fp16 auto_cast): the data stream's float32 features are cast here, once, for every caller.
         dtype = self.final_norm[self.modalities[0]].weight.dtype
@@ -205,19 +223,17 @@ class S3Encoder(nn.Module):
         for i, block in enumerate(self.blocks):
             h = block.attend(h, valid)
             x = block.ffn_input(h)
+            if i == stop_at:
+                return x, valid
             prune = None
             if sparsifier is not None and isinstance(block.ffn, ExpertParallelMoE):
                 prune = sparsifier.prune_spec(i, block.ffn, x, valid)
             out, a, zl = block.ffn(x, valid, prune)
             aux, z = _add(aux, a), _add(z, zl)
             h = {m: h[m] + out[m] for m in h}
-        if self.representation == "residual":
-            emb = {m: _masked_mean(self.final_norm[m](h[m]), valid[m]) for m in self.modalities}
-        else:
-            emb = {m: _masked_mean(out[m], valid[m]) for m in self.modalities}
-        last = self.layers[-1]
-        scores = last.sample_scores() if isinstance(last, ExpertParallelMoE) else {}
-        return EncoderOutput(emb, aux, z, scores)
+        if stop_at is not None:
+            raise IndexError(f"the encoder has {len(self.blocks)} blocks, no block {stop_at}")
+        return h, valid, out, aux, z
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
