@@ -759,6 +759,35 @@ def test_unknown_modality_unknown_split_empty_split(tmp_path, synth):
         ShardStream(synth, "train", batch_size=128, world_size=2)
 
 
+def test_written_columns_are_the_manifests_and_concepts_must_agree(tmp_path):
+    """The shards hold exactly the columns `Manifest.columns` describes, in its types (plus `label_raw`
+    where given); concepts on some splits only, or without a declared count, are refused by split."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from s3dist.data.manifest import read_manifest
+
+    n = 6
+    arr = SplitArrays(features={"x": np.zeros((n, 3, 2)), "y": np.ones((n, 4))}, labels=np.zeros(n, int),
+                      label_raw=np.linspace(0, 1, n), concepts=np.ones((n, 5), np.uint8))
+    write_dataset(str(tmp_path / "ds"), name="ds", splits={"train": arr}, label=LabelSpec("binary", 2), source="t",
+                  num_concepts=5)
+    m = read_manifest(str(tmp_path / "ds"))
+    schema = pq.read_schema(tmp_path / "ds" / m.splits["train"].files[0])
+    want = m.columns(list(m.modalities))
+    assert [c for c in schema.names if c != "label_raw"] == list(want)
+    for name, (dtype, size) in want.items():
+        typ = pa.from_numpy_dtype(dtype)
+        assert schema.field(name).type == (pa.list_(typ, size) if size else typ), name
+    assert schema.field("label_raw").type == "double"
+    no_concepts = SplitArrays(features={"x": np.zeros((n, 3, 2)), "y": np.ones((n, 4))}, labels=np.zeros(n, int))
+    with pytest.raises(DataError, match="split 'test' has no 'concepts' values"):
+        write_dataset(str(tmp_path / "a"), name="a", splits={"train": arr, "test": no_concepts},
+                      label=LabelSpec("binary", 2), source="t", num_concepts=5)
+    with pytest.raises(DataError, match="split 'train' has concept columns but the data set declares no"):
+        write_dataset(str(tmp_path / "b"), name="b", splits={"train": arr}, label=LabelSpec("binary", 2), source="t")
+
+
 def test_atomic_write_failure_leaves_nothing_and_existing_is_kept(tmp_path):
     """A write that fails after shards were written leaves neither the folder nor a temp sibling; an
     existing data set is not overwritten without overwrite=True; unsafe names are refused."""

@@ -52,19 +52,27 @@ def _fixed_list(values: np.ndarray, size: int, typ: pa.DataType) -> pa.FixedSize
     return pa.FixedSizeListArray.from_arrays(flat, size)
 
 
-def _split_table(arr: SplitArrays, mods: dict[str, ModalitySpec], ids: np.ndarray) -> pa.Table:
+def _split_table(arr: SplitArrays, manifest: Manifest, ids: np.ndarray, split: str) -> pa.Table:
+    """One split as a table with exactly the columns `Manifest.columns` describes (the description the
+    stream checks and reads), plus `label_raw` where the importer kept the raw target."""
     n = len(arr)
-    cols = {"id": pa.array(ids.astype(np.int64)), "label": pa.array(np.asarray(arr.labels, dtype=np.int64))}
-    if arr.label_raw is not None:
-        cols["label_raw"] = pa.array(np.asarray(arr.label_raw, dtype=np.float64).reshape(n))
-    for m, spec in mods.items():
-        cols[m] = _fixed_list(arr.features[m].astype(np.float32, copy=False), spec.flat_size, pa.float32())
+    values = {"id": ids, "label": np.asarray(arr.labels).reshape(n), "concepts": arr.concepts}
+    for m, spec in manifest.modalities.items():
+        values[m] = arr.features[m]
         if spec.sequence:
             mask = (arr.masks or {}).get(m)
-            mask = np.ones((n, spec.steps), bool) if mask is None else np.asarray(mask, bool)
-            cols[f"{m}__mask"] = _fixed_list(mask, spec.steps, pa.bool_())
-    if arr.concepts is not None:
-        cols["concepts"] = _fixed_list(arr.concepts.astype(np.uint8), arr.concepts.shape[1], pa.uint8())
+            values[f"{m}__mask"] = np.ones((n, spec.steps), bool) if mask is None else mask
+    if arr.concepts is not None and not manifest.num_concepts:
+        raise DataError(f"split '{split}' has concept columns but the data set declares no num_concepts")
+    cols = {}
+    for name, (dtype, size) in manifest.columns(list(manifest.modalities)).items():
+        if values.get(name) is None:
+            raise DataError(f"split '{split}' has no '{name}' values; the data set declares "
+                            f"{manifest.num_concepts} concepts, so every split needs them")
+        v = np.asarray(values[name], dtype=dtype)
+        cols[name] = pa.array(v) if size is None else _fixed_list(v, size, pa.from_numpy_dtype(dtype))
+        if name == "label" and arr.label_raw is not None:
+            cols["label_raw"] = pa.array(np.asarray(arr.label_raw, dtype=np.float64).reshape(n))
     return pa.table(cols)
 
 
@@ -133,7 +141,7 @@ def write_dataset(out_url: str, *, name: str, splits: dict[str, SplitArrays], la
             n = len(arr)
             ids = np.arange(next_id, next_id + n) if arr.ids is None else np.asarray(arr.ids, np.int64)
             next_id += n
-            table = _split_table(arr, mods, ids)
+            table = _split_table(arr, manifest, ids, s)
             spec = SplitSpec(files=[], rows=n, nonfinite={})
             for i, start in enumerate(range(0, n, rows_per_shard)):
                 fname = f"{s}-{i:05d}.parquet"
