@@ -50,11 +50,17 @@ def specialize_loss(engine, batch, cfg: RunConfig, modalities: list[str]):
     b = len(batch)
     e1 = {m: e[:b] for m, e in out.embeddings.items()}
     e2 = {m: e[b:] for m, e in out.embeddings.items()}
+    # every embedding normalised and gathered once, in one collective, for all the terms below
+    unit, glob = losses.unit_and_global({**{(m, 1): e1[m] for m in modalities}, **{(m, 2): e2[m] for m in modalities}})
+
+    def nce(x, y):
+        return losses.info_nce_unit(unit[x], unit[y], glob[x], glob[y], st.temperature)
+
     terms = {}
-    terms["intra"] = sum(losses.info_nce(e1[m], e2[m], st.temperature) for m in modalities) / len(modalities)
+    terms["intra"] = sum(nce((m, 1), (m, 2)) for m in modalities) / len(modalities)
     prs = losses.pairs(modalities)
     if prs:
-        terms["cross"] = sum(losses.info_nce(e1[a], e1[b_], st.temperature) for a, b_ in prs) / len(prs)
+        terms["cross"] = sum(nce((a, 1), (b_, 1)) for a, b_ in prs) / len(prs)
     total = st.intra_weight * terms["intra"] + st.cross_weight * terms.get("cross", 0.0)
     # balance=bias / none: the loss is still computed and logged (it measures the load), never applied
     aux_weight = cfg.moe.aux_loss_weight if cfg.moe.balance == "aux_loss" else 0.0
@@ -69,18 +75,24 @@ def select_loss(engine, batch, cfg: RunConfig, modalities: list[str]):
     y = batch.concepts if st.select_target == "concepts" else batch.labels  # train.py checked they exist
     prs = losses.pairs(modalities)
     directed = [d for a, b in prs for d in ((a, b), (b, a))] or [(modalities[0], modalities[0])]
-    terms = {"supcon": sum(losses.sup_con(emb[a], emb[b], y, st.temperature) for a, b in directed) / len(directed)}
+    # every embedding normalised and gathered once, and the labels once, for all the terms below
+    unit, glob = losses.unit_and_global(emb)
+    gy = losses.global_labels(y)
+    terms = {"supcon": sum(losses.sup_con_unit(unit[a], glob[b], y, gy, st.temperature)
+                           for a, b in directed) / len(directed)}
     if st.compact_weight > 0:
-        terms["compact"] = compactness_term(out, emb, y, directed, st.compactness)
+        terms["compact"] = compactness_term(out, (unit, glob), (y, gy), directed, st.compactness)
     total = st.supcon_weight * terms["supcon"] + st.compact_weight * terms.get("compact", 0.0)
     return _router_terms(total, terms, out, st.select_balance_weight, cfg.moe.z_loss_weight)
 
 
-def compactness_term(out, emb: dict[str, torch.Tensor], y: torch.Tensor, directed: list[tuple[str, str]],
-                     form: str) -> torch.Tensor:
-    """'vmf' on the representation (the paper), or the earlier routing-mass forms (ablations)."""
+def compactness_term(out, embeddings: tuple[dict, dict], labels: tuple[torch.Tensor, torch.Tensor],
+                     directed: list[tuple[str, str]], form: str) -> torch.Tensor:
+    """'vmf' on the representation (the paper), or the earlier routing-mass forms (ablations).
+    `embeddings` = (unit, global) and `labels` = (local, global) as `select_loss` prepares them."""
     if form == "vmf":
-        return sum(losses.vmf_compactness(emb[a], emb[b], y) for a, b in directed) / len(directed)
+        (unit, glob), (y, gy) = embeddings, labels
+        return sum(losses.vmf_compactness_unit(unit[a], glob[b], y, gy) for a, b in directed) / len(directed)
     scores = out.sample_scores
     return sum(losses.compactness(s, form) for s in scores.values()) / max(1, len(scores))
 

@@ -108,3 +108,78 @@ def test_stage2_default_is_supcon_plus_vmf_without_balance(tmp_path):
     assert b["loss"] == pytest.approx(b["supcon"] + w * b["compact"] + 0.5 * b["aux"], abs=1e-6)
     e = run_ranks(_stage2_terms, 1, tmp_path / "c", ["stages.compactness=entropy"])[0]
     assert e["compact"] > 0  # the routing-entropy ablation is a different quantity
+
+
+def _contrastive(rank, world, out_dir, stage):
+    """A stage's loss on this rank's slice (the encoder replaced by fixed embeddings, so only the loss code
+    runs) against the same terms from the one-at-a-time primitives; and the all-gathers it issues."""
+    import torch.distributed as dist
+
+    from s3dist import losses
+    from s3dist.config import DistConfig, RunConfig
+    from s3dist.dist import init_distributed
+    from s3dist.model.encoder import EncoderOutput
+    from s3dist.objectives import select_loss, specialize_loss
+
+    init_distributed(DistConfig())
+    mods = ["text", "audio", "vision"]
+    g = torch.Generator().manual_seed(11)
+    full = {(m, v): torch.randn(B, D, generator=g) for m in mods for v in (1, 2)}
+    labels = torch.tensor([0, 1, 2, 0, 1, 1, 2, 0])
+    per = B // world
+    sl = slice(rank * per, (rank + 1) * per)
+    cfg = RunConfig()
+    st = cfg.stages
+
+    def leaves():
+        return {k: e[sl].clone().requires_grad_(True) for k, e in full.items()}
+
+    emb = leaves()
+    batch = type("B", (), {"features": {m: torch.zeros(per, 2, 1) for m in mods},
+                           "masks": {m: torch.ones(per, 2, dtype=torch.bool) for m in mods},
+                           "labels": labels[sl], "concepts": None, "__len__": lambda self: per})()
+    if stage == "specialize":
+        def encoder(f, m):  # both views in one call, as specialize_loss makes it
+            return EncoderOutput({x: torch.cat([emb[(x, 1)], emb[(x, 2)]]) for x in mods}, None, None, {})
+    else:
+        def encoder(f, m):
+            return EncoderOutput({x: emb[(x, 1)] for x in mods}, None, None, {})
+    gathers = []
+    real = dist.all_gather_single
+    dist.all_gather_single = lambda *a, **k: (gathers.append(1), real(*a, **k))[1]
+    try:
+        loss, _ = (specialize_loss if stage == "specialize" else select_loss)(encoder, batch, cfg, mods)
+    finally:
+        dist.all_gather_single = real
+    loss.backward()
+    e = leaves()
+    prs = losses.pairs(mods)
+    if stage == "specialize":
+        intra = sum(losses.info_nce(e[(m, 1)], e[(m, 2)], st.temperature) for m in mods) / len(mods)
+        cross = sum(losses.info_nce(e[(a, 1)], e[(b, 1)], st.temperature) for a, b in prs) / len(prs)
+        ref = st.intra_weight * intra + st.cross_weight * cross
+    else:
+        directed = [d for a, b in prs for d in ((a, b), (b, a))]
+        y = labels[sl]
+        supcon = sum(losses.sup_con(e[(a, 1)], e[(b, 1)], y, st.temperature) for a, b in directed) / len(directed)
+        comp = sum(losses.vmf_compactness(e[(a, 1)], e[(b, 1)], y) for a, b in directed) / len(directed)
+        ref = st.supcon_weight * supcon + st.compact_weight * comp
+    ref.backward()
+    return {"loss": float(loss), "ref": float(ref), "gathers": len(gathers),
+            "grads": {k: emb[k].grad for k in emb if emb[k].grad is not None},
+            "ref_grads": {k: e[k].grad for k in e if e[k].grad is not None}}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage,gathers", [("specialize", 1), ("select", 2)])
+def test_stage_losses_gather_every_embedding_once(tmp_path, stage, gathers):
+    """The contrastive terms of a stage (3 modalities: Stage 1's 6 InfoNCE terms, Stage 2's 6 directed SupCon
+    and 6 vMF terms) normalise and all-gather the embeddings once, in one collective (Stage 2: one more for
+    the labels), instead of two gathers per term; loss and gradients equal the terms computed one at a time
+    (2 real gloo ranks)."""
+    for r in run_ranks(_contrastive, 2, tmp_path, stage):
+        assert r["gathers"] == gathers
+        assert r["loss"] == pytest.approx(r["ref"], abs=1e-6)
+        assert r["grads"].keys() == r["ref_grads"].keys() and r["grads"]
+        for k, g in r["ref_grads"].items():
+            torch.testing.assert_close(r["grads"][k], g, atol=1e-6, rtol=1e-5, msg=lambda s: f"{k}: {s}")
