@@ -119,10 +119,10 @@ def vmf_compactness_unit(a: torch.Tensor, gb: torch.Tensor, labels: torch.Tensor
                          glabels: torch.Tensor) -> torch.Tensor:
     """`vmf_compactness` of unit embeddings `a` against the global batch `gb` of unit embeddings of the other
     modality, with `glabels` the global batch's class ids (`global_labels`)."""
-    classes, inverse = torch.unique(glabels.long(), return_inverse=True)
-    sums = gb.new_zeros(len(classes), gb.shape[1]).index_add(0, inverse, gb)
-    means = F.normalize(sums, dim=-1)                            # a class's mean direction in modality b
-    own = means[torch.searchsorted(classes, labels.long())] if labels.numel() else means[:0]
+    # Each anchor's class sum over the global batch as one matmul with a same-label mask (its own row is
+    # in `gb`, so the class is never empty); no `torch.unique`, whose data-dependent size is a host sync.
+    same = (labels.long().unsqueeze(1) == glabels.long().unsqueeze(0)).to(gb.dtype)   # [B, B_global]
+    own = F.normalize(same @ gb, dim=-1)                 # the anchor's class mean direction in modality b
     return -(a * own).sum(-1).mean() if a.shape[0] else a.sum() * 0
 
 

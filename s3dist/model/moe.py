@@ -21,7 +21,7 @@ from torch import nn
 
 from s3dist.config import MoEConfig
 from s3dist.model.experts import ExpertMLP, GroupedExperts, install_grouped_experts
-from s3dist.model.router import EvalDropCounter, PruneSpec, RoutingPlan, S3Router, Segment
+from s3dist.model.router import EvalDropCounter, PruneSpec, RoutingPlan, S3Router, Segment, count_routes
 
 
 def init_expert_(experts: GroupedExperts, i: int, seed: int) -> None:
@@ -68,7 +68,8 @@ class DeepSpeedTopKGate(EvalDropCounter, TopKGate):
         if sparse_routes:
             with torch.no_grad():
                 indices, demand = out[3], out[6].float()
-                kept = torch.bincount(indices[indices >= 0].long(), minlength=self.num_experts).float()
+                # no boolean indexing: on a GPU its data-dependent size is a host sync per layer
+                kept = count_routes(indices.clamp_min(0), indices >= 0, self.num_experts)
                 if self.training:
                     self._counters += torch.cat([demand, kept, demand.new_zeros(1),
                                                  demand.new_tensor([float(input.shape[0])])])

@@ -224,7 +224,7 @@ class S3Router(EvalDropCounter, nn.Module):
         route_on = selected & _prune_keep(prune, ix, top_p, top_i, scores) if prune is not None else selected
         # Routes per (segment, expert) before capacity, only those really taken, in one scatter_add (no boolean
         # indexing, so no host sync on GPU); `demand` is the same per expert of the layer's pool.
-        seg_demand = _count_routes(top_i + ix.segment_of.unsqueeze(1) * self.n, route_on, nseg * self.n)
+        seg_demand = count_routes(top_i + ix.segment_of.unsqueeze(1) * self.n, route_on, nseg * self.n)
         demand = torch.zeros(self.num_experts, device=tokens.device).index_add_(0, ix.expert_of_block, seg_demand)
         idx = top_i + ix.offset_of.unsqueeze(1)
         gates = top_p
@@ -243,7 +243,7 @@ class S3Router(EvalDropCounter, nn.Module):
         route_on = route_on & fits
         denom = (gates * norm_on).sum(-1, keepdim=True).clamp_min(torch.finfo(gates.dtype).eps)
         gates = gates * route_on / denom
-        kept = _count_routes(idx, route_on, self.num_experts)
+        kept = count_routes(idx, route_on, self.num_experts)
         if not self.training:
             self._count_eval(demand.sum(), kept.sum())
 
@@ -438,7 +438,7 @@ class TokenIndex:
         return None if bias is None else bias.view(-1, self.n).index_select(0, self.block_of)
 
 
-def _count_routes(idx: torch.Tensor, route_on: torch.Tensor, num_experts: int) -> torch.Tensor:
+def count_routes(idx: torch.Tensor, route_on: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Routes per expert (float32) among those with `route_on`; exact up to 2**24 routes per expert."""
     counts = torch.zeros(num_experts, dtype=torch.float32, device=idx.device)
     return counts.scatter_add_(0, idx.reshape(-1).long(), route_on.reshape(-1).to(torch.float32))
