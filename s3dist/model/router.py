@@ -6,7 +6,9 @@ exp_counts)`. Everything about *where* tokens go is decided here; dispatch, the 
 the combine stay DeepSpeed's. What this gate adds over `TopKGate`:
 
 * one router per modality over one fused expert pool, so all modalities share a single all-to-all
-  pair per layer (each modality owns a block of N experts, or all share N with `shared_experts`);
+  pair per layer (each modality owns a block of N experts, or all share N with `shared_experts`); the
+  modalities' segments are routed together (one softmax and top-k over every token, per-segment sums by
+  index_add over token maps cached per batch layout), so a modality more adds only its projection;
 * padded time steps (and tokens outside `used_token`) route nowhere and never count as load;
 * Stage 3's pruning rule (`PruneSpec`): a routing unit whose score is below the layer's threshold is
   dropped before capacity and combine; by default the kept gates are not renormalised, so pruning
