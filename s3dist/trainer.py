@@ -107,12 +107,28 @@ class Trainer:
                 self.run_stage(stage, resume_from if (resume_meta and stage == self.state.stage) else None,
                                load_weights_from=resume_from if resume_meta else None)
                 resume_meta = None
+            if resume_meta is not None:
+                # Every stage had finished (a job requeued or re-run after training, e.g. one that died in
+                # the final evaluation): nothing trained, so nothing loaded the checkpoint. Load its weights
+                # for what follows, which would otherwise evaluate the initial weights.
+                self._load_finished(resume_from, resume_meta["state"]["stage"])
         finally:
             self._batches = None
             self.stream.close()  # the reader it may have started for the next epoch
             if self.sample_log is not None:
                 self.sample_log.close()
         return self.state
+
+    def _load_finished(self, ckpt: Path, stage: str) -> None:
+        """The weights of a checkpoint whose stages all finished, through an engine of the stage that wrote
+        it (DeepSpeed maps the expert files to this rank's experts and attaches the expert-parallel groups
+        the evaluation's collectives use)."""
+        stage = stage if stage in STAGE_LOSS else "specialize"
+        engine = build_engine(self.model, self.stage_params(stage), lr=self.cfg.optim.lr,
+                              total_steps=max(1, self._total_steps(stage)), optim=self.cfg.optim,
+                              dist_cfg=self.cfg.dist, micro_batch=self.cfg.data.batch_size)
+        self._load(engine, ckpt, full=False)
+        log.info("all stages of %s had finished: loaded its weights, nothing to train", ckpt.name)
 
     def _total_steps(self, stage: str) -> int:
         return self.cfg.stages.specialize_steps if stage == "specialize" else self.cfg.stages.select_steps

@@ -413,3 +413,21 @@ def test_optimizer_state_is_reused_only_on_the_layout_that_wrote_it():
     old = optimizer_state_mismatch(meta(layout=None), 2, 2)
     assert "s3dist 0.9 with one parameter per expert" in old and "reset" in old
     assert optimizer_state_mismatch(meta(stage="select", layout=None), 2, 2) is None
+
+
+def test_resume_of_a_finished_run_evaluates_the_trained_weights(tmp_path, reference_run):
+    """`--resume auto` on a run whose stages had all finished (a requeue after training, or a job that died in
+    the final evaluation) trains nothing and evaluates the last checkpoint's weights: the same eval.json as
+    the run's own evaluation, on 2 ranks. (It used to evaluate the initial weights, and with ep=2 the
+    routers had no expert-parallel group, so Stage 3's calibration crashed in a mismatched all-to-all.)"""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(reference_run, out)
+    (out / "eval.json").unlink()
+    p = launching.run(out, launching.REFERENCE, extra=["--resume", "auto"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "had finished: loaded its weights, nothing to train" in p.stderr
+    got, want = (json.loads((d / "eval.json").read_text()) for d in (out, reference_run))
+    assert got["sweep"] == want["sweep"] and got["stage3"] == want["stage3"]
+    assert max(_losses(out)) == max(_losses(reference_run))  # no step trained
