@@ -91,18 +91,29 @@ def dropped_fraction(model, dims) -> float:
 
 
 def _gather_to_main(local: dict) -> dict | None:
-    """One object gather per split; rank 0 gets the concatenation in rank order, others None."""
+    """One object gather per split; rank 0 gets every rank's rows ordered by sample id, others None.
+
+    Ordered by id, not by rank: the probe's solver sums over rows, so its fit (and, for a sample near the
+    decision boundary, an accuracy) would otherwise depend on how the split was divided among ranks."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return local
+        return _by_id(local)
     parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(local, parts, dst=0)
     if dist.get_rank() != 0:
         return None
     cat = lambda xs: np.concatenate(xs) if xs and xs[0] is not None else None  # noqa: E731
-    return {"emb": {p: cat([x["emb"][p] for x in parts]) for p in local["emb"]},
-            "labels": cat([x["labels"] for x in parts]), "ids": cat([x["ids"] for x in parts]),
-            "concepts": cat([x["concepts"] for x in parts]),
-            "scores": {m: cat([x["scores"][m] for x in parts]) for m in local["scores"]}}
+    return _by_id({"emb": {p: cat([x["emb"][p] for x in parts]) for p in local["emb"]},
+                   "labels": cat([x["labels"] for x in parts]), "ids": cat([x["ids"] for x in parts]),
+                   "concepts": cat([x["concepts"] for x in parts]),
+                   "scores": {m: cat([x["scores"][m] for x in parts]) for m in local["scores"]}})
+
+
+def _by_id(rows: dict) -> dict:
+    order = np.argsort(rows["ids"], kind="stable")
+    take = lambda x: None if x is None else x[order]  # noqa: E731
+    return {"emb": {p: take(e) for p, e in rows["emb"].items()}, "labels": take(rows["labels"]),
+            "ids": take(rows["ids"]), "concepts": take(rows["concepts"]),
+            "scores": {m: take(s) for m, s in rows["scores"].items()}}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -284,10 +284,11 @@ def test_from_pretrained_in_fresh_process_matches_distributed_encoder(reference_
 
     ev = json.loads((reference_run / "eval.json").read_text())
     cfg = from_dict(json.loads((exported / "config.json").read_text())["run_config"])
+    by_id = {s: np.argsort(fresh[f"{s}_ids"], kind="stable") for s in ("train", "val", "test")}  # as evaluation
     for row in ev["sweep"]:
         k = row["keep_fraction"]
-        got = fit_probe(fresh[f"train_{k}"], fresh["train_labels"], fresh[f"val_{k}"], fresh["val_labels"],
-                        fresh[f"test_{k}"], fresh["test_labels"], cfg.eval.probe_Cs, cfg.eval.probe_max_iter)
+        x = {s: (fresh[f"{s}_{k}"][o], fresh[f"{s}_labels"][o]) for s, o in by_id.items()}
+        got = fit_probe(*x["train"], *x["val"], *x["test"], cfg.eval.probe_Cs, cfg.eval.probe_max_iter)
         assert got["accuracy"] == row["accuracy"] and got["val_accuracy"] == row["val_accuracy"], (k, got, row)
 
 
