@@ -162,22 +162,16 @@ class ExpertParallelMoE(nn.Module):
     @torch.no_grad()
     def prune_scores(self, tokens: dict[str, torch.Tensor], valid: dict[str, torch.Tensor], unit: str
                      ) -> dict[str, torch.Tensor]:
-        """The scores Stage 3 ranks, per modality, as one flat tensor, computed without dispatching:
-        'token_pairs': the gate probability of each (valid token, selected expert) pair;
-        'sample_pairs': each (sample with a real step, expert) pair's mean gate probability."""
+        """The scores Stage 3 ranks, per modality, as one flat tensor (`S3Router.unit_scores`: computed as
+        the router's forward computes them, without dispatching)."""
         out = {}
-        for router in self.routers:
+        for group, router in zip(self.groups, self.routers):
             if not isinstance(router, S3Router):
                 raise ValueError("Stage 3 pruning needs the S3 router (moe.kind='s3')")
-            for m in router.modalities:
-                x, v = tokens[m], valid[m]
-                probs = router.logits(m, x.reshape(-1, x.shape[-1])).softmax(-1)          # [B*T, N]
-                if unit == "token_pairs":
-                    out[m] = router.select(m, probs)[0][v.reshape(-1)].reshape(-1)
-                else:
-                    vf = v.unsqueeze(-1).to(probs.dtype)
-                    per_sample = (probs.view(*v.shape, probs.shape[-1]) * vf).sum(1) / vf.sum(1).clamp_min(1.0)
-                    out[m] = per_sample[v.any(1)].reshape(-1)
+            segs = [Segment(m, tokens[m].shape[0], tokens[m].shape[1]) for m in group]
+            d = tokens[group[0]].shape[-1]
+            flat = torch.cat([tokens[m].reshape(-1, d) for m in group])
+            out.update(router.unit_scores(segs, flat, torch.cat([valid[m].reshape(-1) for m in group]), unit))
         return out
 
     def sample_scores(self) -> dict[str, torch.Tensor]:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -208,18 +209,7 @@ class S3Router(EvalDropCounter, nn.Module):
         ix = self._token_index(plan.segments, tokens.device)
         nseg = len(ix.segments)
 
-        # All segments at once: each token's logits over its own modality's N experts, then one softmax,
-        # one top-k, and per-segment sums by index_add over the token -> segment / sample maps (a loop of
-        # these small ops per segment was most of the router's dispatches, and the router most of the layer's).
-        logits = (torch.cat([self.logits(m, xs) for m, xs in zip(ix.modalities, tokens.split(ix.sizes))]) if nseg
-                  else tokens.new_zeros(0, self.n, dtype=torch.float32))                         # [S, N]
-        probs = logits.softmax(dim=-1)
-        top_p, top_i = self._select(probs, ix.bias_rows(getattr(self, "route_bias", None)))     # [S, k]
-        vf = valid.to(probs.dtype)                                                             # [S]
-        probs_valid = probs * vf.unsqueeze(1)
-        # mean gate probability per (sample, expert): the compactness loss and Stage 3's sample rule read it
-        steps = probs.new_zeros(ix.samples).index_add_(0, ix.sample_of, vf).clamp_min(1.0)
-        scores = probs.new_zeros(ix.samples, self.n).index_add_(0, ix.sample_of, probs_valid) / steps.unsqueeze(1)
+        logits, probs, probs_valid, top_p, top_i, vf, scores = self._route(tokens, valid, ix)
         self.sample_scores = dict(zip(ix.modalities, scores.split(ix.batches)))
         selected = valid.unsqueeze(1).expand_as(top_i)
         # the selected routes Stage 3 keeps; no extra work on the training path
@@ -274,6 +264,38 @@ class S3Router(EvalDropCounter, nn.Module):
         indices = torch.where(route_on, idx, neg).t().contiguous().to(torch.int32)
         locs = (locations * route_on).t().contiguous().to(torch.int32)
         return l_aux, capacity, self.num_experts, indices, locs, gates.t().contiguous(), demand
+
+    def _route(self, tokens: torch.Tensor, valid: torch.Tensor, ix: TokenIndex) -> Routed:
+        """What the forward routes by and Stage 3 ranks (`unit_scores`), computed in one place.
+
+        All segments at once: each token's logits over its own modality's N experts, then one softmax, one
+        top-k, and the per-sample sums by index_add over the token -> sample map (a loop of these small ops
+        per segment was most of the router's dispatches, and the router most of the layer's)."""
+        logits = (torch.cat([self.logits(m, xs) for m, xs in zip(ix.modalities, tokens.split(ix.sizes))])
+                  if ix.modalities else tokens.new_zeros(0, self.n, dtype=torch.float32))
+        probs = logits.softmax(dim=-1)
+        top_p, top_i = self._select(probs, ix.bias_rows(getattr(self, "route_bias", None)))
+        vf = valid.to(probs.dtype)
+        probs_valid = probs * vf.unsqueeze(1)
+        steps = probs.new_zeros(ix.samples).index_add_(0, ix.sample_of, vf).clamp_min(1.0)
+        scores = probs.new_zeros(ix.samples, self.n).index_add_(0, ix.sample_of, probs_valid)
+        return Routed(logits, probs, probs_valid, top_p, top_i, vf, scores / steps.unsqueeze(1))
+
+    def unit_scores(self, segments: list[Segment], tokens: torch.Tensor, valid: torch.Tensor, unit: str
+                    ) -> dict[str, torch.Tensor]:
+        """The scores Stage 3 ranks, per modality, as one flat tensor, computed exactly as the forward
+        computes what it routes and prunes by (no dispatch, no collective): 'token_pairs': the gate
+        probability of each (valid token, selected expert) pair; 'sample_pairs': each (sample with a real
+        step, expert) pair's mean gate probability."""
+        ix = self._token_index(segments, tokens.device)
+        valid = valid.reshape(-1).bool()
+        r = self._route(tokens, valid, ix)
+        if unit == "token_pairs":
+            per_token = zip(r.top_p.split(ix.sizes), valid.split(ix.sizes))
+            return {m: p[v].reshape(-1) for m, (p, v) in zip(ix.modalities, per_token)}
+        real = torch.zeros(ix.samples, device=r.vf.device).index_add_(0, ix.sample_of, r.vf) > 0  # a real step
+        return {m: s[keep].reshape(-1)
+                for m, s, keep in zip(ix.modalities, r.scores.split(ix.batches), real.split(ix.batches))}
 
     def _token_index(self, segments: list[Segment], device: torch.device) -> TokenIndex:
         """The layer's token maps for these segments, built once per segment layout and device (a training
@@ -396,6 +418,18 @@ def _prune_keep(prune: PruneSpec, ix: TokenIndex, top_p: torch.Tensor, top_i: to
         return top_p >= thr.index_select(0, ix.segment_of).unsqueeze(1)
     keep_pair = sample_scores >= thr.index_select(0, ix.segment_of_sample).unsqueeze(1)   # [samples, N]
     return keep_pair.index_select(0, ix.sample_of).gather(1, top_i)
+
+
+class Routed(NamedTuple):
+    """`S3Router._route`: the routing of a layer's tokens before capacity."""
+
+    logits: torch.Tensor        # [S, N] each token over its own modality's N experts (float32)
+    probs: torch.Tensor         # [S, N] softmax
+    probs_valid: torch.Tensor   # [S, N] zero on padded / unused tokens
+    top_p: torch.Tensor         # [S, k] the selected routes' gates (unbiased probabilities)
+    top_i: torch.Tensor         # [S, k] their experts within the modality's block
+    vf: torch.Tensor            # [S] 1.0 for a valid token
+    scores: torch.Tensor        # [samples, N] mean gate probability per (sample, expert)
 
 
 @dataclass
