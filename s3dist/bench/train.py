@@ -174,13 +174,13 @@ def profile_step(layout: Layout, next_batch, steps: int) -> dict:
             if cuda:
                 torch.cuda.synchronize()
     spans = {p: [] for p in ("data", "forward", "backward", "optimizer")}
-    a2a, allreduce, mem, aten_starts = [], 0.0, [], []  # aten_starts: (start, op name)
+    a2a, allreduce, mem, aten_ops_seen = [], 0.0, [], []  # aten_ops_seen: (start, op name)
     for ev in prof.events():
         name = ev.name
         if name.startswith("bench::"):
             spans[name[7:]].append((ev.time_range.start, ev.time_range.end))
         elif name.startswith("aten::"):
-            aten_starts.append((ev.time_range.start, name))
+            aten_ops_seen.append((ev.time_range.start, name))
         elif name == "_AllToAll":
             a2a.append((ev.time_range.start, ev.time_range.end))
         elif name == "gloo:all_reduce" or name.startswith("nccl:all_reduce"):
@@ -193,7 +193,7 @@ def profile_step(layout: Layout, next_batch, steps: int) -> dict:
     # Counted per phase and per op name, so a change's effect can be placed (e.g. DeepSpeed's per-tensor
     # gradient-bucket copies in backward, the optimizer's per-tensor norms).
     by_phase, by_name = collections.Counter(), collections.Counter()
-    for t, op in aten_starts:
+    for t, op in aten_ops_seen:
         phase = next((p for p, s in spans.items() if any(a <= t <= b for a, b in s)), None)
         if phase is not None:
             by_phase[phase] += 1
@@ -234,8 +234,6 @@ def tiny_width(cfg):
 def host_overhead_ms(layout: Layout, open_stream, dims_in: dict[str, int], warmup: int, repeats: int) -> float:
     """Median CPU ms per Stage-1 step of `layout`'s config at `tiny_width` (this rank), on its own engine
     and stream. Called on every rank."""
-    import statistics
-
     cfg = tiny_width(layout.cfg)
     tiny = Layout(f"{layout.name} tiny", cfg, layout.dims, dims_in, layout.modalities)
     _, next_batch = open_stream(cfg)
