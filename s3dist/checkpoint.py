@@ -36,11 +36,20 @@ from s3dist.config import check_safe_name, flatten
 
 META = "s3dist_meta.json"
 LATEST = "latest"
-# How a layer's local experts are held as parameters (`s3dist.model.experts.GroupedExperts`): one stacked
-# tensor per projection. Checkpoints without the key were written with one `nn.Linear` pair per expert.
-# The module weights are saved per expert either way, but ZeRO's optimizer state (fp32 master weights,
-# Adam moments) is one flat buffer in parameter order, so it only loads into the layout that wrote it.
-EXPERT_LAYOUT = "stacked"
+# How parameters are held (`s3dist.model.stacked`), per layout version:
+PARAM_LAYOUTS = {
+    0: "one parameter per expert and per-modality modules",            # written without a layout key
+    1: "stacked experts and per-modality modules",                     # written with expert_layout=stacked
+    2: "stacked experts and stacked per-modality parameters (norms, attention, routers)",
+}
+PARAM_LAYOUT = 2
+# The module weights are saved per expert and per modality in every layout, but ZeRO's optimizer state
+# (fp32 master weights, Adam moments) is one flat buffer in parameter order, so it only loads into the
+# layout that wrote it.
+
+
+def param_layout(meta: dict) -> int:
+    return meta.get("param_layout", 1 if meta.get("expert_layout") == "stacked" else 0)
 
 
 class CheckpointError(RuntimeError):
@@ -127,7 +136,7 @@ def save(engine, run_dir: Path, state: TrainState, config: dict, stream_state: d
     if _rank() == 0:
         files = sorted(p for p in (root / tmp_tag).rglob("*") if p.is_file())
         meta = {"version": s3dist.__version__, "tag": tag, "state": vars(state), "config": config,
-                "expert_layout": EXPERT_LAYOUT,
+                "param_layout": PARAM_LAYOUT,
                 "world_size": dist.get_world_size() if dist.is_initialized() else 1,
                 "checksums": {str(p.relative_to(root / tmp_tag)): _sha256(p) for p in files}}
         _fsync_write(root / tmp_tag / META, json.dumps(meta, indent=1))
@@ -209,12 +218,13 @@ def optimizer_state_mismatch(meta: dict, world_size: int, ep_size: int) -> str |
         return (f"it was written with dist.ep_size={old_ep}, this run has {ep_size} (same {world_size} ranks): "
                 "experts are resharded, the expert optimizer state cannot be, so optimizer and LR-scheduler state "
                 "are reset; data position and RNG continue")
-    trains_experts = meta["state"]["stage"] == "specialize"  # Stage 2's optimizer holds the routers only
-    if trains_experts and meta.get("expert_layout") != EXPERT_LAYOUT:
-        return (f"it was written by s3dist {meta.get('version', '?')} with one parameter per expert; this version "
-                "stacks a layer's experts into one parameter per projection, so the optimizer state's flat layout "
-                "differs: the weights load unchanged, optimizer and LR-scheduler state are reset (Adam restarts "
-                "its moments); data position and RNG continue")
+    # every stage: Stage 2's optimizer holds the routers, stacked since layout 2
+    layout = param_layout(meta)
+    if layout != PARAM_LAYOUT:
+        return (f"it was written by s3dist {meta.get('version', '?')} with {PARAM_LAYOUTS.get(layout, f'layout {layout}')}; "
+                f"this version has {PARAM_LAYOUTS[PARAM_LAYOUT]}, so the optimizer state's flat layout differs: the "
+                "weights load unchanged, optimizer and LR-scheduler state are reset (Adam restarts its moments); "
+                "data position and RNG continue")
     return None
 
 

@@ -150,12 +150,12 @@ def attach_expert_groups(model: nn.Module, dims: ParallelDims) -> None:
 def optimizer_param_groups(params: list[nn.Parameter], weight_decay: float) -> list[dict]:
     """AdamW groups, split by DeepSpeed so expert params reduce over the expert-data-parallel group.
 
-    Weights (matrices) decay, biases and norms do not; a stacked expert parameter (`GroupedExperts`) is
-    judged by one expert's shape, not the stack's."""
+    Weights (matrices) decay, biases and norms do not; a stacked parameter (one copy per expert or per
+    modality, `s3dist.model.stacked`) is judged by one copy's shape, not the stack's."""
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
     def is_matrix(p: nn.Parameter) -> bool:
-        return p.ndim - getattr(p, "expert_dims", 0) >= 2
+        return p.ndim - getattr(p, "stacked_dims", 0) >= 2
 
     decay = [p for p in params if is_matrix(p)]
     no_decay = [p for p in params if not is_matrix(p)]

@@ -283,8 +283,8 @@ def _random_router_mi(model, stream, dims) -> dict | None:
     saved = [{k: v.clone() for k, v in r.state_dict().items()} for r in routers]
     gen = torch.Generator().manual_seed(12345)
     for r in routers:
-        for lin in r.proj.values():
-            lin.weight.copy_(torch.randn(lin.weight.shape, generator=gen) * lin.weight.shape[1] ** -0.5)
+        for w in r.proj:  # per modality [N, d]
+            w.copy_(torch.randn(w.shape, generator=gen) * w.shape[1] ** -0.5)
     local = extract(model, stream, {1.0: None}, dims.device)
     for r, s in zip(routers, saved):
         r.load_state_dict(s)

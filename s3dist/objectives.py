@@ -32,10 +32,10 @@ def augment(x: torch.Tensor, mask: torch.Tensor, cfg) -> tuple[torch.Tensor, tor
         # the device to learn how many rows it selects)
         mask = torch.where(empty.unsqueeze(1), mask, keep)
     if cfg.feature_dropout > 0:
-        x = x * (torch.rand_like(x) >= cfg.feature_dropout) / (1 - cfg.feature_dropout)
+        x = torch.where(torch.rand_like(x) >= cfg.feature_dropout, x / (1 - cfg.feature_dropout), 0.0)
     if cfg.noise_std > 0:
         x = x + cfg.noise_std * torch.randn_like(x)
-    return x * mask.unsqueeze(-1), mask
+    return torch.where(mask.unsqueeze(-1), x, 0.0), mask
 
 
 def specialize_loss(engine, batch, cfg: RunConfig, modalities: list[str]):

@@ -396,23 +396,26 @@ def test_bf16_grad_check_reaches_deepspeed(tmp_path, check):
 
 
 def test_optimizer_state_is_reused_only_on_the_layout_that_wrote_it():
-    """The optimizer state is reset, with the reason, when the ranks, the expert-parallel size or (for a
-    checkpoint of Stage 1, whose optimizer holds the experts) the experts' parameter layout differ: a
-    checkpoint from before the stacked expert parameters has no `expert_layout`, and its flat ZeRO state
-    would load into the wrong parameters. Stage 2's optimizer holds only the routers, so it is reused."""
-    from s3dist.checkpoint import EXPERT_LAYOUT, optimizer_state_mismatch
+    """The optimizer state is reset, with the reason, when the ranks, the expert-parallel size or the
+    parameter layout differ: a checkpoint from before the stacked experts (no layout key) or the stacked
+    per-modality parameters (`expert_layout: stacked`) has optimizer state for other tensors (Stage 1: a flat
+    ZeRO buffer in the old parameter order; Stage 2: one entry per router of each modality, now one per layer)."""
+    from s3dist.checkpoint import PARAM_LAYOUT, optimizer_state_mismatch
 
-    def meta(stage="specialize", world=2, ep=2, layout=EXPERT_LAYOUT):
+    def meta(stage="specialize", world=2, ep=2, layout=None):
         m = {"world_size": world, "config": {"dist": {"ep_size": ep}}, "state": {"stage": stage}, "version": "0.9"}
-        return m if layout is None else {**m, "expert_layout": layout}
+        return {**m, **({"param_layout": PARAM_LAYOUT} if layout is None else layout)}
 
     assert optimizer_state_mismatch(meta(), 2, 2) is None
     assert "written by 2 ranks, this run has 1" in optimizer_state_mismatch(meta(), 1, 1)
     assert "dist.ep_size=2, this run has 1" in optimizer_state_mismatch(meta(), 2, 1)
     assert "dist.ep_size=2" in optimizer_state_mismatch(meta(ep=0), 2, 1)  # ep_size 0: the world size
-    old = optimizer_state_mismatch(meta(layout=None), 2, 2)
-    assert "s3dist 0.9 with one parameter per expert" in old and "reset" in old
-    assert optimizer_state_mismatch(meta(stage="select", layout=None), 2, 2) is None
+    oldest = optimizer_state_mismatch(meta(layout={}), 2, 2)
+    assert "s3dist 0.9 with one parameter per expert" in oldest and "reset" in oldest
+    stacked_experts = optimizer_state_mismatch(meta(layout={"expert_layout": "stacked"}), 2, 2)
+    assert "with stacked experts and per-modality modules" in stacked_experts and "reset" in stacked_experts
+    assert "reset" in optimizer_state_mismatch(meta(stage="select", layout={"expert_layout": "stacked"}), 2, 2)
+    assert optimizer_state_mismatch(meta(stage="select"), 2, 2) is None
 
 
 def test_resume_of_a_finished_run_evaluates_the_trained_weights(tmp_path, reference_run):
@@ -428,6 +431,7 @@ def test_resume_of_a_finished_run_evaluates_the_trained_weights(tmp_path, refere
     p = launching.run(out, launching.REFERENCE, extra=["--resume", "auto"])
     assert p.returncode == 0, p.stderr[-3000:]
     assert "had finished: loaded its weights, nothing to train" in p.stderr
+    assert "Stage 2 trains routers only" not in p.stderr  # nothing trains, and the log does not say otherwise
     got, want = (json.loads((d / "eval.json").read_text()) for d in (out, reference_run))
     assert got["sweep"] == want["sweep"] and got["stage3"] == want["stage3"]
     assert max(_losses(out)) == max(_losses(reference_run))  # no step trained

@@ -88,13 +88,14 @@ def _forced_routing(rank, world, out_dir):
         for router in layer.routers:
             real = router.logits
 
-            def logits(m, x, real=real, li=li):
-                out = real(m, x)
+            def logits(tokens, ix, real=real, li=li):
+                out = real(tokens, ix)
                 if rank == 1:  # every token: top-1 HOT, top-2 the next expert
                     out = torch.zeros_like(out)
                     out[:, HOT] = 10.0
                     out[:, (HOT + 1) % N] = 5.0
-                seen.setdefault((li, m), []).append(out.detach())
+                for m, part in zip(ix.modalities, out.split(ix.sizes)):
+                    seen.setdefault((li, m), []).append(part.detach())
                 return out
 
             router.logits = logits

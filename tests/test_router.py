@@ -38,7 +38,7 @@ def _reference(r: S3Router, segs, x, valid):
     out = {"scores": {}, "demand": torch.zeros(r.num_experts), "aux": 0.0, "z_num": 0.0, "ent": {}, "cnt": {}}
     idx, gates = [], []
     for seg, xs, v in zip(segs, x.split([s.tokens for s in segs]), valid.split([s.tokens for s in segs])):
-        logits = xs @ r.proj[seg.modality].weight.t()
+        logits = xs @ r.proj[r.modalities.index(seg.modality)].t()
         p = logits.softmax(-1)
         top_p, top_i = p.topk(K, dim=-1)
         vf = v.float()
@@ -68,17 +68,21 @@ def _forward(r, segs, x, valid, prune=None):
         r.plan = None
 
 
-@pytest.mark.parametrize("mods,shared", [(("a", "b"), False), (("a", "b", "c"), False), (("a", "b", "c"), True)])
-def test_router_equals_a_per_modality_computation(mods, shared):
+@pytest.mark.parametrize("mods,shared,equal", [(("a", "b"), False, False), (("a", "b", "c"), False, False),
+                                               (("a", "b", "c"), True, False), (("a", "b", "c"), False, True)])
+def test_router_equals_a_per_modality_computation(mods, shared, equal):
+    """`equal`: every modality with the same token count, the layout the router computes as one batched
+    GEMM over its stacked projections (otherwise one GEMM per segment)."""
     r = _router(mods, shared=shared)
-    segs = _segments(mods)
+    segs = _segments(mods, batches=(3, 3, 3), steps=(4, 4, 4)) if equal else _segments(mods)
+    assert r._token_index(segs, torch.device("cpu")).stacked == equal
     x, valid = _inputs(segs)
     xr = x.clone().requires_grad_()
     ref = _reference(r, segs, xr, valid)
     ref_loss = ref["aux"] + ref["z"] + sum((s * 0.3).sum() for s in ref["scores"].values()) \
         + (ref["gates"] * torch.arange(ref["gates"].numel()).view_as(ref["gates"])).sum()
     ref_loss.backward()
-    ref_grads = [xr.grad] + [r.proj[m].weight.grad.clone() for m in mods]
+    ref_grads = [xr.grad, r.proj.grad.clone()]
     r.zero_grad()
 
     xg = x.clone().requires_grad_()
@@ -98,7 +102,7 @@ def test_router_equals_a_per_modality_computation(mods, shared):
     loss = l_aux + r.z_loss + sum((s * 0.3).sum() for s in r.sample_scores.values()) \
         + (gates.t() * torch.arange(gates.numel()).view_as(gates.t())).sum()
     loss.backward()
-    for got, want in zip([xg.grad] + [r.proj[m].weight.grad for m in mods], ref_grads):
+    for got, want in zip([xg.grad, r.proj.grad], ref_grads):
         torch.testing.assert_close(got, want)
 
 

@@ -388,7 +388,7 @@ def _router_only_step(rank, world, out_dir):
     engine.backward(loss)
     engine.step()
     changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
-    routers = {n for n, _ in model.named_parameters() if ".gate.proj." in n}
+    routers = {n for n, _ in model.named_parameters() if n.endswith(".gate.proj")}
     total = sum(p.numel() for p in model.parameters())
     return {"changed": changed, "routers": routers, "n_opt": n_opt,
             "n_router": sum(p.numel() for p in model.router_parameters()), "total": total}

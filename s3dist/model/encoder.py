@@ -11,6 +11,13 @@ sits inside a residual, a pruned routing path removes only its own contribution 
 flowing (Stage 3). `model.arch='stem'` keeps the earlier conv / GRU stem without attention, and
 `model.representation='expert_output'` the earlier pooled bare expert output, for ablations.
 
+The per-modality modules of a block (norms, attention projections) hold their parameters stacked over
+the modalities (`s3dist.model.stacked`) and the residual stream is one [M, B, T, d] stack (a shorter
+modality padded at the end, masked), so each runs once for all modalities instead of once per modality,
+and DeepSpeed's optimizer handles one tensor per kind instead of one per modality. The state dict keeps
+the per-modality names (`blocks.0.attn.vision.qkv.weight`). The input projections stay per modality
+(their input widths differ).
+
 `S3Encoder` is plain PyTorch plus `ExpertParallelMoE`; it holds no process group. Stage 3 needs
 collectives (a global threshold), so the encoder takes a *sparsifier* (`s3dist.sparsify`) that it
 asks for each MoE layer's pruning rule, instead of calling collectives itself.
@@ -29,6 +36,7 @@ from torch import nn
 from s3dist.config import ModelConfig, MoEConfig
 from s3dist.model.moe import ExpertParallelMoE
 from s3dist.model.router import PruneSpec
+from s3dist.model.stacked import MODALITY_HINT, ModalityLayerNorm, ModalityLinear, register_per_copy_state
 
 
 class ModalityStem(nn.Module):
@@ -80,22 +88,36 @@ class InputProjection(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention over the real steps of one modality (`scaled_dot_product_attention`)."""
+    """Multi-head self-attention of each modality over its own real steps, every modality in one batched
+    call (`scaled_dot_product_attention` over modality x sample). x: [M, B, T, d]; valid: bool [M, B, T].
 
-    def __init__(self, d_model: int, num_heads: int) -> None:
+    The projections are per modality, stacked (`ModalityLinear`); the state dict keeps the per-modality
+    names (`vision.qkv.weight`, ...)."""
+
+    def __init__(self, modalities: list[str], d_model: int, num_heads: int) -> None:
         super().__init__()
         self.heads = num_heads
-        self.qkv = nn.Linear(d_model, 3 * d_model)
-        self.out = nn.Linear(d_model, d_model)
+        self.modalities = list(modalities)
+        # qkv then out per modality, the order per-modality modules drew them in: a seed gives the same
+        # initial weights as before the stacking
+        per_modality = [(nn.Linear(d_model, 3 * d_model), nn.Linear(d_model, d_model)) for _ in modalities]
+        self.qkv = ModalityLinear.from_linears([qkv for qkv, _ in per_modality])
+        self.out = ModalityLinear.from_linears([out for _, out in per_modality])
+        register_per_copy_state(self, _attention_names, MODALITY_HINT)
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        m, b, t, d = x.shape
+        q, k, v = self.qkv(x).view(m * b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         # A sample with no real step (possible only in empty/padded rows) would attend to nothing and give
         # NaN; let it attend everywhere instead: its steps are never pooled nor routed.
-        keys = valid | ~valid.any(1, keepdim=True)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=keys[:, None, None, :])
-        return self.out(y.transpose(1, 2).reshape(b, t, d))
+        keys = valid | ~valid.any(-1, keepdim=True)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=keys.view(m * b, 1, 1, t))
+        return self.out(y.transpose(1, 2).reshape(m, b, t, d))
+
+
+def _attention_names(attn: SelfAttention) -> dict[str, list[str]]:
+    return {f"{proj}.{p}": [f"{m}.{proj}.{p}" for m in attn.modalities] for proj in ("qkv", "out")
+            for p in ("weight", "bias")}
 
 
 class DenseFFN(nn.Module):
@@ -114,25 +136,26 @@ class DenseFFN(nn.Module):
 
 
 class Block(nn.Module):
-    """One pre-norm residual block for all modalities: per-modality attention (optional), one shared FFN
-    call (the MoE: every modality's tokens in one dispatch)."""
+    """One pre-norm residual block for all modalities: attention (optional) per modality, computed for all
+    modalities together, and one shared FFN call (the MoE: every modality's tokens in one dispatch). The
+    residual stream is a modality stack [M, B, T, d]."""
 
     def __init__(self, d_model: int, modalities: list[str], model_cfg: ModelConfig, ffn: nn.Module) -> None:
         super().__init__()
         self.attention = model_cfg.arch == "transformer"
         if self.attention:
-            self.attn_norm = nn.ModuleDict({m: nn.LayerNorm(d_model) for m in modalities})
-            self.attn = nn.ModuleDict({m: SelfAttention(d_model, model_cfg.num_heads) for m in modalities})
-        self.ffn_norm = nn.ModuleDict({m: nn.LayerNorm(d_model) for m in modalities})
+            self.attn_norm = ModalityLayerNorm(modalities, d_model)
+            self.attn = SelfAttention(modalities, d_model, model_cfg.num_heads)
+        self.ffn_norm = ModalityLayerNorm(modalities, d_model)
         self.ffn = ffn
 
-    def attend(self, h: dict[str, torch.Tensor], valid: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def attend(self, h: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         if not self.attention:
             return h
-        return {m: x + self.attn[m](self.attn_norm[m](x), valid[m]) for m, x in h.items()}
+        return h + self.attn(self.attn_norm(h), valid)
 
-    def ffn_input(self, h: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {m: self.ffn_norm[m](x) for m, x in h.items()}
+    def ffn_input(self, h: torch.Tensor) -> torch.Tensor:
+        return self.ffn_norm(h)
 
 
 class Sparsifier(Protocol):
@@ -169,7 +192,7 @@ class S3Encoder(nn.Module):
             return ExpertParallelMoE(d, self.modalities, moe_cfg, ep_size=ep_size, ep_rank=ep_rank, layer_index=i)
 
         self.blocks = nn.ModuleList([Block(d, self.modalities, model_cfg, ffn(i)) for i in range(model_cfg.num_layers)])
-        self.final_norm = nn.ModuleDict({m: nn.LayerNorm(d) for m in self.modalities})
+        self.final_norm = ModalityLayerNorm(self.modalities, d)
 
     @property
     def layers(self) -> list[nn.Module]:
@@ -189,11 +212,11 @@ class S3Encoder(nn.Module):
                 sparsifier: Sparsifier | None = None) -> EncoderOutput:
         """features[m]: [B, T, D_m]; masks[m]: bool [B, T]. Every modality must be present, also with B=0
         (each MoE layer is a collective over the expert-parallel group)."""
-        h, valid, out, aux, z = self._run(features, masks, sparsifier)
+        h, valid, out, out_valid, aux, z = self._run(features, masks, sparsifier)
         if self.representation == "residual":
-            emb = {m: _masked_mean(self.final_norm[m](h[m]), valid[m]) for m in self.modalities}
+            emb = dict(zip(self.modalities, _masked_mean(self.final_norm(h), valid).unbind(0)))
         else:
-            emb = {m: _masked_mean(out[m], valid[m]) for m in self.modalities}
+            emb = {m: _masked_mean(out[m], out_valid[m]) for m in self.modalities}
         last = self.layers[-1]
         scores = last.sample_scores() if isinstance(last, ExpertParallelMoE) else {}
         return EncoderOutput(emb, aux, z, scores)
@@ -206,39 +229,58 @@ class S3Encoder(nn.Module):
         return self._run(features, masks, sparsifier, stop_at=layer)
 
     def _run(self, features, masks, sparsifier: Sparsifier | None, stop_at: int | None = None):
-        """The blocks in order: (h, valid, last FFN output, aux, z), or block `stop_at`'s FFN input and validity."""
+        """The blocks in order: (h, valid as modality stacks, last FFN output and its validity per modality,
+        aux, z), or block `stop_at`'s FFN input and validity per modality."""
         # Under DeepSpeed bf16 the parameters are bf16 but nothing casts the inputs (it does so only for
         # fp16 auto_cast): the data stream's float32 features are cast here, once, for every caller.
-        dtype = self.final_norm[self.modalities[0]].weight.dtype
-        h, valid = {}, {}
+        dtype = self.final_norm.weight.dtype
+        xs, vs = [], []
         for m in self.modalities:
             x = self.inputs[m](features[m].to(dtype), masks[m])
             v = masks[m]
             if self.pooled_tokens:
                 x = _masked_mean(x, v).unsqueeze(1)
                 v = v.any(dim=1, keepdim=True)
-            h[m], valid[m] = x, v
+            xs.append(x)
+            vs.append(v)
+        steps = [x.shape[1] for x in xs]
+        h, valid = _stack(xs), _stack(vs)
         aux = z = None
         out: dict[str, torch.Tensor] = {}
         for i, block in enumerate(self.blocks):
             h = block.attend(h, valid)
-            x = block.ffn_input(h)
+            # the MoE takes each modality's own steps (a shorter modality's padding is not routed)
+            x, x_valid = self._per_modality(block.ffn_input(h), steps), self._per_modality(valid, steps)
             if i == stop_at:
-                return x, valid
+                return x, x_valid
             prune = None
             if sparsifier is not None and isinstance(block.ffn, ExpertParallelMoE):
-                prune = sparsifier.prune_spec(i, block.ffn, x, valid)
-            out, a, zl = block.ffn(x, valid, prune)
+                prune = sparsifier.prune_spec(i, block.ffn, x, x_valid)
+            out, a, zl = block.ffn(x, x_valid, prune)
             aux, z = _add(aux, a), _add(z, zl)
-            h = {m: h[m] + out[m] for m in h}
+            h = h + _stack([out[m] for m in self.modalities])
         if stop_at is not None:
             raise IndexError(f"the encoder has {len(self.blocks)} blocks, no block {stop_at}")
-        return h, valid, out, aux, z
+        return h, valid, out, x_valid, aux, z
+
+    def _per_modality(self, stacked: torch.Tensor, steps: list[int]) -> dict[str, torch.Tensor]:
+        """A modality stack [M, B, T, ...] as {modality: [B, T_m, ...]} views."""
+        return {m: part if t == part.shape[1] else part[:, :t] for m, t, part in zip(self.modalities, steps, stacked)}
+
+
+def _stack(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Per-modality [B, T_m, ...] tensors as one [M, B, max T_m, ...] stack, shorter ones padded at the end
+    (zeros; False in masks, so padded steps are neither attended to, routed nor pooled)."""
+    t = max(p.shape[1] for p in parts)
+    if any(p.shape[1] != t for p in parts):
+        parts = [F.pad(p, (0, 0) * (p.ndim - 2) + (0, t - p.shape[1])) for p in parts]
+    return torch.stack(parts)
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the steps (dim -2) of x [..., T, d] where mask [..., T] is True."""
     m = mask.unsqueeze(-1).to(x.dtype)
-    return (x * m).sum(1) / m.sum(1).clamp_min(1.0)
+    return (x * m).sum(-2) / m.sum(-2).clamp_min(1.0)
 
 
 def _add(a, b):

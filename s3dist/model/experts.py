@@ -11,9 +11,9 @@ So the parameters are stacked, as torchtitan's and DeepSpeed's own grouped exper
 one tensor per projection for all local experts of the layer (`w1` [E, hidden, d], `b1` [E, hidden],
 `w2` [E, d, hidden], `b2` [E, d]) with DeepSpeed's expert-parallel flags (`allreduce=False`,
 `group_name`), so ZeRO and the expert-data-parallel gradient reduction treat them as expert parameters.
-The state dict is still DeepSpeed's per-expert one (`deepspeed_experts.{i}.fc1.weight`, ...): a hook
-writes each expert's slices under those names and a load hook stacks them back, so checkpoints keep one
-file per expert by global index, resharding between ep sizes and export are unchanged.
+The state dict is still DeepSpeed's per-expert one (`deepspeed_experts.{i}.fc1.weight`, ...): hooks
+(`s3dist.model.stacked`) write each expert's slices under those names and stack them back on load, so
+checkpoints keep one file per expert by global index, resharding between ep sizes and export are unchanged.
 
 Each projection of all local experts is one `baddbmm`; on CPU that pays only for small per-expert GEMMs,
 larger ones ran faster as the loop (see `CPU_GROUPED_MAX_ROWS_X_HIDDEN`), which runs over the slices of
@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from s3dist.model.stacked import mark_stacked, register_per_copy_state
 
 # `moe.expert_compute=auto` on CPU: grouped only while one expert's hidden activation (rows x hidden
 # elements) is at most this. Measured with `s3dist bench experts` (fwd+bwd of the local experts alone,
@@ -66,6 +68,12 @@ def use_grouped(compute: str, num_local_experts: int, rows: int, hidden: int, de
 PER_EXPERT_NAMES = {"w1": "fc1.weight", "b1": "fc1.bias", "w2": "fc2.weight", "b2": "fc2.bias"}
 
 
+def _per_expert_names(experts: GroupedExperts) -> dict[str, list[str]]:
+    """DeepSpeed's per-expert keys (local index i, as its `load_moe_state_dict` renames them)."""
+    return {name: [f"deepspeed_experts.{i}.{key}" for i in range(experts.num_local_experts)]
+            for name, key in PER_EXPERT_NAMES.items()}
+
+
 class GroupedExperts(nn.Module):
     """The local experts of one layer as stacked parameters (see the module docstring), with a batched
     forward and DeepSpeed's per-expert state dict.
@@ -77,10 +85,6 @@ class GroupedExperts(nn.Module):
     Capacity makes every expert's slice the same size ([ep, E, C, d]), so a plain batched GEMM (bmm) is
     the grouped GEMM here; torch's `_grouped_mm` pays for ragged groups, which this layout never has.
     """
-
-    # Leading dimensions of a parameter that index experts, not the expert's own shape: the optimizer
-    # decides weight decay from an expert's weight shape (`s3dist.dist.optimizer_param_groups`).
-    EXPERT_DIMS = 1
 
     def __init__(self, d_model: int, hidden: int, num_local_experts: int, expert_group_name: str | None,
                  compute: str = "auto") -> None:
@@ -96,9 +100,9 @@ class GroupedExperts(nn.Module):
         for p in self.parameters():  # DeepSpeed's expert-parallel flags, as `deepspeed.moe.experts.Experts` sets
             p.allreduce = False
             p.group_name = expert_group_name
-            p.expert_dims = self.EXPERT_DIMS
-        self.register_state_dict_post_hook(_per_expert_state)
-        self.register_load_state_dict_pre_hook(_stack_expert_state)
+        mark_stacked(*self.parameters())
+        register_per_copy_state(self, _per_expert_names, "was it written with another number of experts, or "
+                                "another expert-parallel size?")
 
     @torch.no_grad()
     def load_expert_(self, i: int, expert: ExpertMLP) -> None:
@@ -121,38 +125,6 @@ class GroupedExperts(nn.Module):
         h = torch.baddbmm(self.b1.unsqueeze(1), x, self.w1.transpose(1, 2))
         y = torch.baddbmm(self.b2.unsqueeze(1), F.gelu(h), self.w2.transpose(1, 2))
         return y.view(e, ep, c, d).transpose(0, 1)
-
-
-def _per_expert_state(module: GroupedExperts, state: dict, prefix: str, local_metadata) -> None:
-    """state_dict hook: each stacked parameter becomes DeepSpeed's per-expert entries
-    (`{prefix}deepspeed_experts.{i}.fc1.weight`, ...), local index i, in DeepSpeed's order (expert by
-    expert). Copies, not views: a view would carry the whole stacked storage into every saved file."""
-    stacked = {name: state.pop(prefix + name) for name in PER_EXPERT_NAMES}
-    for i in range(module.num_local_experts):
-        for name, key in PER_EXPERT_NAMES.items():
-            state[f"{prefix}deepspeed_experts.{i}.{key}"] = stacked[name][i].detach().clone()
-
-
-def _stack_expert_state(module: GroupedExperts, state: dict, prefix: str, local_metadata, strict: bool,
-                        missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
-    """load_state_dict pre-hook: DeepSpeed's per-expert entries (local indices 0..E-1, as DeepSpeed's
-    `load_moe_state_dict` renames them) stacked into the parameters. A state dict with only some of this
-    module's experts is an error naming the missing ones (e.g. a checkpoint from another expert count)."""
-    per_expert = f"{prefix}deepspeed_experts."
-    found = {k for k in state if k.startswith(per_expert)}
-    if not found:
-        return  # stacked names (or nothing: load_state_dict reports the missing keys)
-    e = module.num_local_experts
-    want = {f"{per_expert}{i}.{key}" for i in range(e) for key in PER_EXPERT_NAMES.values()}
-    missing = sorted(want - found)
-    if missing:
-        error_msgs.append(f"{prefix[:-1] or type(module).__name__}: per-expert weights missing for this module's {e} local experts: "
-                          f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} (was the state dict "
-                          "written with another number of experts, or another expert-parallel size?)")
-        return
-    for name, key in PER_EXPERT_NAMES.items():
-        state[prefix + name] = torch.stack([state.pop(f"{per_expert}{i}.{key}") for i in range(e)])
-    # entries beyond E stay: load_state_dict reports them as unexpected keys
 
 
 def install_grouped_experts(moe, compute: str) -> GroupedExperts:

@@ -8,7 +8,8 @@ the combine stay DeepSpeed's. What this gate adds over `TopKGate`:
 * one router per modality over one fused expert pool, so all modalities share a single all-to-all
   pair per layer (each modality owns a block of N experts, or all share N with `shared_experts`); the
   modalities' segments are routed together (one softmax and top-k over every token, per-segment sums by
-  index_add over token maps cached per batch layout), so a modality more adds only its projection;
+  index_add over token maps cached per batch layout), and the per-modality projections are one stacked
+  parameter, one batched GEMM when the segments have equal token counts;
 * padded time steps (and tokens outside `used_token`) route nowhere and never count as load;
 * Stage 3's pruning rule (`PruneSpec`): a routing unit whose score is below the layer's threshold is
   dropped before capacity and combine; by default the kept gates are not renormalised, so pruning
@@ -39,6 +40,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from s3dist.model.stacked import MODALITY_HINT, mark_stacked, register_per_copy_state
 
 
 @dataclass
@@ -112,10 +115,15 @@ class S3Router(EvalDropCounter, nn.Module):
         self.drop_tokens = drop_tokens
         self.noisy_gate = noisy_gate
         self.compute_z_loss = compute_z_loss  # off when its weight is 0: it costs a backward path
-        # One linear router per modality: these are the only parameters Stage 2 trains.
-        self.proj = nn.ModuleDict({m: nn.Linear(d_model, self.n, bias=False) for m in self.modalities})
-        for lin in self.proj.values():
+        # One linear router per modality, the only parameters Stage 2 trains: stacked [M, N, d] so all
+        # modalities' logits are one batched GEMM and ZeRO handles one tensor (`s3dist.model.stacked`); the
+        # state dict keeps `proj.{modality}.weight`. Drawn as per-modality nn.Linears drew them.
+        per_modality = [nn.Linear(d_model, self.n, bias=False) for _ in self.modalities]
+        for lin in per_modality:
             nn.init.normal_(lin.weight, std=d_model ** -0.5)
+        self.proj = nn.Parameter(torch.stack([lin.weight.detach() for lin in per_modality]))
+        mark_stacked(self.proj)
+        register_per_copy_state(self, lambda r: {"proj": [f"proj.{m}.weight" for m in r.modalities]}, MODALITY_HINT)
         self.ep_group: dist.ProcessGroup | None = None
         self.plan: RoutingPlan | None = None
         # Filled on every forward for the model's losses and Stage 3 (not part of the state dict).
@@ -169,11 +177,18 @@ class S3Router(EvalDropCounter, nn.Module):
     def offset(self, modality: str) -> int:
         return 0 if self.shared else self.modalities.index(modality) * self.n
 
-    def logits(self, modality: str, x: torch.Tensor) -> torch.Tensor:
-        x = x.float()
+    def logits(self, tokens: torch.Tensor, ix: TokenIndex) -> torch.Tensor:
+        """Every token's router logits over its own modality's N experts [S, N], float32. When the segments
+        are the router's modalities in order with equal token counts (equal lengths: the usual case), one
+        batched GEMM; otherwise one GEMM per segment."""
+        x = tokens.float()
         if self.noisy_gate == "jitter" and self.training:
             x = x * torch.empty_like(x).uniform_(1.0 - 1e-2, 1.0 + 1e-2)
-        return F.linear(x, self.proj[modality].weight.float())
+        w = self.proj.float()
+        if ix.stacked:
+            return torch.bmm(x.view(len(ix.sizes), -1, x.shape[-1]), w.transpose(1, 2)).view(-1, self.n)
+        per_modality = dict(zip(self.modalities, w.unbind(0)))
+        return torch.cat([F.linear(xs, per_modality[m]) for m, xs in zip(ix.modalities, x.split(ix.sizes))])
 
     def select(self, modality: str, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The top-k routes of each of `modality`'s tokens: (gate probabilities [S, k], expert indices within
@@ -233,8 +248,9 @@ class S3Router(EvalDropCounter, nn.Module):
         # the kept paths' weights as they were. A token with nothing left gets zeros.
         norm_on = selected & fits if prune is not None and not prune.renormalize else route_on & fits
         route_on = route_on & fits
-        denom = (gates * norm_on).sum(-1, keepdim=True).clamp_min(torch.finfo(gates.dtype).eps)
-        gates = gates * route_on / denom
+        # torch.where, not a product with the bool masks: a mixed-dtype product converts the mask first
+        denom = torch.where(norm_on, gates, 0.0).sum(-1, keepdim=True).clamp_min(torch.finfo(gates.dtype).eps)
+        gates = torch.where(route_on, gates, 0.0) / denom
         kept = count_routes(idx, route_on, self.num_experts)
         if not self.training:
             self._count_eval(demand.sum(), kept.sum())
@@ -260,9 +276,9 @@ class S3Router(EvalDropCounter, nn.Module):
                 per_mod.index_add_(1, ix.modality_of, torch.stack([ent, vf]))
                 self._counters += torch.cat([demand, kept, per_mod.flatten()])
 
-        neg = torch.full_like(idx, -1)
-        indices = torch.where(route_on, idx, neg).t().contiguous().to(torch.int32)
-        locs = (locations * route_on).t().contiguous().to(torch.int32)
+        # DeepSpeed takes [k, S] int32 routes: transpose and convert in one copy
+        indices = torch.where(route_on, idx, -1).t().to(torch.int32, memory_format=torch.contiguous_format)
+        locs = torch.where(route_on, locations, 0).t().to(torch.int32, memory_format=torch.contiguous_format)
         return l_aux, capacity, self.num_experts, indices, locs, gates.t().contiguous(), demand
 
     def _route(self, tokens: torch.Tensor, valid: torch.Tensor, ix: TokenIndex) -> Routed:
@@ -271,8 +287,7 @@ class S3Router(EvalDropCounter, nn.Module):
         All segments at once: each token's logits over its own modality's N experts, then one softmax, one
         top-k, and the per-sample sums by index_add over the token -> sample map (a loop of these small ops
         per segment was most of the router's dispatches, and the router most of the layer's)."""
-        logits = (torch.cat([self.logits(m, xs) for m, xs in zip(ix.modalities, tokens.split(ix.sizes))])
-                  if ix.modalities else tokens.new_zeros(0, self.n, dtype=torch.float32))
+        logits = self.logits(tokens, ix) if ix.modalities else tokens.new_zeros(0, self.n, dtype=torch.float32)
         probs = logits.softmax(dim=-1)
         top_p, top_i = self._select(probs, ix.bias_rows(getattr(self, "route_bias", None)))
         vf = valid.to(probs.dtype)
@@ -451,6 +466,7 @@ class TokenIndex:
     block_of: torch.Tensor           # [S] the token's block of N experts in the layer's pool
     offset_of: torch.Tensor          # [S] first expert of that block
     expert_of_block: torch.Tensor    # [segments * N] pool expert of (segment, j)
+    stacked: bool                    # the router's modalities in order, equal token counts: [M, S/M] tokens
 
     @classmethod
     def build(cls, router: S3Router, segments: list[Segment], device: torch.device) -> TokenIndex:
@@ -466,8 +482,9 @@ class TokenIndex:
                     steps_of_sample), "segment_of_sample": segment_of_sample, "modality_of": modality[segment_of],
                 "block_of": block[segment_of], "offset_of": block[segment_of] * router.n,
                 "expert_of_block": (block.unsqueeze(1) * router.n + torch.arange(router.n)).flatten()}
+        stacked = [s.modality for s in segments] == router.modalities and len(set(sizes.tolist())) == 1
         return cls(list(segments), [s.modality for s in segments], sizes.tolist(), batches.tolist(),
-                   int(batches.sum()), router.n, **{k: v.to(device) for k, v in maps.items()})
+                   int(batches.sum()), router.n, **{k: v.to(device) for k, v in maps.items()}, stacked=stacked)
 
     def bias_rows(self, bias: torch.Tensor | None) -> torch.Tensor | None:
         """Each token's row [S, N] of the selection bias (None without one)."""
