@@ -82,12 +82,7 @@ class Trainer:
     def stage_params(self, stage: str) -> list[torch.nn.Parameter]:
         if stage == "specialize":
             return list(self.model.parameters())
-        params = self.model.router_parameters()
-        total = sum(p.numel() for p in self.model.parameters())
-        share = sum(p.numel() for p in params) / total
-        log.info("Stage 2 trains routers only: %d of %d parameters on this rank (%.2f%%)",
-                 sum(p.numel() for p in params), total, 100 * share)
-        return params
+        return self.model.router_parameters()
 
     def fit(self, resume_from: Path | None = None) -> ckpt_io.TrainState:
         training_stages = [s for s in self.cfg.stages.run if s in STAGE_LOSS]
@@ -137,7 +132,12 @@ class Trainer:
         cfg = self.cfg
         total = self._total_steps(stage)
         lr = cfg.optim.lr if stage == "specialize" else cfg.optim.router_lr
-        engine = build_engine(self.model, self.stage_params(stage), lr=lr, total_steps=total, optim=cfg.optim,
+        params = self.stage_params(stage)
+        if stage == "select":
+            trained, whole = sum(p.numel() for p in params), sum(p.numel() for p in self.model.parameters())
+            log.info("Stage 2 trains routers only: %d of %d parameters on this rank (%.2f%%)", trained, whole,
+                     100 * trained / whole)
+        engine = build_engine(self.model, params, lr=lr, total_steps=total, optim=cfg.optim,
                               dist_cfg=cfg.dist, micro_batch=cfg.data.batch_size)
         if resume_ckpt is not None:  # same stage: weights, optimizer, scheduler, data, RNG
             self._load(engine, resume_ckpt, full=True)
