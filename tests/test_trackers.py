@@ -13,6 +13,7 @@ import json
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -125,6 +126,21 @@ def _wandb_records(path: Path):
             yield record
 
 
+def _finished_wandb_records(path: Path, timeout: float = 60.0) -> list:
+    """The records of an offline W&B run file once it is complete. wandb-core writes the file in its own
+    process and can still be flushing when `finish()` has returned (the test read a file without its run
+    record about one time in ten): wait for the run's exit record, the last one it writes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            records = list(_wandb_records(path))
+        except Exception:  # a record still being written: truncated framing or protobuf
+            records = []
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.1)
+
+
 def test_wandb_offline_run_holds_the_jsonl_scalars(tmp_path, monkeypatch):
     """W&B in offline mode (through accelerate's WandBTracker): its history has every metrics.jsonl row's
     scalars at the same step, the evaluation results at the last step, and the flattened run config."""
@@ -145,7 +161,7 @@ def test_wandb_offline_run_holds_the_jsonl_scalars(tmp_path, monkeypatch):
     files = list((tmp_path / "wandb-dir").glob("wandb/offline-run-*/run-*.wandb"))
     assert len(files) == 1, files
     history, config, run = {}, {}, None
-    for r in _wandb_records(files[0]):
+    for r in _finished_wandb_records(files[0]):
         kind = r.WhichOneof("record_type")
         if kind == "history":
             row = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
