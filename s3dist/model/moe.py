@@ -136,17 +136,15 @@ class ExpertParallelMoE(nn.Module):
         outputs: dict[str, torch.Tensor] = {}
         l_aux = z_loss = None
         for group, moe in zip(self.groups, self.moes):
-            segs = [Segment(m, tokens[m].shape[0], tokens[m].shape[1]) for m in group]
-            d = tokens[group[0]].shape[-1]
-            flat = torch.cat([tokens[m].reshape(-1, d) for m in group])
-            used = torch.cat([valid[m].reshape(-1) for m in group]).to(flat.dtype)
+            segs, flat, used = _pack(group, tokens, valid)
+            d = flat.shape[-1]
             gate = moe.deepspeed_moe.gate
             if isinstance(gate, S3Router):
                 gate.plan = RoutingPlan(segs, prune)
             elif prune:
                 raise ValueError("Stage 3 pruning needs the S3 router (moe.kind='s3')")
             try:
-                out, aux, _ = moe(flat, used)
+                out, aux, _ = moe(flat, used.to(flat.dtype))
             finally:
                 if isinstance(gate, S3Router):
                     gate.plan = None
@@ -168,10 +166,7 @@ class ExpertParallelMoE(nn.Module):
         for group, router in zip(self.groups, self.routers):
             if not isinstance(router, S3Router):
                 raise ValueError("Stage 3 pruning needs the S3 router (moe.kind='s3')")
-            segs = [Segment(m, tokens[m].shape[0], tokens[m].shape[1]) for m in group]
-            d = tokens[group[0]].shape[-1]
-            flat = torch.cat([tokens[m].reshape(-1, d) for m in group])
-            out.update(router.unit_scores(segs, flat, torch.cat([valid[m].reshape(-1) for m in group]), unit))
+            out.update(router.unit_scores(*_pack(group, tokens, valid), unit))
         return out
 
     def sample_scores(self) -> dict[str, torch.Tensor]:
@@ -180,3 +175,13 @@ class ExpertParallelMoE(nn.Module):
         for gate in self.routers:
             out.update(getattr(gate, "sample_scores", {}))
         return out
+
+
+def _pack(group: list[str], tokens: dict[str, torch.Tensor], valid: dict[str, torch.Tensor]
+          ) -> tuple[list[Segment], torch.Tensor, torch.Tensor]:
+    """A routing group's tokens as the layer's token matrix: (segments, tokens [S, d], valid bool [S]),
+    modality by modality in the group's order."""
+    segs = [Segment(m, tokens[m].shape[0], tokens[m].shape[1]) for m in group]
+    d = tokens[group[0]].shape[-1]
+    return (segs, torch.cat([tokens[m].reshape(-1, d) for m in group]),
+            torch.cat([valid[m].reshape(-1) for m in group]))
