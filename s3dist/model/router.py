@@ -190,18 +190,12 @@ class S3Router(EvalDropCounter, nn.Module):
         per_modality = dict(zip(self.modalities, w.unbind(0)))
         return torch.cat([F.linear(xs, per_modality[m]) for m, xs in zip(ix.modalities, x.split(ix.sizes))])
 
-    def select(self, modality: str, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The top-k routes of each of `modality`'s tokens: (gate probabilities [S, k], expert indices within
-        the modality's block [S, k]). With balance=bias the experts are chosen by probability + bias, the
-        gates are the unbiased probabilities of the chosen experts (DeepSeek-V3: the bias steers load, never
-        the output's weighting). Stage 3 must rank the same routes the forward takes, so its score
-        computation uses this too."""
-        bias = getattr(self, "route_bias", None)
-        off = self.offset(modality)
-        return self._select(probs, None if bias is None else bias[off:off + self.n])
-
-    def _select(self, probs: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """`select` with the bias given as one row [N] or one row per token [S, N]."""
+    def select(self, probs: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The top-k routes of each token: (gate probabilities [S, k], expert indices within the modality's
+        block [S, k]), `bias` the selection bias of the token's block, one row [N] or one row per token
+        [S, N] (None without one). With a bias the experts are chosen by probability + bias, the gates are the
+        unbiased probabilities of the chosen experts (DeepSeek-V3: the bias steers load, never the output's
+        weighting)."""
         if bias is None:
             return probs.topk(self.k, dim=-1)
         top_i = (probs + bias).topk(self.k, dim=-1).indices
@@ -289,7 +283,7 @@ class S3Router(EvalDropCounter, nn.Module):
         per segment was most of the router's dispatches, and the router most of the layer's)."""
         logits = self.logits(tokens, ix) if ix.modalities else tokens.new_zeros(0, self.n, dtype=torch.float32)
         probs = logits.softmax(dim=-1)
-        top_p, top_i = self._select(probs, ix.bias_rows(getattr(self, "route_bias", None)))
+        top_p, top_i = self.select(probs, ix.bias_rows(getattr(self, "route_bias", None)))
         vf = valid.to(probs.dtype)
         probs_valid = probs * vf.unsqueeze(1)
         steps = probs.new_zeros(ix.samples).index_add_(0, ix.sample_of, vf).clamp_min(1.0)
