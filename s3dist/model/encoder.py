@@ -245,12 +245,13 @@ class S3Encoder(nn.Module):
             vs.append(v)
         steps = [x.shape[1] for x in xs]
         h, valid = _stack(xs), _stack(vs)
+        # the MoE takes each modality's own steps (a shorter modality's padding is not routed)
+        x_valid = self._per_modality(valid, steps)
         aux = z = None
         out: dict[str, torch.Tensor] = {}
         for i, block in enumerate(self.blocks):
             h = block.attend(h, valid)
-            # the MoE takes each modality's own steps (a shorter modality's padding is not routed)
-            x, x_valid = self._per_modality(block.ffn_input(h), steps), self._per_modality(valid, steps)
+            x = self._per_modality(block.ffn_input(h), steps)
             if i == stop_at:
                 return x, x_valid
             prune = None
