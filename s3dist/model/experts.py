@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from s3dist.model.stacked import mark_stacked, register_per_copy_state
+from s3dist.model.stacked import mark_stacked, register_per_copy_state, stacked_linear
 
 # `moe.expert_compute=auto` on CPU: grouped only while one expert's hidden activation (rows x hidden
 # elements) is at most this. Measured with `s3dist bench experts` (fwd+bwd of the local experts alone,
@@ -122,8 +122,7 @@ class GroupedExperts(nn.Module):
         # [E, ep * C, d]: each expert's rows from every source rank, one batch entry per expert. With
         # ep=1 the transpose is a view; otherwise it is the one copy the batched layout needs.
         x = inputs.transpose(0, 1).reshape(e, ep * c, d)
-        h = torch.baddbmm(self.b1.unsqueeze(1), x, self.w1.transpose(1, 2))
-        y = torch.baddbmm(self.b2.unsqueeze(1), F.gelu(h), self.w2.transpose(1, 2))
+        y = stacked_linear(F.gelu(stacked_linear(x, self.w1, self.b1)), self.w2, self.b2)
         return y.view(e, ep, c, d).transpose(0, 1)
 
 

@@ -29,9 +29,16 @@ from torch import nn
 PerCopyNames = Callable[[nn.Module], dict[str, list[str]]]
 
 
-def mark_stacked(*params: nn.Parameter, dims: int = 1) -> None:
+def mark_stacked(*params: nn.Parameter) -> None:
+    """One leading copy dimension (see the module docstring)."""
     for p in params:
-        p.stacked_dims = dims
+        p.stacked_dims = 1
+
+
+def stacked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """One `F.linear` per copy as a batched GEMM: x [C, R, d_in], weight [C, d_out, d_in], bias [C, d_out]
+    -> [C, R, d_out]."""
+    return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
 
 
 def register_per_copy_state(module: nn.Module, names: PerCopyNames, hint: str) -> None:
@@ -107,6 +114,5 @@ class ModalityLinear(nn.Module):
                    torch.stack([lin.bias.detach() for lin in linears]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        m, d_in = x.shape[0], x.shape[-1]
-        y = torch.baddbmm(self.bias.unsqueeze(1), x.reshape(m, -1, d_in), self.weight.transpose(1, 2))
+        y = stacked_linear(x.reshape(x.shape[0], -1, x.shape[-1]), self.weight, self.bias)
         return y.view(*x.shape[:-1], y.shape[-1])
