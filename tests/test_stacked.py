@@ -1,8 +1,11 @@
 """Per-modality parameters stacked (`s3dist.model.stacked`): the batched modules compute what one module
 per modality computes, shorter modalities padded into the stack do not change anything, and the state dict
-keeps the per-modality names (so checkpoints and exports from before the stacking load)."""
+keeps the per-modality names (so checkpoints and exports from before the stacking load). Also the input
+projection's cached position table."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -11,7 +14,7 @@ from torch import nn
 
 from s3dist.config import RunConfig
 from s3dist.dist import optimizer_param_groups
-from s3dist.model.encoder import S3Encoder, SelfAttention, _stack
+from s3dist.model.encoder import InputProjection, S3Encoder, SelfAttention, _stack, attention_keys
 from s3dist.model.stacked import ModalityLayerNorm, ModalityLinear
 
 MODS = ["text", "audio", "video"]
@@ -53,7 +56,7 @@ def test_padding_a_shorter_modality_into_the_stack_changes_nothing():
     xs = [torch.randn(4, 6, d, generator=g), torch.randn(4, 3, d, generator=g)]
     vs = [torch.rand(4, 6, generator=g) > 0.3, torch.rand(4, 3, generator=g) > 0.3]
     vs[1][0] = False  # a sample with no real step: attends everywhere, never NaN
-    out = attn(_stack(xs), _stack(vs))
+    out = attn(_stack(xs), attention_keys(_stack(vs)))
     assert out.shape == (2, 4, 6, d) and torch.isfinite(out).all()
     for i, (x, v) in enumerate(zip(xs, vs)):
         b, t, _ = x.shape
@@ -110,3 +113,29 @@ def test_weight_decay_judges_one_modality_copy():
     assert id(enc.final_norm.weight) not in decayed and id(blk.attn.qkv.bias) not in decayed
     assert id(blk.attn.qkv.weight) in decayed and id(blk.attn.out.weight) in decayed
     assert id(blk.ffn.routers[0].proj) in decayed
+
+
+def test_input_positions_count_real_steps_from_a_table_that_grows():
+    """The sinusoidal positions come from a table built once and looked up: they equal the closed form, a
+    sample padded at the front gets at its first real step what an unpadded sample gets at step 0, a longer
+    sequence than the table rebuilds it, and padded steps are zero even where the features are NaN."""
+    torch.manual_seed(0)
+    d = 6
+    proj = InputProjection(3, d)
+    half = d // 2
+    freq = torch.exp(torch.arange(half) * (-math.log(10000.0) / half))
+    p = torch.arange(5.0).unsqueeze(-1) * freq
+    torch.testing.assert_close(proj.positions(5, torch.float32, torch.device("cpu")), torch.cat([p.sin(), p.cos()], -1))
+    x = torch.randn(2, 5, 3)
+    x[1, :2] = float("nan")
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[1, :2] = False  # sample 1 starts two steps late
+    x[1, 2:] = x[0, :3]
+    out = proj(x, mask)
+    torch.testing.assert_close(out[1, 2:], out[0, :3])
+    assert (out[1, :2] == 0).all()
+    xl = torch.randn(1, 12, 3)
+    p = torch.arange(12.0).unsqueeze(-1) * freq
+    with torch.no_grad():
+        pe = proj(xl, torch.ones(1, 12, dtype=torch.bool)) - proj.proj(xl)
+    torch.testing.assert_close(pe[0], torch.cat([p.sin(), p.cos()], -1))

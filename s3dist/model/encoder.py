@@ -77,14 +77,25 @@ class InputProjection(nn.Module):
         super().__init__()
         self.proj = nn.Linear(in_dim, d_model)
         self.d_model = d_model
+        self._table = torch.empty(0)  # the encoding of positions 0..len-1, built on first use (not state)
+
+    def positions(self, length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """[length, d_model] sinusoidal encodings, computed once and reused: every step looks its position up
+        instead of recomputing the same sines (a dozen small ops per call, each a kernel launch on a GPU).
+        Rebuilt for a longer sequence or another dtype / device."""
+        t = self._table
+        if t.shape[0] < length or t.dtype != dtype or t.device != device:
+            half = (self.d_model + 1) // 2
+            freq = torch.exp(torch.arange(half, device=device, dtype=dtype) * (-math.log(10000.0) / max(half, 1)))
+            angle = torch.arange(max(length, t.shape[0]), device=device, dtype=dtype).unsqueeze(-1) * freq
+            self._table = t = torch.cat([angle.sin(), angle.cos()], dim=-1)[:, : self.d_model]
+        return t
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        pos = (mask.long().cumsum(1) - 1).clamp_min(0).to(x.dtype)                    # [B, T]
-        half = (self.d_model + 1) // 2
-        freq = torch.exp(torch.arange(half, device=x.device, dtype=x.dtype) * (-math.log(10000.0) / max(half, 1)))
-        angle = pos.unsqueeze(-1) * freq                                              # [B, T, half]
-        pe = torch.cat([angle.sin(), angle.cos()], dim=-1)[..., : self.d_model]
-        return (self.proj(x) + pe) * mask.unsqueeze(-1).to(x.dtype)
+        pos = (mask.long().cumsum(1) - 1).clamp_min(0)                                # [B, T]
+        pe = F.embedding(pos, self.positions(x.shape[1], x.dtype, x.device))          # [B, T, d]
+        # where, not a product with the mask: a NaN in a padded step's features stays out
+        return torch.where(mask.unsqueeze(-1), self.proj(x) + pe, 0.0)
 
 
 class SelfAttention(nn.Module):
@@ -105,14 +116,19 @@ class SelfAttention(nn.Module):
         self.out = ModalityLinear.from_linears([out for _, out in per_modality])
         register_per_copy_state(self, _attention_names, MODALITY_HINT)
 
-    def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """keys: bool [M, B, T], the steps a sample's queries attend to (`attention_keys`)."""
         m, b, t, d = x.shape
         q, k, v = self.qkv(x).view(m * b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        # A sample with no real step (possible only in empty/padded rows) would attend to nothing and give
-        # NaN; let it attend everywhere instead: its steps are never pooled nor routed.
-        keys = valid | ~valid.any(-1, keepdim=True)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=keys.view(m * b, 1, 1, t))
         return self.out(y.transpose(1, 2).reshape(m, b, t, d))
+
+
+def attention_keys(valid: torch.Tensor) -> torch.Tensor:
+    """The attention mask of every block: each sample's real steps. A sample with no real step (possible only
+    in empty / padded rows) would attend to nothing and give NaN; it attends everywhere instead: its steps
+    are never pooled nor routed."""
+    return valid | ~valid.any(-1, keepdim=True)
 
 
 def _attention_names(attn: SelfAttention) -> dict[str, list[str]]:
@@ -149,10 +165,10 @@ class Block(nn.Module):
         self.ffn_norm = ModalityLayerNorm(modalities, d_model)
         self.ffn = ffn
 
-    def attend(self, h: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def attend(self, h: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         if not self.attention:
             return h
-        return h + self.attn(self.attn_norm(h), valid)
+        return h + self.attn(self.attn_norm(h), keys)
 
     def ffn_input(self, h: torch.Tensor) -> torch.Tensor:
         return self.ffn_norm(h)
@@ -247,10 +263,11 @@ class S3Encoder(nn.Module):
         h, valid = _stack(xs), _stack(vs)
         # the MoE takes each modality's own steps (a shorter modality's padding is not routed)
         x_valid = self._per_modality(valid, steps)
+        keys = attention_keys(valid)  # the same in every block
         aux = z = None
         out: dict[str, torch.Tensor] = {}
         for i, block in enumerate(self.blocks):
-            h = block.attend(h, valid)
+            h = block.attend(h, keys)
             x = self._per_modality(block.ffn_input(h), steps)
             if i == stop_at:
                 return x, x_valid
