@@ -23,7 +23,8 @@ from s3dist.config import RunConfig
 
 
 def augment(x: torch.Tensor, mask: torch.Tensor, cfg) -> tuple[torch.Tensor, torch.Tensor]:
-    """One view for Stage 1: time masking (keeps at least one real step), feature dropout, Gaussian noise."""
+    """A view of each sample for Stage 1: time masking (keeps at least one real step), feature dropout,
+    Gaussian noise; every row of x [B, T, d] draws its own."""
     if cfg.time_mask > 0 and x.shape[1] > 1:
         drop = (torch.rand(mask.shape, device=x.device) < cfg.time_mask) & mask
         keep = mask & ~drop
@@ -43,9 +44,9 @@ def specialize_loss(engine, batch, cfg: RunConfig, modalities: list[str]):
     st = cfg.stages
     feats, masks = {}, {}
     for m in modalities:
-        x1, k1 = augment(batch.features[m], batch.masks[m], st)
-        x2, k2 = augment(batch.features[m], batch.masks[m], st)
-        feats[m], masks[m] = torch.cat([x1, x2]), torch.cat([k1, k2])  # one MoE call for both views
+        # both views in one augment call (rows [0, B) view 1, [B, 2B) view 2, each row its own draws) and
+        # one encoder call
+        feats[m], masks[m] = augment(batch.features[m].repeat(2, 1, 1), batch.masks[m].repeat(2, 1), st)
     out = engine(feats, masks)
     b = len(batch)
     e1 = {m: e[:b] for m, e in out.embeddings.items()}

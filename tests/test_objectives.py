@@ -31,6 +31,32 @@ def test_vmf_compactness_hand_computed():
                                  torch.tensor([0, 0]))) == pytest.approx(-1.0)
 
 
+
+def test_augment_draws_each_row_its_own_view():
+    """Stage 1 augments both views in one call: every row gets its own time mask, dropout and noise (the two
+    halves differ), masks only lose real steps and keep at least one per sample that had one, masked steps are
+    zero (also where the features were NaN), and about time_mask of the real steps are dropped."""
+    from s3dist.config import StagesConfig
+    from s3dist.objectives import augment
+
+    torch.manual_seed(0)
+    b, t, d = 64, 20, 8
+    x = torch.randn(b, t, d)
+    mask = torch.arange(t).expand(b, t) >= torch.randint(0, t, (b, 1))  # front padding, as MultiBench pads
+    mask[0] = False  # a sample with no real step stays empty
+    x[~mask] = float("nan")
+    st = StagesConfig(time_mask=0.5, feature_dropout=0.2, noise_std=0.1)
+    out, keep = augment(x.repeat(2, 1, 1), mask.repeat(2, 1), st)
+    m2 = mask.repeat(2, 1)
+    assert out.shape == (2 * b, t, d) and keep.shape == (2 * b, t)
+    assert not (keep & ~m2).any()                                   # only real steps are kept
+    assert keep.any(1)[m2.any(1)].all() and not keep[0].any()       # never a sample masked away entirely
+    assert (out[~keep] == 0).all() and torch.isfinite(out).all()
+    assert not torch.equal(keep[:b], keep[b:]) and not torch.equal(out[:b], out[b:])
+    dropped = (m2 & ~keep).sum() / m2.sum()
+    assert 0.4 < float(dropped) < 0.5  # 0.5 drawn, minus the steps kept so that no sample is empty
+
+
 B, D = 8, 6
 
 
