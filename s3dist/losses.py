@@ -49,29 +49,40 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 def unit_and_global(embeddings: dict) -> tuple[dict, dict]:
     """Each embedding L2-normalised in fp32 (also under bf16), and its global batch, all of them in one
     all-gather: a stage's contrastive terms reuse the same few embeddings, so gathering each once, together,
-    replaces two gathers per term (and two all-reduces in backward) with one of each per step. Every rank
-    must pass the same keys with the same row count."""
-    unit = {k: F.normalize(v.float(), dim=-1) for k, v in embeddings.items()}
-    if _world()[1] == 1 or not unit:
-        return unit, unit
-    keys = list(unit)
-    parts = gather_with_grad(torch.cat([unit[k] for k in keys], dim=1)).split([unit[k].shape[1] for k in keys], 1)
-    return unit, dict(zip(keys, parts))
+    replaces two gathers per term (and two all-reduces in backward) with one of each per step. The
+    embeddings are stacked ([B, K, d]) and normalised together too, so they must share one shape; every
+    rank must pass the same keys with the same row count."""
+    if not embeddings:
+        return {}, {}
+    shapes = {k: tuple(v.shape) for k, v in embeddings.items()}
+    if len(set(shapes.values())) > 1:
+        raise ValueError(f"the contrastive terms take embeddings of one shape, got {shapes}")
+    keys = list(embeddings)
+    unit = F.normalize(torch.stack([embeddings[k] for k in keys], dim=1).float(), dim=-1)   # [B, K, d]
+    glob = gather_with_grad(unit) if _world()[1] > 1 else unit                             # [world B, K, d]
+    return dict(zip(keys, unit.unbind(1))), dict(zip(keys, glob.unbind(1)))
 
 
-def info_nce_unit(a: torch.Tensor, b: torch.Tensor, ga: torch.Tensor, gb: torch.Tensor,
-                  temperature: float) -> torch.Tensor:
-    """Symmetric InfoNCE of unit embeddings `a`, `b` given their global batches `ga`, `gb`
-    (`unit_and_global`): a[i] and b[i] are positives; every other global-batch row is a negative."""
-    target = torch.arange(a.shape[0], device=a.device) + _world()[0] * a.shape[0]
-    return 0.5 * (F.cross_entropy(a @ gb.t() / temperature, target)
-                  + F.cross_entropy(b @ ga.t() / temperature, target))
+def info_nce_pairs(unit: dict, glob: dict, pairs: list[tuple], temperature: float) -> torch.Tensor:
+    """The symmetric InfoNCE of each pair (x, y) of `unit_and_global`'s keys, as a [len(pairs)] tensor:
+    x's row i and y's row i are positives, every other global-batch row is a negative. All pairs and both
+    directions are one batched matmul and one cross-entropy (Stage 1 has 3-6 pairs: a few ops instead of
+    a dozen per pair)."""
+    if not pairs:
+        raise ValueError("info_nce_pairs needs at least one pair")
+    anchors = torch.stack([unit[x] for x, _ in pairs] + [unit[y] for _, y in pairs])     # [2P, B, d]
+    candidates = torch.stack([glob[y] for _, y in pairs] + [glob[x] for x, _ in pairs])  # [2P, world B, d]
+    logits = torch.bmm(anchors, candidates.transpose(1, 2)) / temperature                # [2P, B, world B]
+    n, b, g = logits.shape
+    target = (torch.arange(b, device=logits.device) + _world()[0] * b).repeat(n)         # the positive's global row
+    per_row = F.cross_entropy(logits.reshape(n * b, g), target, reduction="none")
+    return 0.5 * per_row.view(2, len(pairs), b).mean(-1).sum(0)
 
 
 def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
     """Symmetric InfoNCE: a[i] and b[i] are positives; every other global-batch row is a negative."""
     unit, glob = unit_and_global({"a": a, "b": b})
-    return info_nce_unit(unit["a"], unit["b"], glob["a"], glob["b"], temperature)
+    return info_nce_pairs(unit, glob, [("a", "b")], temperature)[0]
 
 
 def global_labels(labels: torch.Tensor) -> torch.Tensor:

@@ -54,14 +54,12 @@ def specialize_loss(engine, batch, cfg: RunConfig, modalities: list[str]):
     # every embedding normalised and gathered once, in one collective, for all the terms below
     unit, glob = losses.unit_and_global({**{(m, 1): e1[m] for m in modalities}, **{(m, 2): e2[m] for m in modalities}})
 
-    def nce(x, y):
-        return losses.info_nce_unit(unit[x], unit[y], glob[x], glob[y], st.temperature)
-
-    terms = {}
-    terms["intra"] = sum(nce((m, 1), (m, 2)) for m in modalities) / len(modalities)
-    prs = losses.pairs(modalities)
-    if prs:
-        terms["cross"] = sum(nce((a, 1), (b_, 1)) for a, b_ in prs) / len(prs)
+    intra = [((m, 1), (m, 2)) for m in modalities]
+    cross = [((a, 1), (b_, 1)) for a, b_ in losses.pairs(modalities)]
+    nce = losses.info_nce_pairs(unit, glob, intra + cross, st.temperature)  # all terms in one batched call
+    terms = {"intra": nce[:len(intra)].mean()}
+    if cross:
+        terms["cross"] = nce[len(intra):].mean()
     total = st.intra_weight * terms["intra"] + st.cross_weight * terms.get("cross", 0.0)
     # balance=bias / none: the loss is still computed and logged (it measures the load), never applied
     aux_weight = cfg.moe.aux_loss_weight if cfg.moe.balance == "aux_loss" else 0.0

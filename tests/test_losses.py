@@ -39,3 +39,38 @@ def test_sup_con_with_concepts_weights_positives_by_jaccard_overlap():
     got = float(losses.sup_con(a, b, c, t))
     assert math.isclose(got, sum(per_anchor) / 4, rel_tol=1e-5)
     assert per_anchor[3] == 0.0
+
+
+def test_info_nce_pairs_equals_each_pair_written_out():
+    """All pairs and both directions in one batched call equal, pair by pair, the symmetric InfoNCE written
+    out with two matmuls: values and the embeddings' gradients (one process: the global batch is the local one)."""
+    torch.manual_seed(2)
+    emb = {k: torch.randn(5, 4, requires_grad=True) for k in ("a", "b", "c")}
+    pairs = [("a", "b"), ("c", "c"), ("b", "c")]
+    t = 0.3
+    unit, glob = losses.unit_and_global(emb)
+    got = losses.info_nce_pairs(unit, glob, pairs, t)
+    got.sum().backward()
+    grads = {k: e.grad.clone() for k, e in emb.items()}
+
+    ref = []
+    for x, y in pairs:
+        ux, uy = F.normalize(emb[x], dim=-1), F.normalize(emb[y], dim=-1)
+        target = torch.arange(5)
+        ref.append(0.5 * (F.cross_entropy(ux @ uy.t() / t, target) + F.cross_entropy(uy @ ux.t() / t, target)))
+    ref = torch.stack(ref)
+    for e in emb.values():
+        e.grad = None
+    ref.sum().backward()
+    torch.testing.assert_close(got, ref)
+    for k, e in emb.items():
+        torch.testing.assert_close(grads[k], e.grad, msg=lambda s: f"{k}: {s}")
+    # a pair of identical embeddings is the easiest case: lower loss than the random pairs
+    assert got[1] < got[0] and got[1] < got[2]
+
+
+def test_contrastive_embeddings_of_different_shapes_are_refused_by_name():
+    import pytest
+
+    with pytest.raises(ValueError, match=r"one shape.*'b': \(3, 5\)"):
+        losses.unit_and_global({"a": torch.randn(3, 4), "b": torch.randn(3, 5)})
