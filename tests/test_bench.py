@@ -119,7 +119,10 @@ def test_bench_moe_record_and_counted_bytes_match_plan(tmp_path, monkeypatch):
     assert set(fig["ratio_s3dist_vs_bare"]) == {"fused", "single"}
     for case, modalities in (("fused", 3), ("single", 1)):
         variants = fig[case]["variants"]
-        assert set(variants) == {"s3dist", "bare", "topk-per-modality"}
+        assert set(variants) == {"s3dist", "bare", "topk-per-modality", "bare-free-gate"}
+        # the free-gate floor replays the routes the gate computes: same output as bare, and its ceiling is recorded
+        assert variants["bare-free-gate"]["replay_matches_bare"] is True
+        assert fig[case]["cpu_ceiling_vs_bare"] == variants["bare-free-gate"]["cpu_vs_bare"] > 0
         for name, v in variants.items():
             assert v["tokens_per_s"] > 0 and 0 <= v["all_to_all_share"] <= 1 and v["vs_bare"] > 0
             spec = PlanSpec(ep=2, modalities=modalities, batch_per_gpu=4, views=1, seq_len=3, d_model=8,

@@ -9,7 +9,12 @@ On `--ranks` real gloo processes (expert-parallel size `--ep`), in the same run 
 * `topk-per-modality`: `ExpertParallelMoE(kind="topk")`, s3dist's wrapper around DeepSpeed's own
   gate with one DeepSpeed MoE per modality, i.e. one all-to-all pair per modality: in the fused case
   what fusing saves; in the single case (one group, same buffers as bare) the wrapper's own cost, so
-  s3dist vs this row is the S3 router alone.
+  s3dist vs this row is the S3 router alone;
+* `bare-free-gate`: the bare layer with its gate's first routes replayed (a gate that costs nothing;
+  dispatch, all-to-all, experts and combine are DeepSpeed's, as in s3dist). It is the floor any gate can
+  reach with DeepSpeed's dispatch kept, so `cpu_ceiling_vs_bare` (bare / this row) bounds what s3dist's
+  router can gain over bare. The tokens are the same every step and nothing updates the gate, so the
+  replayed routes are the ones the gate would compute; the record says whether the outputs matched bare's.
 
 `--granularity G` sets the layer the way the config's `moe.granularity` does (N = G x rho experts per
 modality, k = G) with fine-grained experts (k x hidden fixed); `--expert-compute` picks how the s3dist
@@ -265,11 +270,57 @@ def _build_variants(spec: LayerSpec, ep: int, ep_rank: int):
         bare.zero_grad(set_to_none=True)
 
     variants["bare"] = (bare, bare_step, [bare.deepspeed_moe.gate])
+    variants["bare-free-gate"] = (bare, _free_gate_step(bare, flat, bare_step), [])
 
     per_mod = ExpertParallelMoE(d, spec.modalities, MoEConfig(**{**asdict(cfg), "kind": "topk"}), ep_size=ep,
                                 ep_rank=ep_rank, layer_index=0)
     variants["topk-per-modality"] = (per_mod, layer_step(per_mod), per_mod.routers)
     return variants
+
+
+def _free_gate_step(bare, flat, bare_step):
+    """`bare_step` with the gate's output replayed: captured on the first call (its routing, capacity and
+    counts as DeepSpeed's `MOELayer` takes them), then returned by every later call. The loss and gate
+    values are detached leaves that require grad, so the backward still runs the combine's gate gradient.
+    `replay_matches_bare` records whether the replayed layer's output equals the real one's."""
+    import torch
+
+    gate = bare.deepspeed_moe.gate
+    real_forward = gate.forward
+    replay: dict = {}
+
+    def replayed(*args, **kwargs):
+        return replay["routes"]
+
+    def step():
+        if "routes" not in replay:
+            captured = []
+            gate.forward = lambda *a, **k: captured.append(real_forward(*a, **k)) or captured[-1]
+            try:
+                with torch.no_grad():
+                    want = bare(flat)[0]
+            finally:
+                gate.forward = real_forward
+            out = list(captured[0])
+            for i in (0, 5):  # l_aux and the gate values: leaves of the replayed graph
+                out[i] = out[i].detach().requires_grad_()
+            replay["routes"], replay["leaves"] = tuple(out), (out[0], out[5])
+            gate.forward = replayed
+            try:
+                with torch.no_grad():
+                    replay["matches"] = bool(torch.equal(bare(flat)[0], want))
+            finally:
+                gate.forward = real_forward
+        gate.forward = replayed
+        try:
+            bare_step()
+        finally:
+            gate.forward = real_forward
+        for leaf in replay["leaves"]:
+            leaf.grad = None
+
+    step.replay = replay
+    return step
 
 
 def _rank_main(rank: int, world: int, specs: dict, ep: int, warmup: int, repeats: int, profile_steps: int):
@@ -303,7 +354,9 @@ def _time_variants(variants: dict, warmup: int, repeats: int, profile_steps: int
             step()
         counted[name] = asdict(c)
         profiles[name] = profile_shares(step, profile_steps, gates, sync=dist.barrier)
-    return {"times": times, "cpu": cpu, "bytes": counted, "profile": profiles}
+    checks = {n: {"replay_matches_bare": variants[n][1].replay["matches"]} for n in names
+              if hasattr(variants[n][1], "replay")}
+    return {"times": times, "cpu": cpu, "bytes": counted, "profile": profiles, "checks": checks}
 
 
 def measure(specs: dict[str, LayerSpec], ranks: int, ep: int, *, warmup: int, repeats: int, profile_steps: int,
@@ -322,13 +375,16 @@ def measure(specs: dict[str, LayerSpec], ranks: int, ep: int, *, warmup: int, re
             cpu_med = statistics.median([statistics.median(r[case]["cpu"][name]) for r in res])
             out[name] = {"step_ms_median": 1e3 * med, "step_ms_min": 1e3 * min(ts),
                          "tokens_per_s": global_tokens / med, "cpu_ms_per_rank_median": 1e3 * cpu_med,
-                         "all_to_all_bytes_per_step": r0["bytes"][name], **r0["profile"][name]}
+                         "all_to_all_bytes_per_step": r0["bytes"][name], **r0["profile"][name],
+                         **r0["checks"].get(name, {})}
         for v in out.values():
             v["vs_bare"] = v["tokens_per_s"] / out["bare"]["tokens_per_s"]
             v["best_vs_bare"] = out["bare"]["step_ms_min"] / v["step_ms_min"]  # least disturbed steps
             v["cpu_vs_bare"] = out["bare"]["cpu_ms_per_rank_median"] / v["cpu_ms_per_rank_median"]
         figures[case] = {"spec": asdict(spec), "ranks": ranks, "ep": ep, "global_tokens_per_step": global_tokens,
-                         "variants": out}
+                         "variants": out,
+                         # the most a gate can gain over bare while DeepSpeed's dispatch and experts run as they do
+                         "cpu_ceiling_vs_bare": out["bare-free-gate"]["cpu_vs_bare"]}
     return figures
 
 
@@ -371,6 +427,9 @@ def run(args: argparse.Namespace) -> int:
     figures["ratio_s3dist_vs_bare"] = {c: figures[c]["variants"]["s3dist"]["vs_bare"] for c in cases}
     figures["cpu_ratio_s3dist_vs_bare"] = {c: figures[c]["variants"]["s3dist"]["cpu_vs_bare"] for c in cases}
     figures["best_ratio_s3dist_vs_bare"] = {c: figures[c]["variants"]["s3dist"]["best_vs_bare"] for c in cases}
+    figures["cpu_ceiling_vs_bare"] = {c: figures[c]["cpu_ceiling_vs_bare"] for c in cases}
+    print("cpu ceiling vs bare (bare / bare with a free gate: the most any gate can gain here): "
+          + ", ".join(f"{c} {figures[c]['cpu_ceiling_vs_bare']:.3f}" for c in cases))
     figures["load_average_1min"] = os.getloadavg()[0]  # other jobs on the machine make wall times noisy
     record("moe", figures, out=args.json or None)
     return 0
