@@ -18,9 +18,17 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
+def _all_gather_single(out: torch.Tensor, x: torch.Tensor) -> None:
+    """`torch.distributed.all_gather_single` (torch >= 2.13, where `all_gather_into_tensor` became a
+    deprecated alias that warns on every call), or `all_gather_into_tensor` on the older torch releases
+    pyproject.toml admits: same arguments, same result."""
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, x)
+
+
 class _GatherWithGrad(torch.autograd.Function):
     """All-gather along dim 0 (equal row counts on every rank); the backward hands each rank the sum over
-    ranks of the gradient of its own rows. Written on the current collectives (`all_gather_single`,
+    ranks of the gradient of its own rows. Written on the plain collectives (`_all_gather_single`,
     `all_reduce`): torch's `distributed.nn.functional.all_gather` is deprecated and warns on every call."""
 
     @staticmethod
@@ -28,7 +36,7 @@ class _GatherWithGrad(torch.autograd.Function):
         rank, world = _world()
         ctx.rows, ctx.rank = x.shape[0], rank
         out = x.new_empty((world * x.shape[0], *x.shape[1:]))
-        dist.all_gather_single(out, x.contiguous())
+        _all_gather_single(out, x.contiguous())
         return out
 
     @staticmethod

@@ -60,13 +60,22 @@ def test_augment_draws_each_row_its_own_view():
 B, D = 8, 6
 
 
-def _losses(rank, world, out_dir):
-    """Each loss on this rank's slice of one global batch; returns values and input gradients."""
+def _losses(rank, world, out_dir, torch_before_2_13=False):
+    """Each loss on this rank's slice of one global batch; returns values and input gradients. With
+    `torch_before_2_13` the process has no `all_gather_single` (as torch < 2.13, which pyproject.toml
+    admits): the gathers must go through `all_gather_into_tensor`, and are counted."""
+    import torch.distributed as dist
+
     from s3dist import losses
     from s3dist.config import DistConfig
     from s3dist.dist import init_distributed
 
     init_distributed(DistConfig())
+    old_gathers = []
+    if torch_before_2_13:
+        del dist.all_gather_single
+        real = dist.all_gather_into_tensor
+        dist.all_gather_into_tensor = lambda *a, **k: (old_gathers.append(1), real(*a, **k))[1]
     g = torch.Generator().manual_seed(5)
     a_all, b_all = torch.randn(B, D, generator=g), torch.randn(B, D, generator=g)
     y_all = torch.tensor([0, 1, 2, 0, 1, 1, 2, 0])
@@ -81,16 +90,22 @@ def _losses(rank, world, out_dir):
         loss = fn(a, b, y_all[sl])
         loss.backward()
         out[name] = {"loss": float(loss.detach()), "ga": a.grad.clone(), "gb": b.grad.clone()}
+    out["old_gathers"] = len(old_gathers)
     return out
 
 
 @pytest.mark.slow
-def test_losses_on_two_ranks_equal_one_rank_with_the_whole_batch(tmp_path):
+@pytest.mark.parametrize("torch_before_2_13", [False, True])
+def test_losses_on_two_ranks_equal_one_rank_with_the_whole_batch(tmp_path, torch_before_2_13):
     """Negatives, positives and class means come from the global batch: the mean over 2 ranks of each
     loss equals the 1-rank loss, and each rank's input gradients are world x the 1-rank gradients of its
-    rows (DeepSpeed then averages parameter gradients over the ranks), to 1e-6."""
+    rows (DeepSpeed then averages parameter gradients over the ranks), to 1e-6. Also on a torch without
+    `all_gather_single` (< 2.13), through `all_gather_into_tensor`."""
     one = run_ranks(_losses, 1, tmp_path / "one")[0]
-    two = run_ranks(_losses, 2, tmp_path / "two")
+    two = run_ranks(_losses, 2, tmp_path / "two", torch_before_2_13)
+    # info_nce: one gather; sup_con, vmf: embeddings + labels
+    assert [r.pop("old_gathers") for r in two] == ([5, 5] if torch_before_2_13 else [0, 0])
+    one.pop("old_gathers")
     for name, ref in one.items():
         assert (two[0][name]["loss"] + two[1][name]["loss"]) / 2 == pytest.approx(ref["loss"], abs=1e-6), name
         for key in ("ga", "gb"):
