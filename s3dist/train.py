@@ -178,43 +178,39 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from s3dist.checkpoint import CheckpointError
+    from s3dist import runlock
 
     try:
         args, cfg = parse_args(argv)
         # before any process group exists and before anything is written: a refused resume leaves no trace
         cfg, plan = plan_resume(cfg, given_keys(args), args.force_config,
                                 Path(cfg.output_dir) if cfg.output_dir else None)
-    except ConfigError as e:
-        print(f"s3dist: config error: {e}", file=sys.stderr)
-        return 2
-    except CheckpointError as e:
-        print(f"s3dist: checkpoint error: {e}", file=sys.stderr)
-        return 2
-    if cfg.dist.exit_with_launcher:
-        from s3dist.launch import exit_with_launcher
+        if cfg.dist.exit_with_launcher:
+            from s3dist.launch import exit_with_launcher
 
-        exit_with_launcher()  # orphaned by a killed launcher, this rank would train on (issue #19)
-    from s3dist import runlock
-    from s3dist.data import DataError
-
-    try:
+            exit_with_launcher()  # orphaned by a killed launcher, this rank would train on (issue #19)
         run(cfg, plan)
         return 0
-    except runlock.RunLockError as e:
-        print(f"s3dist: run directory busy: {e}", file=sys.stderr)
-        return 2
-    except ConfigError as e:
-        print(f"s3dist: config error: {e}", file=sys.stderr)
-        return 2
-    except CheckpointError as e:
-        print(f"s3dist: checkpoint error: {e}", file=sys.stderr)
-        return 2
-    except DataError as e:
-        print(f"s3dist: data error: {e}", file=sys.stderr)
+    except Exception as e:
+        kind = _user_error(e)
+        if kind is None:
+            raise
+        print(f"s3dist: {kind}: {e}", file=sys.stderr)
         return 2
     finally:
         runlock.release_all()  # also on errors and on the requeue exit (SystemExit 75)
+
+
+def _user_error(e: Exception) -> str | None:
+    """What kind of error a user can fix `e` is (bad config, checkpoint or data, a run directory another job
+    holds): `main` reports those as one line and exit code 2, without a traceback. None: a bug, re-raised."""
+    from s3dist.checkpoint import CheckpointError
+    from s3dist.data import DataError
+    from s3dist.runlock import RunLockError
+
+    kinds = ((ConfigError, "config error"), (CheckpointError, "checkpoint error"), (DataError, "data error"),
+             (RunLockError, "run directory busy"))
+    return next((kind for cls, kind in kinds if isinstance(e, cls)), None)
 
 
 def run(cfg: RunConfig, plan: ResumePlan | None = None):

@@ -114,6 +114,33 @@ def test_refused_resume_exits_2_before_anything_is_written(tmp_path, capsys):
     assert _snapshot(run_dir) == before
 
 
+
+@pytest.mark.parametrize("error,kind", [("ConfigError", "config error"), ("CheckpointError", "checkpoint error"),
+                                        ("DataError", "data error"), ("RunLockError", "run directory busy")])
+def test_train_main_reports_what_a_user_can_fix_in_one_line_and_re_raises_bugs(tmp_path, capsys, monkeypatch,
+                                                                               error, kind):
+    """Each error a user can fix, wherever the job raises it, ends `s3dist.train` with exit code 2 and one
+    line naming its kind and the message (no traceback); anything else is a bug and propagates."""
+    import s3dist.train as train
+    from s3dist.data import DataError
+    from s3dist.runlock import RunLockError
+
+    cls = {"ConfigError": ConfigError, "CheckpointError": CheckpointError, "DataError": DataError,
+           "RunLockError": RunLockError}[error]
+
+    def failing(cfg, plan):
+        raise cls("what went wrong, and what to do")
+
+    monkeypatch.setattr(train, "run", failing)
+    assert train.main(["--output_dir", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err.strip() == f"s3dist: {kind}: what went wrong, and what to do"
+    monkeypatch.setattr(train, "run", lambda cfg, plan: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        train.main(["--output_dir", str(tmp_path / "run")])
+    # a bad value on the command line is refused before anything runs
+    assert train.main(["--output_dir", str(tmp_path / "run"), "optim.lr=-1"]) == 2
+    assert "s3dist: config error: config key 'optim.lr' = -1.0 is out of range" in capsys.readouterr().err
+
 def test_auto_resume_without_a_checkpoint_is_a_fresh_start(tmp_path):
     """'auto' in a directory without a checkpoint compares nothing: the command's config as it is."""
     from s3dist.train import plan_resume
