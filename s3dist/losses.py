@@ -104,22 +104,25 @@ def sup_con(a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor, temperature:
     multi-hot (e.g. generating concepts): a row is positive with weight |c_i & c_j| / |c_i | c_j|
     (Jaccard), the usual multi-label generalisation; with one-hot rows it is the [B] case."""
     unit, glob = unit_and_global({"a": a, "b": b})
-    return sup_con_unit(unit["a"], glob["b"], labels, global_labels(labels), temperature)
+    return sup_con_pairs(unit, glob, [("a", "b")], labels, global_labels(labels), temperature)[0]
 
 
-def sup_con_unit(a: torch.Tensor, gb: torch.Tensor, labels: torch.Tensor, glabels: torch.Tensor,
-                 temperature: float) -> torch.Tensor:
-    """`sup_con` of unit anchors `a` against the global batch `gb` of unit candidates, with `glabels` the
-    global batch's labels (`global_labels`)."""
-    log_prob = F.log_softmax(a @ gb.t() / temperature, dim=-1)
+def sup_con_pairs(unit: dict, glob: dict, directed: list[tuple], labels: torch.Tensor, glabels: torch.Tensor,
+                  temperature: float) -> torch.Tensor:
+    """`sup_con` of each directed pair (a, b) of `unit_and_global`'s keys (anchors a, candidates b's global
+    batch), with `glabels` the global batch's labels (`global_labels`), as a [len(directed)] tensor. The
+    positive weights depend on the labels alone, so they are built once; all pairs are one batched matmul."""
     if labels.dim() == 1:
         pos = (labels.float().unsqueeze(1) == glabels.unsqueeze(0)).float()
     else:
         c, gc = labels.float(), glabels
         inter = c @ gc.t()
         union = c.sum(1, keepdim=True) + gc.sum(1).unsqueeze(0) - inter
-        pos = inter / union.clamp_min(1.0)
-    return -((log_prob * pos).sum(1) / pos.sum(1).clamp_min(1.0)).mean()
+        pos = inter / union.clamp_min(1.0)                                                  # [B, world B]
+    anchors = torch.stack([unit[a] for a, _ in directed])                                   # [P, B, d]
+    candidates = torch.stack([glob[b] for _, b in directed])                                # [P, world B, d]
+    log_prob = F.log_softmax(torch.bmm(anchors, candidates.transpose(1, 2)) / temperature, dim=-1)
+    return -((log_prob * pos).sum(-1) / pos.sum(1).clamp_min(1.0)).mean(-1)
 
 
 def vmf_compactness(a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -131,18 +134,25 @@ def vmf_compactness(a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor) -> t
     the global batch, all ranks). Gradients flow through both sides; mean over this rank's anchors.
     """
     unit, glob = unit_and_global({"a": a, "b": b})
-    return vmf_compactness_unit(unit["a"], glob["b"], labels, global_labels(labels))
+    return vmf_compactness_pairs(unit, glob, [("a", "b")], labels, global_labels(labels))[0]
 
 
-def vmf_compactness_unit(a: torch.Tensor, gb: torch.Tensor, labels: torch.Tensor,
-                         glabels: torch.Tensor) -> torch.Tensor:
-    """`vmf_compactness` of unit embeddings `a` against the global batch `gb` of unit embeddings of the other
-    modality, with `glabels` the global batch's class ids (`global_labels`)."""
+def vmf_compactness_pairs(unit: dict, glob: dict, directed: list[tuple], labels: torch.Tensor,
+                          glabels: torch.Tensor) -> torch.Tensor:
+    """`vmf_compactness` of each directed pair (a, b) of `unit_and_global`'s keys, with `glabels` the global
+    batch's class ids (`global_labels`), as a [len(directed)] tensor. Each target modality's class mean
+    directions are computed once, however many pairs point at it."""
+    targets = list(dict.fromkeys(b for _, b in directed))
+    g = torch.stack([glob[b] for b in targets])                                            # [Q, world B, d]
     # Each anchor's class sum over the global batch as one matmul with a same-label mask (its own row is
-    # in `gb`, so the class is never empty); no `torch.unique`, whose data-dependent size is a host sync.
-    same = (labels.long().unsqueeze(1) == glabels.long().unsqueeze(0)).to(gb.dtype)   # [B, B_global]
-    own = F.normalize(same @ gb, dim=-1)                 # the anchor's class mean direction in modality b
-    return -(a * own).sum(-1).mean() if a.shape[0] else a.sum() * 0
+    # in the global batch, so the class is never empty); no `torch.unique`, whose data-dependent size is a
+    # host sync.
+    same = (labels.long().unsqueeze(1) == glabels.long().unsqueeze(0)).to(g.dtype)         # [B, world B]
+    own = F.normalize(same @ g, dim=-1)          # [Q, B, d]: each anchor's class mean direction per target
+    anchors = torch.stack([unit[a] for a, _ in directed])                                   # [P, B, d]
+    if anchors.shape[1] == 0:
+        return anchors.sum((1, 2)) * 0
+    return -(anchors * own[[targets.index(b) for _, b in directed]]).sum(-1).mean(-1)
 
 
 def _entropy(p: torch.Tensor) -> torch.Tensor:

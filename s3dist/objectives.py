@@ -77,8 +77,7 @@ def select_loss(engine, batch, cfg: RunConfig, modalities: list[str]):
     # every embedding normalised and gathered once, and the labels once, for all the terms below
     unit, glob = losses.unit_and_global(emb)
     gy = losses.global_labels(y)
-    terms = {"supcon": sum(losses.sup_con_unit(unit[a], glob[b], y, gy, st.temperature)
-                           for a, b in directed) / len(directed)}
+    terms = {"supcon": losses.sup_con_pairs(unit, glob, directed, y, gy, st.temperature).mean()}
     if st.compact_weight > 0:
         terms["compact"] = compactness_term(out, (unit, glob), (y, gy), directed, st.compactness)
     total = st.supcon_weight * terms["supcon"] + st.compact_weight * terms.get("compact", 0.0)
@@ -91,7 +90,7 @@ def compactness_term(out, embeddings: tuple[dict, dict], labels: tuple[torch.Ten
     `embeddings` = (unit, global) and `labels` = (local, global) as `select_loss` prepares them."""
     if form == "vmf":
         (unit, glob), (y, gy) = embeddings, labels
-        return sum(losses.vmf_compactness_unit(unit[a], glob[b], y, gy) for a, b in directed) / len(directed)
+        return losses.vmf_compactness_pairs(unit, glob, directed, y, gy).mean()
     scores = out.sample_scores
     return sum(losses.compactness(s, form) for s in scores.values()) / max(1, len(scores))
 
