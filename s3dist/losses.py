@@ -71,6 +71,14 @@ def unit_and_global(embeddings: dict) -> tuple[dict, dict]:
     return dict(zip(keys, unit.unbind(1))), dict(zip(keys, glob.unbind(1)))
 
 
+def _pair_logits(unit: dict, glob: dict, directed: list[tuple], temperature: float) -> torch.Tensor:
+    """[P, B, world B]: for each directed pair (a, b), a's unit rows against b's global batch, over the
+    temperature; all pairs in one batched matmul."""
+    anchors = torch.stack([unit[a] for a, _ in directed])                                   # [P, B, d]
+    candidates = torch.stack([glob[b] for _, b in directed])                                # [P, world B, d]
+    return torch.bmm(anchors, candidates.transpose(1, 2)) / temperature
+
+
 def info_nce_pairs(unit: dict, glob: dict, pairs: list[tuple], temperature: float) -> torch.Tensor:
     """The symmetric InfoNCE of each pair (x, y) of `unit_and_global`'s keys, as a [len(pairs)] tensor:
     x's row i and y's row i are positives, every other global-batch row is a negative. All pairs and both
@@ -78,9 +86,7 @@ def info_nce_pairs(unit: dict, glob: dict, pairs: list[tuple], temperature: floa
     a dozen per pair)."""
     if not pairs:
         raise ValueError("info_nce_pairs needs at least one pair")
-    anchors = torch.stack([unit[x] for x, _ in pairs] + [unit[y] for _, y in pairs])     # [2P, B, d]
-    candidates = torch.stack([glob[y] for _, y in pairs] + [glob[x] for x, _ in pairs])  # [2P, world B, d]
-    logits = torch.bmm(anchors, candidates.transpose(1, 2)) / temperature                # [2P, B, world B]
+    logits = _pair_logits(unit, glob, pairs + [(y, x) for x, y in pairs], temperature)  # both directions
     n, b, g = logits.shape
     target = (torch.arange(b, device=logits.device) + _world()[0] * b).repeat(n)         # the positive's global row
     per_row = F.cross_entropy(logits.reshape(n * b, g), target, reduction="none")
@@ -119,9 +125,7 @@ def sup_con_pairs(unit: dict, glob: dict, directed: list[tuple], labels: torch.T
         inter = c @ gc.t()
         union = c.sum(1, keepdim=True) + gc.sum(1).unsqueeze(0) - inter
         pos = inter / union.clamp_min(1.0)                                                  # [B, world B]
-    anchors = torch.stack([unit[a] for a, _ in directed])                                   # [P, B, d]
-    candidates = torch.stack([glob[b] for _, b in directed])                                # [P, world B, d]
-    log_prob = F.log_softmax(torch.bmm(anchors, candidates.transpose(1, 2)) / temperature, dim=-1)
+    log_prob = F.log_softmax(_pair_logits(unit, glob, directed, temperature), dim=-1)
     return -((log_prob * pos).sum(-1) / pos.sum(1).clamp_min(1.0)).mean(-1)
 
 

@@ -100,7 +100,7 @@ class InputProjection(nn.Module):
 
 class SelfAttention(nn.Module):
     """Multi-head self-attention of each modality over its own real steps, every modality in one batched
-    call (`scaled_dot_product_attention` over modality x sample). x: [M, B, T, d]; valid: bool [M, B, T].
+    call (`scaled_dot_product_attention` over modality x sample). x: [M, B, T, d].
 
     The projections are per modality, stacked (`ModalityLinear`); the state dict keeps the per-modality
     names (`vision.qkv.weight`, ...)."""
