@@ -234,3 +234,64 @@ def test_import_arrays_refuses_pickled_npy_and_bad_shapes(tmp_path):
     with pytest.raises(DataError, match=r"modality 'a'.*short\.npy.*\[19, 3\]"):
         import_arrays({"a": str(tmp_path / "short.npy")}, str(tmp_path / "y.npy"), str(tmp_path / "o"))
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("labels, needle", [
+    (np.zeros(20, np.int64), r"one class only \(0\)"),
+    (np.array([3, 7, 100] * 7 + [3]), r"3 distinct ids up to 100.*98 ids are unused.*np\.unique"),
+    (np.array([], np.int64), "holds no rows"),
+])
+def test_import_arrays_refuses_labels_no_task_can_use(tmp_path, labels, needle):
+    """One class, ids with gaps (a class no split holds; {5, 1000000} would make a million-class head) and no
+    rows are refused before anything is written, naming the labels file."""
+    np.save(tmp_path / "y.npy", labels)
+    np.save(tmp_path / "a.npy", np.zeros((len(labels), 3), np.float32))
+    with pytest.raises(DataError, match=r"y\.npy.*" + needle):
+        import_arrays({"a": str(tmp_path / "a.npy")}, str(tmp_path / "y.npy"), str(tmp_path / "o"))
+    assert not (tmp_path / "o").exists()
+
+
+def test_import_arrays_refuses_archives_empty_dimensions_and_complex_values(tmp_path):
+    np.save(tmp_path / "y.npy", np.array([0, 1] * 10))
+    np.savez(tmp_path / "both.npz", a=np.zeros((20, 3)), b=np.ones((20, 3)))
+    np.save(tmp_path / "empty.npy", np.zeros((20, 0, 3), np.float32))
+    np.save(tmp_path / "cplx.npy", np.zeros((20, 3), np.complex64))
+    for name, needle in [("both.npz", r"both\.npz is an \.npz archive of 2 arrays \(a, b\)"),
+                         ("empty.npy", r"empty\.npy has shape \[20, 0, 3\].*at least 1"),
+                         ("cplx.npy", r"cplx\.npy has dtype complex64; expected real numbers")]:
+        with pytest.raises(DataError, match=needle):
+            import_arrays({"a": str(tmp_path / name)}, str(tmp_path / "y.npy"), str(tmp_path / "o"))
+    assert not (tmp_path / "o").exists()
+
+
+def test_overwrite_replaces_a_data_set_and_nothing_else(tmp_path, monkeypatch):
+    """`--overwrite` deletes the old folder, so it takes only an s3dist data set (or an empty folder): a folder of
+    the user's own files, a file, and the current directory are refused with nothing deleted."""
+    np.save(tmp_path / "y.npy", np.array([0, 1] * 10))
+    np.save(tmp_path / "a.npy", np.zeros((20, 3), np.float32))
+    mods, y = {"a": str(tmp_path / "a.npy")}, str(tmp_path / "y.npy")
+    ds = tmp_path / "ds"
+    import_arrays(mods, y, str(ds))
+    with pytest.raises(DataError, match="already exists; pass --overwrite"):
+        import_arrays(mods, y, str(ds))
+    import_arrays(mods, y, str(ds), seed=1, overwrite=True)  # a data set is replaced
+    assert "seed 1" in read_manifest(str(ds)).source
+    (tmp_path / "empty").mkdir()
+    import_arrays(mods, y, str(tmp_path / "empty"), overwrite=True)
+    assert read_manifest(str(tmp_path / "empty")).splits["train"].rows == 14
+
+    project = tmp_path / "project"
+    (project / "src").mkdir(parents=True)
+    (project / "src" / "main.py").write_text("code")
+    with pytest.raises(DataError, match=r"project' exists and is not an s3dist data set.*nothing was deleted"):
+        import_arrays(mods, y, str(project), overwrite=True)
+    assert (project / "src" / "main.py").read_text() == "code"
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match="is a file, not a data-set folder"):
+        import_arrays(mods, y, str(tmp_path / "notes.txt"), overwrite=True)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    monkeypatch.chdir(ds)
+    with pytest.raises(DataError, match="is the current directory"):
+        import_arrays(mods, y, ".", overwrite=True)
+    assert read_manifest(str(ds)).splits["train"].rows == 14
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary folder left

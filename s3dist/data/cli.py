@@ -92,6 +92,8 @@ def _import_arrays(args) -> int:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
             raise DataError(f"--modality {item!r} is not NAME=FILE.npy")
+        if name in mods:
+            raise DataError(f"--modality {name!r} is given twice ({mods[name]} and {path}); give each name once")
         mods[name] = path
     m = import_arrays(mods, args.labels, args.out, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
                       seed=args.seed, name=args.name, rows_per_shard=args.rows_per_shard, overwrite=args.overwrite)

@@ -128,8 +128,7 @@ def write_dataset(out_url: str, *, name: str, splits: dict[str, SplitArrays], la
     mods = _check_splits(splits, label)
     fs, root = dataset_fs(out_url)
     root = root.rstrip("/")
-    if fs.exists(root) and not overwrite:
-        raise DataError(f"output '{out_url}' already exists; choose another --out or delete it first")
+    _check_replaceable(fs, root, out_url, overwrite)
     parent, base = root.rsplit("/", 1) if "/" in root else ("", root)
     tmp = f"{parent}/.{base}.tmp-{uuid.uuid4().hex[:8]}" if parent else f".{base}.tmp-{uuid.uuid4().hex[:8]}"
     manifest = Manifest(name=name, modalities=mods, label=label, splits={}, num_concepts=num_concepts,
@@ -171,6 +170,32 @@ def write_dataset(out_url: str, *, name: str, splits: dict[str, SplitArrays], la
     return manifest
 
 
+def _check_replaceable(fs, root: str, out_url: str, overwrite: bool) -> None:
+    """Refuse an existing `--out` unless `overwrite` is given and it holds an s3dist data set (or nothing):
+    `--overwrite` deletes the old folder, so it must never take a folder of the user's own files with it."""
+    if not fs.exists(root):
+        return
+    if not overwrite:
+        raise DataError(f"output '{out_url}' already exists; pass --overwrite to replace the data set there, or "
+                        f"choose another --out")
+    if not fs.isdir(root):
+        raise DataError(f"output '{out_url}' is a file, not a data-set folder; --overwrite replaces only an s3dist "
+                        f"data set, so nothing was deleted. Choose another --out")
+    if fs.ls(root, detail=False) and not fs.exists(f"{root}/{MANIFEST_FILE}"):
+        raise DataError(f"output '{out_url}' exists and is not an s3dist data set (it has no {MANIFEST_FILE}); "
+                        f"--overwrite replaces only a data set, so nothing was deleted. Choose another --out, or "
+                        f"empty that folder yourself")
+    if _is_local(fs):
+        here, target = os.path.realpath(os.getcwd()), os.path.realpath(root)
+        if here == target or here.startswith(target + os.sep):
+            raise DataError(f"output '{out_url}' is the current directory or holds it; replacing it would pull the "
+                            f"folder out from under this shell. Run the command from another directory")
+
+
+def _is_local(fs) -> bool:
+    return getattr(fs, "protocol", None) in ("file", ("file", "local")) or type(fs).__name__ == "LocalFileSystem"
+
+
 def _publish(fs, tmp: str, root: str) -> None:
     """Move the finished temporary folder to `root`, replacing an old data set only after success."""
     old = None
@@ -183,7 +208,7 @@ def _publish(fs, tmp: str, root: str) -> None:
 
 
 def _move(fs, src: str, dst: str) -> None:
-    if getattr(fs, "protocol", None) in ("file", ("file", "local")) or type(fs).__name__ == "LocalFileSystem":
+    if _is_local(fs):
         os.replace(src, dst)  # atomic rename on one filesystem
     else:
         fs.mv(src, dst, recursive=True)
