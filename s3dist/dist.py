@@ -100,7 +100,23 @@ def init_distributed(cfg: DistConfig) -> tuple[int, int, int, torch.device, str]
         with quiet:
             deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=cfg.timeout_s),
                                        verbose=False)
+    _new_groups_time_out_after(datetime.timedelta(seconds=cfg.timeout_s))
     return rank, local_rank, world, device, backend
+
+
+def _new_groups_time_out_after(timeout: datetime.timedelta) -> None:
+    """Give every process group DeepSpeed creates from now on the run's collective timeout.
+
+    DeepSpeed makes the expert-parallel, expert-data-parallel and data-parallel groups with
+    `new_group(ranks)`, and torch gives a group made without a timeout its own default (30 min on gloo, 10 on
+    nccl), not the world group's: a rank that stalls (not dies) would hold the others in an all-to-all for
+    that long instead of `dist.timeout_s`. DeepSpeed's backend object offers no timeout, so its `new_group`
+    is replaced by one that passes ours."""
+    from deepspeed import comm
+
+    if comm.comm.cdb is None:  # a group someone else started: DeepSpeed's backend is not set up yet
+        comm.init_distributed(dist_backend=dist.get_backend(), verbose=False)
+    comm.comm.cdb.new_group = lambda ranks: dist.new_group(ranks, timeout=timeout)
 
 
 def collective_device() -> torch.device:

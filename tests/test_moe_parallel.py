@@ -199,3 +199,44 @@ def test_router_agrees_in_one_collective_per_layer(tmp_path, drop_tokens):
     equivalence tests above pin that the values are the same), evaluation one (capacity only)."""
     res = run_ranks(_count_blocking_reduces, 2, tmp_path, drop_tokens)
     assert res[0] == res[1] == {"train": 2, "eval": 2}
+
+
+def _stalled_peer(rank, world, out_dir):
+    """Rank 1 stalls (alive, not dead) for 12 s before joining an all-reduce on the expert-parallel group that
+    rank 0 entered at once: returns how long the rank waited and whether its collective failed."""
+    import time
+
+    import torch.distributed as dist
+    from deepspeed.utils import groups
+
+    from s3dist.dist import attach_expert_groups, init_distributed, make_dims
+    from s3dist.model.encoder import S3Encoder
+
+    cfg = _cfg()
+    cfg.dist.timeout_s = 3
+    r, lr, w, device, backend = init_distributed(cfg.dist)
+    model = S3Encoder(MODS, cfg.model, cfg.moe, ep_size=world, ep_rank=rank)
+    attach_expert_groups(model, make_dims(r, lr, w, device, backend, world))
+    group = groups._get_expert_parallel_group(f"ep_size_{world}")
+    if rank == 1:
+        time.sleep(12)
+    start, failed = time.monotonic(), False
+    try:
+        dist.all_reduce(torch.ones(1), group=group)
+    except RuntimeError:
+        failed = True
+    waited = time.monotonic() - start
+    # meet again only once rank 1 is past its own attempt: the closing barrier has the same 3 s timeout
+    done = out_dir / "rank1.done"
+    if rank == 1:
+        done.touch()
+    while not done.exists():
+        time.sleep(0.05)
+    return waited, failed
+
+
+def test_expert_parallel_groups_time_out_after_dist_timeout_s(tmp_path):
+    """DeepSpeed creates the expert groups with new_group(ranks), which torch gives its own 30-minute default;
+    a stalled peer must make the waiting rank fail after dist.timeout_s (3 s here), not when the peer returns."""
+    (waited0, failed0), _ = run_ranks(_stalled_peer, 2, tmp_path)
+    assert failed0 and waited0 < 10, (waited0, failed0)
