@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 import shutil
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +35,8 @@ import torch.distributed as dist
 
 import s3dist
 from s3dist.config import check_safe_name, flatten
+
+log = logging.getLogger("s3dist")
 
 META = "s3dist_meta.json"
 LATEST = "latest"
@@ -167,6 +171,30 @@ def _prune(root: Path, keep_last: int) -> None:
         old.rename(aside)
     for aside in root.glob(".deleting-*"):
         shutil.rmtree(aside, ignore_errors=True)
+    for stale in root.glob(".tmp-*"):  # a save cut short by a crash; saves are collective, so none is running now
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def set_aside_later_checkpoints(run_dir: Path, resumed: Path) -> list[Path]:
+    """A resume from an older checkpoint of this run abandons the checkpoints after it: move them to
+    `checkpoints/abandoned-<time>/` (kept, never deleted) and point `latest` at `resumed`. Left in place they
+    would outrank the new line's checkpoints: pruning keeps the highest steps, so each new one would be deleted
+    as it was published, and `--resume auto` would go back to the abandoned line."""
+    root = run_dir / "checkpoints"
+    if not root.is_dir() or resumed.parent.resolve() != root.resolve():
+        return []
+    step = read_meta(resumed, verify=False)["state"]["global_step"]
+    later = [c for c in _complete(root) if read_meta(c, verify=False)["state"]["global_step"] > step]
+    if later:
+        aside = root / f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}"
+        aside.mkdir()
+        for c in later:
+            c.rename(aside / c.name)
+        log.warning("resuming from %s, an older checkpoint of this run: the later %s moved to %s (kept; "
+                    "delete them when they are no longer needed)", resumed.name,
+                    ", ".join(c.name for c in later), aside)
+    _fsync_write(root / LATEST, resumed.name)
+    return later
 
 
 def read_meta(ckpt: Path, verify: bool = True) -> dict:
@@ -198,9 +226,10 @@ def find_latest(run_dir: Path) -> Path | None:
     latest = root / LATEST
     if latest.exists():
         name = latest.read_text().strip()
-        check_safe_name("checkpoint tag in 'latest'", name)
-        if (root / name / META).exists():
-            return root / name
+        if name:  # empty: a write of 'latest' cut short; the newest complete checkpoint is found below
+            check_safe_name("checkpoint tag in 'latest'", name)
+            if (root / name / META).exists():
+                return root / name
     complete = _complete(root)
     return complete[-1] if complete else None
 
@@ -295,8 +324,32 @@ def resume_config(meta: dict, ckpt: Path, command, given, force: bool = False) -
         raise ConfigError(f"cannot resume from '{ckpt}' with another config: {_describe(refused)}. A resume "
                           f"continues the run with its own config and may change only {_resumable_text()}. Use the "
                           f"run's values (a key left off the command keeps the run's value), {way_out}")
+    _check_stage_steps(meta["state"], config.stages.run, changed, ckpt)
     validate(config)
     return config, changed, refused
+
+
+STAGE_STEP_KEYS = {"stages.specialize_steps": ("specialize", "Stage 1"), "stages.select_steps": ("select", "Stage 2")}
+
+
+def _check_stage_steps(state: dict, run: list[str], changed: list[tuple], ckpt: Path) -> None:
+    """A stage's step count may change on a resume only while that stage can still take it: not once a later
+    stage has started (its steps would be recorded but never run), and not below the steps it has already run."""
+    from s3dist.config import ConfigError
+
+    trained = [s for s in run if s in ("specialize", "select")]
+    for key, old, new in changed:
+        stage, name = STAGE_STEP_KEYS.get(key, (None, None))
+        if stage not in trained or state["stage"] not in trained:
+            continue
+        if trained.index(stage) < trained.index(state["stage"]):
+            raise ConfigError(f"{key} cannot change from {old} to {new} on this resume: {name} finished and "
+                              f"checkpoint '{ckpt.name}' is in a later stage ({state['stage']}), so no more {name} "
+                              f"steps can run. To train {name} longer, resume one of its checkpoints into a new "
+                              f"--output_dir (--resume RUN/checkpoints/step-...-{stage})")
+        if stage == state["stage"] and new < state["stage_step"]:
+            raise ConfigError(f"{key} = {new} is below the {state['stage_step']} {name} steps checkpoint "
+                              f"'{ckpt.name}' has already run; give at least {state['stage_step']}")
 
 
 def _resumable_text() -> str:

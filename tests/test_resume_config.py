@@ -246,3 +246,106 @@ def test_ep_size_change_at_same_world_resets_the_optimizer_with_a_message(tmp_pa
     rows = _rows(out)
     assert [r["step"] for r in rows] == [5, 10, 15] and all(r["loss"] == r["loss"] for r in rows)
     assert yaml.safe_load((out / "config.yaml").read_text())["dist"]["ep_size"] == 1
+
+
+def _checkpoint_at(run_dir: Path, step: int, stage: str, stage_step: int, done: bool) -> Path:
+    """Another published checkpoint (meta only) in a `_fake_run` directory."""
+    meta = _meta(next((run_dir / "checkpoints").glob("step-*")))
+    ckpt = run_dir / "checkpoints" / f"step-{step:08d}-{stage}"
+    ckpt.mkdir()
+    meta.update(tag=ckpt.name, state={"stage": stage, "stage_step": stage_step, "global_step": step,
+                                      "stage_done": done})
+    (ckpt / "s3dist_meta.json").write_text(json.dumps(meta))
+    return ckpt
+
+
+def test_stage_step_counts_change_only_while_their_stage_can_take_them(tmp_path):
+    """Raising stages.specialize_steps once Stage 2 has started would be recorded and never run, and a count
+    below the steps a stage has run cannot be met: both are refused, naming the key, the checkpoint and
+    what to do. Raising the count of the stage in progress (or just finished, before the next) continues it."""
+    ckpt = _fake_run(tmp_path / "run", START)  # Stage 1 done at 10 steps, Stage 2 not started
+    given = {"stages.specialize_steps", "stages.select_steps"}
+    cfg, changed, _ = resume_config(_meta(ckpt), ckpt, load_config(None, START + ["stages.specialize_steps=15"]),
+                                    given)
+    assert cfg.stages.specialize_steps == 15 and changed == [("stages.specialize_steps", 10, 15)]
+    in_select = _checkpoint_at(tmp_path / "run", 13, "select", 3, False)
+    with pytest.raises(ConfigError, match=r"stages\.specialize_steps cannot change from 10 to 15.*Stage 1 finished.*"
+                                          r"step-00000013-select.*new --output_dir"):
+        resume_config(_meta(in_select), in_select, load_config(None, START + ["stages.specialize_steps=15"]), given)
+    with pytest.raises(ConfigError, match=r"stages\.select_steps = 2 is below the 3 Stage 2 steps.*at least 3"):
+        resume_config(_meta(in_select), in_select, load_config(None, START + ["stages.select_steps=2"]), given)
+    cfg, _, _ = resume_config(_meta(in_select), in_select, load_config(None, START + ["stages.select_steps=90"]),
+                              given)
+    assert cfg.stages.select_steps == 90
+
+
+def test_resuming_an_older_checkpoint_sets_the_later_ones_aside(tmp_path):
+    """Resuming step 5 of a run that reached step 10 abandons step 10: it moves to checkpoints/abandoned-*
+    (kept), `latest` names step 5, and neither pruning nor `--resume auto` sees the abandoned line again."""
+    from s3dist.checkpoint import _complete, _prune, find_latest, set_aside_later_checkpoints
+
+    run = tmp_path / "run"
+    newest = _fake_run(run, START)
+    older = _checkpoint_at(run, 5, "specialize", 5, False)
+    assert find_latest(run) == newest
+    assert set_aside_later_checkpoints(run, older) == [newest]
+    (aside,) = (run / "checkpoints").glob("abandoned-*")
+    assert (aside / newest.name / "s3dist_meta.json").exists() and not newest.exists()
+    assert (run / "checkpoints" / "latest").read_text() == older.name and find_latest(run) == older
+    assert set_aside_later_checkpoints(run, older) == []  # the newest already: nothing to move
+    step7 = _checkpoint_at(run, 7, "specialize", 7, False)
+    _prune(run / "checkpoints", keep_last=1)  # the new line's checkpoint stays, the abandoned one is untouched
+    assert _complete(run / "checkpoints") == [step7] and (aside / newest.name).exists()
+
+
+def test_an_empty_latest_or_a_save_cut_short_falls_back_to_the_newest_complete_checkpoint(tmp_path):
+    from s3dist.checkpoint import _prune, find_latest
+
+    run = tmp_path / "run"
+    newest = _fake_run(run, START)
+    (run / "checkpoints" / "latest").write_text("")  # a write of 'latest' cut short
+    assert find_latest(run) == newest
+    (run / "checkpoints" / ".tmp-step-00000011-specialize").mkdir()  # a save killed mid-way
+    _prune(run / "checkpoints", keep_last=2)
+    assert not (run / "checkpoints" / ".tmp-step-00000011-specialize").exists() and newest.exists()
+
+
+def test_the_embedded_data_set_is_made_anew_at_every_fresh_start(tmp_path):
+    """A data/ folder left by a failed attempt or by the run --overwrite replaces may come from other
+    data.synth values: a fresh start regenerates it; only a resume reuses it."""
+    from s3dist.data.manifest import read_manifest
+    from s3dist.train import prepare_data
+
+    small = load_config(None, ["data.synth.num_train=64", "data.synth.num_val=16", "data.synth.num_test=16"])
+    url = prepare_data(small, tmp_path, True, fresh=True)
+    assert read_manifest(url).splits["train"].rows == 64
+    larger = load_config(None, ["data.synth.num_train=96", "data.synth.num_val=16", "data.synth.num_test=16"])
+    assert read_manifest(prepare_data(larger, tmp_path, True, fresh=False)).splits["train"].rows == 64
+    assert read_manifest(prepare_data(larger, tmp_path, True, fresh=True)).splits["train"].rows == 96
+
+
+@pytest.mark.slow
+def test_resume_from_an_older_checkpoint_continues_that_line(tmp_path, base_run):
+    """A real run that reached step 10 resumed from its step-5 checkpoint: it trains steps 6-10 again, its
+    new step-10 checkpoint is published (not pruned in favour of the old one), the old line is kept aside,
+    and the metrics hold each step once."""
+    out = _copy(base_run, tmp_path)
+    p = launching.run(out, BASE, extra=["--resume", str(out / "checkpoints" / "step-00000005-specialize")])
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "the later step-00000010-specialize moved to" in p.stdout + p.stderr
+    (aside,) = (out / "checkpoints").glob("abandoned-*")
+    assert (aside / "step-00000010-specialize" / "s3dist_meta.json").exists()
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-00000010-specialize"
+    assert (out / "checkpoints" / "step-00000010-specialize" / "s3dist_meta.json").exists()
+    assert [r["step"] for r in _rows(out)] == [5, 10]
+
+
+@pytest.mark.slow
+def test_auto_resume_before_the_first_checkpoint_logs_each_step_once(tmp_path, base_run):
+    """A job killed before its first checkpoint leaves metrics rows; `--resume auto` starts fresh and must not
+    keep them next to the new ones."""
+    out = _copy(base_run, tmp_path)
+    shutil.rmtree(out / "checkpoints")
+    p = launching.run(out, BASE, extra=["--resume", "auto"])
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert [r["step"] for r in _rows(out)] == [5, 10]
