@@ -296,12 +296,13 @@ def resume_config(meta: dict, ckpt: Path, command, given, force: bool = False) -
     Returns (config, changed, forced), the last two lists of (key, old value, new value). Any other key that
     differs is refused with a ConfigError naming every such key and both values, unless `force`
     (--force-config); keys that shape the weights (SHAPE_KEYS) are refused even then."""
-    from s3dist.config import ConfigError, from_dict, resumable, to_dict, validate
+    from s3dist.config import ConfigError, absolute_local_path, from_dict, resumable, to_dict, validate
 
     try:
         config = from_dict(meta["config"])
     except ConfigError as e:
         raise ConfigError(f"the config stored in '{ckpt / META}' is not valid for this s3dist: {e}") from e
+    config.data.path = absolute_local_path(config.data.path)  # runs before 2026-12-02 stored it as given
     old, new = flatten(to_dict(config)), flatten(to_dict(command))
     changed, refused = [], []
     for key in old:

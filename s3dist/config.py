@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -499,6 +500,14 @@ def _check_range(key: str, value: Any, meta: dict) -> None:
                 raise ConfigError(f"config key '{key}' = {value!r} is out of range; allowed: {allowed}")
 
 
+def absolute_local_path(url: str) -> str:
+    """A relative local path made absolute (other URLs and '' as they are): a run records where its data is, and
+    `s3dist eval / export / embed` read that from any directory."""
+    if not url or "://" in url or os.path.isabs(url):
+        return url
+    return os.path.abspath(url)
+
+
 def validate(cfg: RunConfig) -> None:
     """Field ranges plus the cross-field rules that do not need a process group."""
     for key, f, value in iter_fields(cfg):
@@ -513,6 +522,11 @@ def validate(cfg: RunConfig) -> None:
     for p in cfg.eval.keep_fractions:
         if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= float(p) <= 1.0:
             raise ConfigError(f"config key 'eval.keep_fractions' holds {p!r}; each must be in [0, 1]")
+    if not cfg.stages.run:
+        raise ConfigError(f"config key 'stages.run' is empty; give the stages to run, e.g. stages.run=[specialize] "
+                          f"or {list(STAGE_NAMES)}")
+    if not cfg.eval.probe_Cs:
+        raise ConfigError("config key 'eval.probe_Cs' is empty; give at least one C > 0, e.g. eval.probe_Cs=[1.0]")
     for c in cfg.eval.probe_Cs:
         if not isinstance(c, (int, float)) or float(c) <= 0:
             raise ConfigError(f"config key 'eval.probe_Cs' holds {c!r}; each must be > 0")

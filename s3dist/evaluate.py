@@ -450,8 +450,10 @@ def load_for_eval(run: Path | None, model_file: Path | None, data_path: str | No
 
 
 def _cli_eval(args) -> int:
+    from s3dist import checkpoint as ckpt_io
     from s3dist.dist import attach_expert_groups, init_distributed, make_dims
 
+    ps = _keep_fractions_arg(args)  # before anything loads: a typo costs nothing
     cfg, model, data_url = load_for_eval(args.run, args.model, args.data)
     apply_eval_overrides(cfg, args.overrides)
     dims = make_dims(*init_distributed(cfg.dist), 1)
@@ -459,21 +461,49 @@ def _cli_eval(args) -> int:
     # an export folder holds its own evaluation; a single-file export's go next to the file
     out_dir = getattr(args, "out", None) or args.run or (args.model if args.model.is_dir() else args.model.parent)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ps = [args.keep_fraction] if getattr(args, "keep_fraction", None) is not None else None
-    if getattr(args, "keep_fractions", None):
-        ps = [float(x) for x in args.keep_fractions.split(",")]
-    res = evaluate_run(cfg, dims, out_dir, model, data_url, None, keep_fractions=ps)
-    print(json.dumps({k: res[k] for k in ("probe_accuracy", "best_keep_fraction", "best_accuracy")}, indent=1))
+    if ps is not None and (out_dir / "eval.json").exists():
+        # extend the evaluation there rather than replace it: its p's are evaluated again with the new ones, so
+        # the file stays one evaluation (one checkpoint, one set of settings) and keeps the thresholds an
+        # export reads for those p's
+        ps = sorted(set(ps) | {r["keep_fraction"] for r in json.loads((out_dir / "eval.json").read_text())["sweep"]})
+    step = ckpt_io.read_meta(ckpt_io.find_latest(args.run), verify=False)["state"]["global_step"] if args.run else 0
+    res = evaluate_run(cfg, dims, out_dir, model, data_url, None, step=step, keep_fractions=ps)
+    if res is not None:  # rank 0 (under accelerate launch every rank evaluates its part)
+        print(json.dumps({k: res[k] for k in ("probe_accuracy", "best_keep_fraction", "best_accuracy")}, indent=1))
     return 0
+
+
+def _keep_fractions_arg(args) -> list[float] | None:
+    """--keep-fraction P / --keep-fractions P,P,... as floats in [0, 1] (None: the run's configured sweep)."""
+    from s3dist.config import ConfigError
+
+    flag, text = "--keep-fractions", getattr(args, "keep_fractions", None)
+    if text is None and getattr(args, "keep_fraction", None) is not None:
+        flag, text = "--keep-fraction", str(args.keep_fraction)
+    if text is None:
+        return None
+    ps = []
+    for item in text.split(","):
+        try:
+            p = float(item)
+        except ValueError:
+            p = float("nan")
+        if not 0.0 <= p <= 1.0:  # also NaN and an empty item
+            raise ConfigError(f"{flag} {text!r}: {item.strip()!r} is not a keep fraction; give numbers in [0, 1], "
+                              f"comma-separated, e.g. 0,0.1,0.3,1.0")
+        ps.append(p)
+    return ps
 
 
 def aggregate_seeds(runs: list[Path], out_dir: Path) -> dict:
     """Mean and std per keep fraction over several runs' eval.json (e.g. seeds)."""
+    from s3dist.data import DataError
+
     tables = []
     for r in runs:
         f = r / "eval.json"
         if not f.exists():
-            raise FileNotFoundError(f"'{f}' is missing: evaluate that run first (s3dist sweep --run {r})")
+            raise DataError(f"'{f}' is missing: evaluate that run first (s3dist sweep --run {r})")
         tables.append({row["keep_fraction"]: row["accuracy"] for row in json.loads(f.read_text())["sweep"]})
     common = sorted(set.intersection(*(set(t) for t in tables)))
     rows = [{"keep_fraction": p, "accuracy": statistics.mean(t[p] for t in tables),
@@ -489,6 +519,13 @@ def _cli_sweep(args) -> int:
     args.overrides = list(args.overrides) + [str(r) for r in args.run if "=" in str(r)]
     args.run = [r for r in args.run if "=" not in str(r)]
     if len(args.run) > 1:
+        from s3dist.config import ConfigError
+
+        if args.keep_fractions or args.overrides:
+            raise ConfigError("several runs are aggregated from their own eval.json, so --keep-fractions and "
+                              "KEY=VALUE settings do not apply: sweep each run first (s3dist sweep --run RUN ...)")
+        if len({r.resolve() for r in args.run}) < len(args.run):
+            raise ConfigError(f"a run is given twice in --run {' '.join(map(str, args.run))}; give each once")
         res = aggregate_seeds(args.run, args.out or args.run[0].parent)
         for r in res["sweep"]:
             print(f"p={r['keep_fraction']:.2f}  acc={100 * r['accuracy']:.2f} ± {100 * r['std']:.2f}  (n={r['n']})")

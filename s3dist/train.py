@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from s3dist.config import (ConfigError, RunConfig, iter_fields, load_config, parse_overrides, save_config,
-                           validate_world)
+from s3dist.config import (ConfigError, RunConfig, absolute_local_path, iter_fields, load_config, parse_overrides,
+                           save_config, validate_world)
 
 log = logging.getLogger("s3dist")
 
@@ -48,7 +48,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, RunConfig]:
         extra.append(f"resume={args.resume}")
     if args.overwrite:
         extra.append("overwrite=true")
-    return args, load_config(args.config, extra)
+    cfg = load_config(args.config, extra)
+    cfg.data.path = absolute_local_path(cfg.data.path)
+    return args, cfg
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,6 +217,10 @@ def _user_error(e: Exception) -> str | None:
     return next((kind for cls, kind in kinds if isinstance(e, cls)), None)
 
 
+def evaluates_at_end(cfg: RunConfig) -> bool:
+    return cfg.eval.run_at_end and bool("sparsify" in cfg.stages.run or cfg.eval.keep_fractions)
+
+
 def run(cfg: RunConfig, plan: ResumePlan | None = None):
     """Train and evaluate one run in this process (one rank of the job). Returns the Trainer.
 
@@ -225,6 +231,7 @@ def run(cfg: RunConfig, plan: ResumePlan | None = None):
     from s3dist import checkpoint as ckpt_io
     from s3dist import evaluate, runlock
     from s3dist.data.stream import ShardStream
+    from s3dist.data.validate import check_eval_splits
     from s3dist.dist import init_distributed, make_dims
     from s3dist.config import to_dict
     from s3dist.metrics import make_logger, truncate_metrics
@@ -257,6 +264,8 @@ def run(cfg: RunConfig, plan: ResumePlan | None = None):
                          prefetch=cfg.data.prefetch, read_threads=cfg.data.read_threads,
                          partitions=cfg.data.partitions)
     modalities = stream.modalities
+    if evaluates_at_end(cfg):
+        check_eval_splits(data_url, stream.manifest, modalities, cfg.data.nonfinite)
     ep = validate_world(cfg, world, len(modalities), has_concepts=bool(stream.manifest.num_concepts))
     dims = make_dims(rank, local_rank, world, device, backend, ep)
     cfg.data.modalities = list(modalities)
@@ -290,7 +299,7 @@ def run(cfg: RunConfig, plan: ResumePlan | None = None):
                  run_dir, world, ep, dims.expert_dp_size, backend, n_params, modalities)
     trainer.fit(resume_from)
 
-    if cfg.eval.run_at_end and ("sparsify" in cfg.stages.run or cfg.eval.keep_fractions):
+    if evaluates_at_end(cfg):
         evaluate.evaluate_run(cfg, dims, run_dir, model, data_url, logger, step=trainer.state.global_step)
     logger.close()
     if dist.is_initialized():

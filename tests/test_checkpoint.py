@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from s3dist.dist import free_port
 from tests import launching
 from tests.launching import REFERENCE, ROOT, TINY
 from tests.multirank import run_ranks
@@ -214,6 +215,26 @@ def test_eval_overrides_and_calibrated_stage3_do_not_depend_on_eval_batch(tmp_pa
             assert t == pytest.approx(b["stage3"]["thresholds"]["0.3"][layer][m], abs=1e-6)
     assert [r["accuracy"] for r in a["sweep"]] == [r["accuracy"] for r in b["sweep"]]
     assert a["eval_dropped_fraction"] == b["eval_dropped_fraction"] == 0.0
+    assert a["step"] == json.loads((reference_run / "eval.json").read_text())["step"] > 0  # the checkpoint's step
+
+    # the same evaluation under `accelerate launch` on 2 processes (each extracts its part; rank 0 probes)
+    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                          str(ROOT / "launch_configs" / "cpu_2proc.yaml"), "--main_process_port", str(free_port()),
+                          "-m", "s3dist.cli", "eval", "--run", str(reference_run), "--keep-fraction", "0.3", "--out",
+                          str(tmp_path / "two"), "data.eval_batch_size=32"],
+                         cwd=ROOT, env=launching.env(), capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    c = json.loads((tmp_path / "two" / "eval.json").read_text())
+    assert [r["keep_fraction"] for r in c["sweep"]] == [0.3, 1.0]
+    assert [r["accuracy"] for r in c["sweep"]] == pytest.approx([r["accuracy"] for r in a["sweep"]], abs=1e-9)
+
+    # a sweep into a folder that holds an evaluation extends it: its p's are evaluated again with the new one
+    more = subprocess.run([sys.executable, "-m", "s3dist.cli", "sweep", "--run", str(reference_run), "--keep-fractions",
+                           "0.6", "--out", str(tmp_path / "bs32"), "data.eval_batch_size=32"],
+                          cwd=ROOT, env=launching.env(), capture_output=True, text=True, timeout=300)
+    assert more.returncode == 0, more.stderr[-3000:]
+    d = json.loads((tmp_path / "bs32" / "eval.json").read_text())
+    assert [r["keep_fraction"] for r in d["sweep"]] == [0.3, 0.6, 1.0] and d["stage3"]["thresholds"].keys() == {"0.3", "0.6"}
     bad = subprocess.run([sys.executable, "-m", "s3dist.cli", "eval", "--run", str(reference_run), "--out",
                           str(tmp_path / "bad"), "model.d_model=8"],
                          cwd=ROOT, env=launching.env(), capture_output=True, text=True, timeout=120)

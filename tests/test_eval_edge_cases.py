@@ -77,3 +77,36 @@ def test_awkward_eval_splits_on_one_and_two_ranks(tmp_path):
         # ranks by design; the calibrated rule (the default) must not.
         if key.endswith("calibrated"):
             assert one[key][0.3] == pytest.approx(two[key][0.3], abs=1e-9), key
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["sweep", "--keep-fractions", "0,a"], "--keep-fractions '0,a': 'a' is not a keep fraction"),
+    (["sweep", "--keep-fractions", "0,,1"], "'' is not a keep fraction"),
+    (["sweep", "--keep-fractions", "1.5"], "'1.5' is not a keep fraction; give numbers in [0, 1]"),
+    (["sweep", "--keep-fractions", "nan"], "'nan' is not a keep fraction"),
+    (["eval", "--keep-fraction", "-1"], "--keep-fraction '-1.0': '-1.0' is not a keep fraction"),
+])
+def test_keep_fractions_outside_0_1_or_not_numbers_exit_2_before_loading(tmp_path, capsys, argv, needle):
+    """`s3dist eval / sweep` refuse a keep fraction that is not a number in [0, 1] (it ran as p = 0 or as
+    p = 1 before), before reading the run (here: none exists)."""
+    from s3dist.cli import main
+
+    assert main([argv[0], "--run", str(tmp_path / "no-run"), *argv[1:]]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err, err
+
+
+def test_aggregating_runs_refuses_settings_that_would_be_ignored_and_a_run_given_twice(tmp_path, capsys):
+    from s3dist.cli import main
+
+    for r in ("a", "b"):
+        (tmp_path / r).mkdir()
+        (tmp_path / r / "eval.json").write_text(json.dumps({"sweep": [{"keep_fraction": 1.0, "accuracy": 0.5}]}))
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    assert main(["sweep", "--run", a, b, "--keep-fractions", "0.5"]) == 2
+    assert "do not apply: sweep each run first" in capsys.readouterr().err
+    assert main(["sweep", "--run", a, a]) == 2
+    assert "is given twice" in capsys.readouterr().err
+    assert main(["sweep", "--run", a, str(tmp_path / "c")]) == 2
+    assert "eval.json' is missing: evaluate that run first" in capsys.readouterr().err
+    assert main(["sweep", "--run", a, b]) == 0

@@ -349,3 +349,26 @@ def test_auto_resume_before_the_first_checkpoint_logs_each_step_once(tmp_path, b
     p = launching.run(out, BASE, extra=["--resume", "auto"])
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert [r["step"] for r in _rows(out)] == [5, 10]
+
+
+def test_a_relative_data_path_is_stored_absolute_and_an_older_relative_one_still_resumes(tmp_path, monkeypatch):
+    """eval / export / embed read data.path from the run, from any directory: the command's relative path is
+    made absolute. A run that stored it relative (before) resumes from the same directory with the same
+    command, without a 'data.path changed' refusal."""
+    from s3dist.train import parse_args
+
+    monkeypatch.chdir(tmp_path)
+    _, cfg = parse_args(["data.path=data/mine"])
+    assert cfg.data.path == str(tmp_path / "data" / "mine")
+    assert parse_args(["data.path=s3://bucket/mine"])[1].data.path == "s3://bucket/mine"
+    ckpt = _fake_run(tmp_path / "run", START + ["data.path=data/mine"])  # stored as given
+    _, command = parse_args(START + ["data.path=data/mine"])
+    cfg, changed, forced = resume_config(_meta(ckpt), ckpt, command, {"data.path"})
+    assert cfg.data.path == str(tmp_path / "data" / "mine") and not changed and not forced
+
+
+def test_empty_stage_list_and_probe_grid_are_refused_before_anything_runs():
+    with pytest.raises(ConfigError, match=r"'stages\.run' is empty"):
+        load_config(None, ["stages.run=[]"])
+    with pytest.raises(ConfigError, match=r"'eval\.probe_Cs' is empty"):
+        load_config(None, ["eval.probe_Cs=[]"])

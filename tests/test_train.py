@@ -75,3 +75,40 @@ def test_accelerate_launch_run_directory_contract(reference_run):
     ranks = [json.loads(ln) for ln in (out / "ranks.jsonl").read_text().splitlines()]
     assert sorted(r["rank"] for r in ranks) == [0, 1]
 
+
+
+@pytest.mark.parametrize("damage, needle", [
+    ("delete", "test-00000.parquet (split 'test') is missing"),
+    ("nan", "split 'test': 1 NaN/inf values in modality 'x'"),
+])
+def test_a_damaged_evaluation_split_stops_the_run_before_training(tmp_path, capsys, damage, needle):
+    """The final evaluation reads val and test: a missing shard or a NaN there stops the run when it starts
+    (exit 2, the file named), not after all the training."""
+    import numpy as np
+
+    from s3dist.data.arrays import import_arrays
+    from s3dist.data.manifest import read_manifest
+    from s3dist.train import main
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(60, 4)).astype(np.float32), np.arange(60) % 2
+    ds = tmp_path / "ds"
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", y)
+    import_arrays({"x": str(tmp_path / "x.npy")}, str(tmp_path / "y.npy"), str(ds))
+    if damage == "delete":
+        (ds / "test-00000.parquet").unlink()
+    else:
+        import pyarrow.parquet as pq
+
+        # one test sample gets a NaN (the seeded split puts it in test again), and the data set is written anew
+        first = pq.read_table(ds / "test-00000.parquet", columns=["id"]).column("id")[0].as_py()
+        x[first, 0] = np.nan
+        np.save(tmp_path / "x.npy", x)
+        import_arrays({"x": str(tmp_path / "x.npy")}, str(tmp_path / "y.npy"), str(ds), overwrite=True)
+        assert read_manifest(str(ds)).splits["test"].nonfinite_totals() == {"x": 1}
+    run = tmp_path / "run"
+    assert main(["--output_dir", str(run), f"data.path={ds}", "data.batch_size=8", "stages.specialize_steps=2",
+                 "stages.select_steps=1", "logging.progress=false"]) == 2
+    assert needle in capsys.readouterr().err
+    assert not (run / "metrics.jsonl").exists() and not (run / "checkpoints").exists()

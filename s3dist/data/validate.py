@@ -135,3 +135,24 @@ class SplitCheck:
                 hint = f" (manifest shape {shape})" if shape else ""
                 raise DataError(f"{where}: column '{col}' is {t}, expected {want}{hint}; the shard disagrees with "
                                 f"the manifest, re-create the data set")
+
+
+def check_eval_splits(url: str, manifest: Manifest, modalities: list[str], nonfinite: str) -> None:
+    """The val and test splits a run's final evaluation reads, checked when training starts with the stream's
+    own checks (presence, checksums, columns, labels, NaN / inf), so a damaged shard there stops the run before
+    training rather than after it. Also refuses a classification task of fewer than 2 classes (a probe needs 2)."""
+    from s3dist.data.manifest import dataset_fs
+
+    lab = manifest.label
+    if lab.kind != "regression" and lab.num_classes < 2:
+        raise DataError(f"{url}/manifest.json declares {lab.num_classes} class; a linear probe needs at least 2. "
+                        f"Re-create the data set with labels of 2 or more classes")
+    fs, root = dataset_fs(url)
+    for split in ("val", "test"):
+        if split not in manifest.splits:
+            raise DataError(f"{url}/manifest.json has no '{split}' split, which the final evaluation reads (the "
+                            f"probe's C is chosen on val, accuracy measured on test); re-create the data set, or "
+                            f"set eval.run_at_end=false")
+        check = SplitCheck(url, split, manifest, fs, root, modalities)
+        check.file_rows()
+        check.nonfinite_to_check(nonfinite)
