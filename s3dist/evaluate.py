@@ -544,7 +544,7 @@ def _guarded(fn):
 
         try:
             return fn(args)
-        except (ConfigError, CheckpointError, DataError) as e:
+        except (ConfigError, CheckpointError, DataError, FileNotFoundError) as e:  # missing files: a path typed wrong
             print(f"s3dist {args.command}: {e}", file=sys.stderr)
             return 2
     return run

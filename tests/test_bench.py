@@ -169,3 +169,9 @@ def test_bench_train_record_memory_split_and_counted_bytes_match_plan(tmp_path, 
     assert fig["peak_tflops_per_device"] == 2.0
     for v in fig["layouts"].values():
         assert v["mfu"] == pytest.approx(sum(v["model_tflops_per_s_per_rank"]) / 2 / 2.0)
+
+
+@pytest.mark.parametrize("flag", ["--nodes", "--gpus-per-node", "--ep"])
+def test_plan_refuses_a_count_below_one(monkeypatch, flag):
+    with pytest.raises(SystemExit, match=f"{flag} 0 must be >= 1"):
+        _bench(monkeypatch, ["bench", "plan", flag, "0"])

@@ -110,3 +110,21 @@ def test_aggregating_runs_refuses_settings_that_would_be_ignored_and_a_run_given
     assert main(["sweep", "--run", a, str(tmp_path / "c")]) == 2
     assert "eval.json' is missing: evaluate that run first" in capsys.readouterr().err
     assert main(["sweep", "--run", a, b]) == 0
+
+
+def test_embed_refuses_a_folder_as_out_a_batch_below_one_and_a_model_that_is_not_an_export(tmp_path, capsys):
+    """Checked before any model loads (the first two) or named in one line (the third): no traceback, and no
+    temporary file left next to --out."""
+    from s3dist.cli import main
+
+    (tmp_path / "outdir").mkdir()
+    (tmp_path / "not-an-export").mkdir()
+    cases = [(["--model", str(tmp_path / "x"), "--out", str(tmp_path / "outdir")], "is a folder; give the Parquet file"),
+             (["--model", str(tmp_path / "x"), "--out", str(tmp_path / "e.parquet"), "--batch-size", "0"],
+              "--batch-size 0 must be >= 1"),
+             (["--model", str(tmp_path / "not-an-export"), "--out", str(tmp_path / "e.parquet")], "not-an-export")]
+    for argv, needle in cases:
+        assert main(["embed", *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["not-an-export", "outdir"]

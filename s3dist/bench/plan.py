@@ -192,6 +192,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def spec_from_args(args: argparse.Namespace) -> PlanSpec:
     spec = PlanSpec(**{k: v for k, v in vars(args).items() if k in PlanSpec.__dataclass_fields__ and k != "input_dims"})
     spec.input_dims = tuple(int(x) for x in args.input_dims.split(",") if x)
+    for flag in ("nodes", "gpus_per_node", "ep"):
+        if getattr(spec, flag) < 1:
+            raise SystemExit(f"s3dist bench plan: --{flag.replace('_', '-')} {getattr(spec, flag)} must be >= 1")
     if spec.world % spec.ep:
         raise SystemExit(f"s3dist bench plan: --ep {spec.ep} must divide the world {spec.world} "
                          f"(--nodes x --gpus-per-node)")
