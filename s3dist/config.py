@@ -398,6 +398,11 @@ def _coerce(key: str, value: Any, typ: Any, from_cli: bool) -> Any:
     elif typ is list:
         if isinstance(value, (list, tuple)):
             return list(value)
+        # one item written without brackets in a recipe (`run: specialize`), as the command line accepts it
+        if isinstance(value, str):
+            return [yaml.safe_load(v) for v in value.split(",") if v.strip()]
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return [value]
     else:  # pragma: no cover - every field type is one of the above
         raise TypeError(f"unsupported config type {typ} for {key}")
     raise ConfigError(f"config key '{key}': expected {typ.__name__}, got {value!r} ({type(value).__name__})")

@@ -126,3 +126,14 @@ def test_deepspeed_accelerator_must_match_torch_device():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "REFUSED" in out.stdout and "'cuda'" in out.stdout and "DS_ACCELERATOR" in out.stdout, out.stdout
+
+
+def test_a_list_key_written_as_one_item_in_a_recipe_is_that_item(tmp_path):
+    """`run: specialize` in a YAML recipe means [specialize], as stages.run=specialize does on the command line."""
+    from s3dist.config import load_config
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("stages:\n  run: specialize\neval:\n  keep_fractions: 0.3\n  probe_Cs: 1.0,10\n")
+    cfg = load_config(str(recipe), [])
+    assert cfg.stages.run == ["specialize"] and cfg.eval.keep_fractions == [0.3] and cfg.eval.probe_Cs == [1.0, 10]
+    assert load_config(None, ["stages.run=specialize"]).stages.run == ["specialize"]
