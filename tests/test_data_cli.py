@@ -134,3 +134,24 @@ def test_inspect_names_a_truncated_shard_and_verify_lists_bad_shards(tmp_path, c
     assert "2 of the shards" in err and "train-00001.parquet" in err
     assert "test-00000.parquet (split 'test'): missing" in err
     assert "train-00000.parquet" not in err and "train-00002.parquet" not in err
+
+
+def test_verify_also_runs_the_checks_training_runs(tmp_path, capsys):
+    """A manifest edited after writing (rows, shape, class count) keeps every sha256 valid, so --verify checked
+    nothing of it; it now refuses what training would refuse, naming the split or shard."""
+    import json
+
+    out = tmp_path / "s"
+    assert main(["data", "synth", "--out", str(out), "num_train=64", "num_val=16", "num_test=16", "seq_len=4"]) == 0
+    original = (out / "manifest.json").read_text()
+    edits = [(lambda d: d["splits"]["train"].update(rows=999), "declares 999 rows"),
+             (lambda d: d["modalities"]["text"].update(shape=[4, 7]), "column 'text'"),
+             (lambda d: d["label"].update(num_classes=1), "outside the declared 1 classes")]
+    for edit, needle in edits:
+        doc = json.loads(original)
+        edit(doc)
+        (out / "manifest.json").write_text(json.dumps(doc))
+        capsys.readouterr()
+        assert main(["data", "inspect", "--verify", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err, err

@@ -52,7 +52,8 @@ def add_subcommands(subparsers, name: str, help_text: str) -> None:
     ins = sub.add_parser("inspect", help="print a data set's manifest, split sizes and label balance")
     ins.add_argument("url")
     ins.add_argument("--verify", action="store_true",
-                     help="first check every shard's sha256 against the manifest; exit 2 listing the bad ones")
+                     help="first check every shard's sha256 against the manifest (exit 2 listing the bad ones), "
+                          "then what training checks: columns and shapes, row counts, labels within the classes")
     ins.set_defaults(func=_guarded(_inspect))
 
 
@@ -163,6 +164,12 @@ def _verify(url: str, m) -> tuple[int, int]:
         raise DataError(f"{len(bad)} of the shards of {url} do not match its manifest:\n" + "\n".join(bad)
                         + "\nthey were truncated or changed after writing: copy them again from where the data set "
                           "came from, or re-create it (s3dist data import-... / synth --overwrite)")
+    # the shards are the ones written: now what training checks of them against the manifest (columns and
+    # shapes, row counts, labels within the declared classes), so a data set that passes here also streams
+    from s3dist.data.validate import SplitCheck
+
+    for s in m.splits:
+        SplitCheck(url, s, m, fs, root, list(m.modalities)).file_rows()
     return checked, unchecked
 
 
