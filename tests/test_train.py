@@ -77,6 +77,7 @@ def test_accelerate_launch_run_directory_contract(reference_run):
 
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage, needle", [
     ("delete", "test-00000.parquet (split 'test') is missing"),
     ("nan", "split 'test': 1 NaN/inf values in modality 'x'"),
