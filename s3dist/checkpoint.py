@@ -338,7 +338,7 @@ def _check_stage_steps(state: dict, run: list[str], changed: list[tuple], ckpt: 
     stage has started (its steps would be recorded but never run), and not below the steps it has already run."""
     from s3dist.config import ConfigError
 
-    trained = [s for s in run if s in ("specialize", "select")]
+    trained = [s for s in run if s in {stage for stage, _ in STAGE_STEP_KEYS.values()}]
     for key, old, new in changed:
         stage, name = STAGE_STEP_KEYS.get(key, (None, None))
         if stage not in trained or state["stage"] not in trained:

@@ -370,8 +370,9 @@ def _field_types(cls) -> dict[str, Any]:
 
 
 def _coerce(key: str, value: Any, typ: Any, from_cli: bool) -> Any:
-    """Convert `value` to `typ` or raise ConfigError naming `key`. CLI strings are parsed as YAML scalars."""
-    if from_cli and isinstance(value, str) and typ is list:
+    """Convert `value` to `typ` or raise ConfigError naming `key`. CLI strings are parsed as YAML scalars; a list
+    key also takes a comma-separated string (from a recipe too: `run: specialize`) or a single number."""
+    if isinstance(value, str) and typ is list:
         text = value.strip()
         value = yaml.safe_load(text) if text.startswith("[") else [yaml.safe_load(v) for v in text.split(",") if v]
     elif from_cli and isinstance(value, str) and typ is not str:
@@ -398,10 +399,7 @@ def _coerce(key: str, value: Any, typ: Any, from_cli: bool) -> Any:
     elif typ is list:
         if isinstance(value, (list, tuple)):
             return list(value)
-        # one item written without brackets in a recipe (`run: specialize`), as the command line accepts it
-        if isinstance(value, str):
-            return [yaml.safe_load(v) for v in value.split(",") if v.strip()]
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):  # one number without brackets
             return [value]
     else:  # pragma: no cover - every field type is one of the above
         raise TypeError(f"unsupported config type {typ} for {key}")

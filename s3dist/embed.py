@@ -171,9 +171,11 @@ def _cli_embed(args) -> int:
     from s3dist.pretrained import S3Encoder
 
     if args.out.is_dir():
-        raise ConfigError(f"--out {args.out} is a folder; give the Parquet file to write, e.g. {args.out / 'emb.parquet'}")
+        raise ConfigError(f"--out {args.out} is a folder; give the Parquet file to write, e.g. "
+                          f"{args.out / 'emb.parquet'}")
     if args.batch_size is not None and args.batch_size < 1:
-        raise ConfigError(f"--batch-size {args.batch_size} must be >= 1 (leave it out for the run's data.eval_batch_size)")
+        raise ConfigError(f"--batch-size {args.batch_size} must be >= 1 (leave it out for the run's "
+                          f"data.eval_batch_size)")
     encoder = S3Encoder.from_pretrained(args.model or args.run)
     data_url = encoder.data_url(args.data, what=f"'{args.model or args.run}'")
     try:

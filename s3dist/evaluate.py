@@ -412,7 +412,8 @@ def apply_eval_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
 
 
 def load_for_eval(run: Path | None, model_file: Path | None, data_path: str | None = None):
-    """(cfg, model, data_url) from a run's newest checkpoint, an exported folder or an exported safetensors file."""
+    """(cfg, model, data_url, step) from a run's newest checkpoint, an exported folder or an exported safetensors
+    file; step is the checkpoint's global step (0 for an export, which does not record it)."""
     from s3dist import checkpoint as ckpt_io
     from s3dist.config import ConfigError, from_dict, to_dict
     from s3dist.data.manifest import read_manifest
@@ -425,14 +426,16 @@ def load_for_eval(run: Path | None, model_file: Path | None, data_path: str | No
         model = Pretrained.from_pretrained(model_file)
         data_url = model.data_url(data_path, what=f"'{model_file}'")
         model.check_manifest(read_manifest(data_url), data_url)
-        return from_dict(to_dict(model.run_config)), model, data_url  # a copy: eval overrides stay off the model
+        return from_dict(to_dict(model.run_config)), model, data_url, 0  # a copy: eval overrides stay off the model
+    step = 0
     if model_file is not None:
         cfg_dict, state = ckpt_io.load_export(model_file)
     else:
         ck = ckpt_io.find_latest(run)
         if ck is None:
             raise ckpt_io.CheckpointError(f"no complete checkpoint in '{run}/checkpoints'; train first or pass --model")
-        cfg_dict = ckpt_io.read_meta(ck)["config"]
+        meta = ckpt_io.read_meta(ck)
+        cfg_dict, step = meta["config"], meta["state"]["global_step"]
         state = ckpt_io.consolidated_state_dict(ck)
     cfg = from_dict(cfg_dict)
     if not (data_path or cfg.data.path or run):
@@ -446,15 +449,14 @@ def load_for_eval(run: Path | None, model_file: Path | None, data_path: str | No
     if missing or unexpected:
         raise ckpt_io.CheckpointError(f"weights do not fit the model built from the saved config: missing "
                                       f"{missing[:5]}, unexpected {unexpected[:5]}")
-    return cfg, model, data_url
+    return cfg, model, data_url, step
 
 
 def _cli_eval(args) -> int:
-    from s3dist import checkpoint as ckpt_io
     from s3dist.dist import attach_expert_groups, init_distributed, make_dims
 
     ps = _keep_fractions_arg(args)  # before anything loads: a typo costs nothing
-    cfg, model, data_url = load_for_eval(args.run, args.model, args.data)
+    cfg, model, data_url, step = load_for_eval(args.run, args.model, args.data)
     apply_eval_overrides(cfg, args.overrides)
     dims = make_dims(*init_distributed(cfg.dist), 1)
     attach_expert_groups(model, dims)
@@ -466,7 +468,6 @@ def _cli_eval(args) -> int:
         # the file stays one evaluation (one checkpoint, one set of settings) and keeps the thresholds an
         # export reads for those p's
         ps = sorted(set(ps) | {r["keep_fraction"] for r in json.loads((out_dir / "eval.json").read_text())["sweep"]})
-    step = ckpt_io.read_meta(ckpt_io.find_latest(args.run), verify=False)["state"]["global_step"] if args.run else 0
     res = evaluate_run(cfg, dims, out_dir, model, data_url, None, step=step, keep_fractions=ps)
     if res is not None:  # rank 0 (under accelerate launch every rank evaluates its part)
         print(json.dumps({k: res[k] for k in ("probe_accuracy", "best_keep_fraction", "best_accuracy")}, indent=1))

@@ -92,8 +92,7 @@ class Trainer:
             ckpt_io.check_compatible(resume_meta, to_dict(self.cfg), resume_from)
             self.state = ckpt_io.TrainState(**resume_meta["state"])
             log.info("resuming from %s: %s step %d of %d, global step %d", resume_from, self.state.stage,
-                     self.state.stage_step, self._total_steps(self.state.stage) if self.state.stage in STAGE_LOSS
-                     else 0, self.state.global_step)
+                     self.state.stage_step, self._total_steps(self.state.stage), self.state.global_step)
         try:
             for stage in training_stages:
                 if resume_meta and stage in training_stages and self.state.stage in training_stages:

@@ -234,7 +234,8 @@ def test_eval_overrides_and_calibrated_stage3_do_not_depend_on_eval_batch(tmp_pa
                           cwd=ROOT, env=launching.env(), capture_output=True, text=True, timeout=300)
     assert more.returncode == 0, more.stderr[-3000:]
     d = json.loads((tmp_path / "bs32" / "eval.json").read_text())
-    assert [r["keep_fraction"] for r in d["sweep"]] == [0.3, 0.6, 1.0] and d["stage3"]["thresholds"].keys() == {"0.3", "0.6"}
+    assert [r["keep_fraction"] for r in d["sweep"]] == [0.3, 0.6, 1.0]
+    assert d["stage3"]["thresholds"].keys() == {"0.3", "0.6"}
     bad = subprocess.run([sys.executable, "-m", "s3dist.cli", "eval", "--run", str(reference_run), "--out",
                           str(tmp_path / "bad"), "model.d_model=8"],
                          cwd=ROOT, env=launching.env(), capture_output=True, text=True, timeout=120)

@@ -119,7 +119,8 @@ def test_embed_refuses_a_folder_as_out_a_batch_below_one_and_a_model_that_is_not
 
     (tmp_path / "outdir").mkdir()
     (tmp_path / "not-an-export").mkdir()
-    cases = [(["--model", str(tmp_path / "x"), "--out", str(tmp_path / "outdir")], "is a folder; give the Parquet file"),
+    cases = [(["--model", str(tmp_path / "x"), "--out", str(tmp_path / "outdir")],
+              "is a folder; give the Parquet file"),
              (["--model", str(tmp_path / "x"), "--out", str(tmp_path / "e.parquet"), "--batch-size", "0"],
               "--batch-size 0 must be >= 1"),
              (["--model", str(tmp_path / "not-an-export"), "--out", str(tmp_path / "e.parquet")], "not-an-export")]

@@ -2,8 +2,9 @@
 
 Each modality array is [N, D] (one vector per sample) or [N, T, D] (a sequence; every step is real —
 pad and mask in your own pipeline before if you need otherwise). Labels are [N] integer class ids
-0..C-1, every id used (at least 2 classes; ids with gaps are refused with the one line that remaps them). Files are read with `allow_pickle=False`. The split is a
-seeded stratified split (scikit-learn's `train_test_split`): test first, then validation out of the rest.
+0..C-1, every id used (at least 2 classes; ids with gaps are refused with the one line that remaps them).
+Files are read with `allow_pickle=False`. The split is a seeded stratified split (scikit-learn's
+`train_test_split`): test first, then validation out of the rest.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import fsspec
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from s3dist.config import ConfigError, check_safe_name
+from s3dist.config import ConfigError, absolute_local_path, check_safe_name
 from s3dist.data import DataError
 from s3dist.data.manifest import LabelSpec, Manifest
 from s3dist.data.writer import SplitArrays, write_dataset
@@ -110,7 +111,7 @@ def import_arrays(modalities: dict[str, str], labels: str, out_url: str, *, val_
               for s, i in idx.items()}
     label = LabelSpec(kind="binary" if num_classes == 2 else "multiclass", num_classes=num_classes,
                       binarize="class ids as given in the labels file")
-    name = name or os.path.basename(os.path.abspath(out_url) if "://" not in out_url else out_url.rstrip("/")) or "arrays"
+    name = name or os.path.basename(absolute_local_path(out_url).rstrip("/")) or "arrays"  # `--out .` too
     return write_dataset(out_url, name=name, splits=splits, label=label, rows_per_shard=rows_per_shard,
                          source=f"import-arrays: {', '.join(f'{m}={os.path.basename(u)}' for m, u in modalities.items())}; "
                                 f"labels={os.path.basename(labels)}; stratified split seed {seed}",
