@@ -4,6 +4,14 @@
 environment, calls `fn(rank, world, out_dir, *args)`, and may `torch.save` results into
 `out_dir / f"rank{rank}.pt"`. Returns the list of per-rank results. A rank that raises fails the
 test with its traceback; a hang is bounded by pytest-timeout and the group's own timeout.
+
+The ranks fork from a multiprocessing forkserver that has imported torch, DeepSpeed, s3dist and what a
+training run pulls in (torch._dynamo for the optimizer, the modules DeepSpeed imports when it builds an
+engine, scikit-learn for the probes). A spawned rank imports all of that itself: about 15 s of a 2-rank
+test's 20-40 s on a 2-core machine, paid again by every such test. The server is started once per test
+session, before any test has run a collective, so every rank still starts from a process that holds no
+thread, no process group and no state of an earlier test. Each rank takes the test's environment as it is
+when `run_ranks` is called, as a spawned one would.
 """
 
 from __future__ import annotations
@@ -18,7 +26,14 @@ import torch.multiprocessing as mp
 from s3dist.dist import free_port as _free_port
 
 
-def _entry(rank, world, port, out_dir, fn, args):
+# What a rank imports on its way through a training run and an evaluation, heaviest first.
+_PRELOAD = ["torch", "torch._dynamo", "deepspeed", "deepspeed.runtime.zero.muon.muon_optimizer", "deepspeed.moe.layer",
+            "sklearn.linear_model", "datasets", "s3dist.train", "s3dist.evaluate", "tests.multirank"]
+
+
+def _entry(rank, environ, world, port, out_dir, fn, args):
+    os.environ.clear()
+    os.environ.update(environ)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
@@ -42,7 +57,9 @@ def run_ranks(fn, world: int, out_dir: Path, *args):
     out_dir.mkdir(parents=True, exist_ok=True)
     port = _free_port()
     try:
-        mp.spawn(_entry, args=(world, port, str(out_dir), fn, args), nprocs=world, join=True)
+        mp.set_forkserver_preload(_PRELOAD)
+        mp.start_processes(_entry, args=(dict(os.environ), world, port, str(out_dir), fn, args), nprocs=world,
+                           join=True, start_method="forkserver")
     except Exception as e:
         errs = "\n".join(p.read_text() for p in sorted(out_dir.glob("rank*.err")))
         raise AssertionError(f"a rank failed:\n{errs or e}") from e
