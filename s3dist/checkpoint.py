@@ -335,20 +335,33 @@ STAGE_STEP_KEYS = {"stages.specialize_steps": ("specialize", "Stage 1"), "stages
 
 def _check_stage_steps(state: dict, run: list[str], changed: list[tuple], ckpt: Path) -> None:
     """A stage's step count may change on a resume only while that stage can still take it: not once a later
-    stage has started (its steps would be recorded but never run), and not below the steps it has already run."""
-    from s3dist.config import ConfigError
+    stage has started (its steps would be recorded but never run), and not below the steps it has already run.
+    Nor may `stages.run` (changed with --force) send a resume back to a stage the checkpoint has finished: that
+    would train it again on the later stage's weights, which is a new run, not this one continued."""
+    from s3dist.config import STAGE_NAMES, ConfigError
 
-    trained = [s for s in run if s in {stage for stage, _ in STAGE_STEP_KEYS.values()}]
+    names = {stage: name for stage, name in STAGE_STEP_KEYS.values()}
+    trained = [s for s in run if s in names]
+    at = state["stage"]
+    if at in names and at not in trained:
+        earlier = [s for s in trained if STAGE_NAMES.index(s) < STAGE_NAMES.index(at)]
+        if earlier:
+            raise ConfigError(f"stages.run = {run} cannot resume checkpoint '{ckpt.name}': it is in {names[at]} "
+                              f"({at}), so {names[earlier[0]]} ({earlier[0]}) has finished, and a resume does not "
+                              f"train a finished stage again on a later stage's weights. To train "
+                              f"{names[earlier[0]]} longer, resume one of its checkpoints into a new --output_dir "
+                              f"(--resume RUN/checkpoints/step-...-{earlier[0]}); to go on with this run, include "
+                              f"{at} in stages.run")
     for key, old, new in changed:
         stage, name = STAGE_STEP_KEYS.get(key, (None, None))
-        if stage not in trained or state["stage"] not in trained:
+        if stage not in trained or at not in trained:
             continue
-        if trained.index(stage) < trained.index(state["stage"]):
+        if trained.index(stage) < trained.index(at):
             raise ConfigError(f"{key} cannot change from {old} to {new} on this resume: {name} finished and "
-                              f"checkpoint '{ckpt.name}' is in a later stage ({state['stage']}), so no more {name} "
+                              f"checkpoint '{ckpt.name}' is in a later stage ({at}), so no more {name} "
                               f"steps can run. To train {name} longer, resume one of its checkpoints into a new "
                               f"--output_dir (--resume RUN/checkpoints/step-...-{stage})")
-        if stage == state["stage"] and new < state["stage_step"]:
+        if stage == at and new < state["stage_step"]:
             raise ConfigError(f"{key} = {new} is below the {state['stage_step']} {name} steps checkpoint "
                               f"'{ckpt.name}' has already run; give at least {state['stage_step']}")
 

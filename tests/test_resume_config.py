@@ -279,6 +279,23 @@ def test_stage_step_counts_change_only_while_their_stage_can_take_them(tmp_path)
     assert cfg.stages.select_steps == 90
 
 
+def test_a_forced_stage_list_does_not_send_a_resume_back_to_a_finished_stage(tmp_path):
+    """`stages.run=[specialize]` forced onto a Stage-2 checkpoint would train Stage 1 again on Stage 2's weights:
+    refused, naming the checkpoint and both ways on. Dropping the finished stage, or ending with Stage 3, is fine."""
+    _fake_run(tmp_path / "run", START)
+    in_select = _checkpoint_at(tmp_path / "run", 13, "select", 3, False)
+    given = {"stages.run"}
+    for run in ("specialize", "specialize,sparsify"):
+        with pytest.raises(ConfigError, match=r"cannot resume checkpoint 'step-00000013-select': it is in Stage 2.*"
+                                              r"Stage 1 \(specialize\) has finished.*new --output_dir.*include select"):
+            resume_config(_meta(in_select), in_select, load_config(None, START + [f"stages.run={run}"]), given,
+                          force=True)
+    for run in ("select,sparsify", "sparsify"):
+        cfg, _, forced = resume_config(_meta(in_select), in_select, load_config(None, START + [f"stages.run={run}"]),
+                                       given, force=True)
+        assert cfg.stages.run == run.split(",") and forced
+
+
 def test_resuming_an_older_checkpoint_sets_the_later_ones_aside(tmp_path):
     """Resuming step 5 of a run that reached step 10 abandons step 10: it moves to checkpoints/abandoned-*
     (kept), `latest` names step 5, and neither pruning nor `--resume auto` sees the abandoned line again."""
