@@ -448,6 +448,22 @@ def parse_overrides(args: list[str]) -> dict[str, str]:
     return out
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping: YAML keeps the last silently, so a recipe edited
+    by appending `lr: ...` under an `optim:` that already had one would train with a value nobody reads first."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping", node.start_mark,
+                    f"key {key!r} is given twice (first on line {seen[key] + 1}); keep one", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(config_file: str | None = None, overrides: dict[str, Any] | list[str] | None = None) -> RunConfig:
     """Defaults < YAML file < dotted overrides, then validated. Raises ConfigError on any problem."""
     cfg = RunConfig()
@@ -456,7 +472,8 @@ def load_config(config_file: str | None = None, overrides: dict[str, Any] | list
         if not path.is_file():
             raise ConfigError(f"config file '{config_file}' does not exist")
         try:
-            doc = yaml.safe_load(path.read_text()) or {}
+            with open(path) as f:  # from the file, so the errors' marks name it with the line and column
+                doc = yaml.load(f, Loader=_RecipeLoader) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file '{config_file}' is not valid YAML: {e}") from e
         if not isinstance(doc, dict):
@@ -603,17 +620,19 @@ def validate_world(cfg: RunConfig, world_size: int, num_modalities: int, has_con
         raise ConfigError("config key 'stages.select_target' = 'concepts' needs a data set with generating "
                           "concepts (the synthetic one); this data set has none: use stages.select_target=label")
     ep = cfg.dist.ep_size or world_size
+    given = f"{ep}" if cfg.dist.ep_size else f"0 (the world size, {ep})"
     if world_size % ep:
-        raise ConfigError(f"config key 'dist.ep_size' = {ep} must divide the world size {world_size}; "
+        raise ConfigError(f"config key 'dist.ep_size' = {given} must divide the world size {world_size}; "
                           f"choose one of {[d for d in range(1, world_size + 1) if world_size % d == 0]}")
     if cfg.moe.kind != "dense":
         per = cfg.moe.resolved_num_experts()
         total = per if cfg.moe.shared_experts else per * num_modalities
         if total % ep:
-            raise ConfigError(f"config key 'dist.ep_size' = {ep} must divide the total number of experts {total} "
-                              f"({per} per modality x {1 if cfg.moe.shared_experts else num_modalities} "
-                              f"modalit{'y' if cfg.moe.shared_experts else 'ies'}); change dist.ep_size or "
-                              f"moe.num_experts")
+            fits = [d for d in range(1, world_size + 1) if world_size % d == 0 and total % d == 0]
+            raise ConfigError(f"config key 'dist.ep_size' = {given} must divide the total number of experts "
+                              f"{total} ({per} per modality x {1 if cfg.moe.shared_experts else num_modalities} "
+                              f"modalit{'y' if cfg.moe.shared_experts else 'ies'}); on {world_size} ranks set "
+                              f"dist.ep_size to one of {fits}, or change moe.num_experts")
     return ep
 
 

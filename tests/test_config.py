@@ -67,6 +67,14 @@ def test_yaml_errors_name_the_file(tmp_path):
     (tmp_path / "list.yaml").write_text("- 1\n")
     with pytest.raises(ConfigError, match="must hold a mapping"):
         load_config(str(tmp_path / "list.yaml"))
+    # a key given twice (YAML would keep the last silently) and broken YAML: the file, line and column
+    (tmp_path / "twice.yaml").write_text("optim:\n  lr: 0.1\n  weight_decay: 0.0\n  lr: 0.2\n")
+    with pytest.raises(ConfigError, match=r"(?s)twice\.yaml\", line 2.*key 'lr' is given twice \(first on line 2\).*"
+                                          r"twice\.yaml\", line 4, column 3"):
+        load_config(str(tmp_path / "twice.yaml"))
+    (tmp_path / "broken.yaml").write_text("stages:\n  run: [specialize, select\n")
+    with pytest.raises(ConfigError, match=r"(?s)broken\.yaml' is not valid YAML.*broken\.yaml\", line 2, column 8"):
+        load_config(str(tmp_path / "broken.yaml"))
 
 
 def test_world_rules():
@@ -76,8 +84,12 @@ def test_world_rules():
     assert validate_world(cfg, 2, 2) == 2          # 3 experts x 2 modalities = 6, divisible by 2
     with pytest.raises(ConfigError, match="must divide the world size 4"):
         validate_world(load_config(None, ["dist.ep_size=3"]), 4, 2)
-    with pytest.raises(ConfigError, match="must divide the total number of experts 3"):
+    with pytest.raises(ConfigError, match=r"'dist.ep_size' = 0 \(the world size, 2\) must divide the total number of "
+                                          r"experts 3 .*on 2 ranks set dist.ep_size to one of \[1\]"):
         validate_world(load_config(None, ["moe.num_experts=3", "moe.shared_experts=true"]), 2, 2)
+    with pytest.raises(ConfigError, match=r"'dist.ep_size' = 4 must divide the total number of experts 6 .*one of "
+                                          r"\[1, 2\]"):
+        validate_world(load_config(None, ["moe.num_experts=3", "dist.ep_size=4"]), 4, 2)
     with pytest.raises(ConfigError, match=r"stages.select_target' = 'concepts' needs a data set with generating"):
         validate_world(load_config(None, ["stages.select_target=concepts", "stages.compactness=entropy"]), 2, 2,
                        has_concepts=False)
