@@ -243,7 +243,7 @@ class Trainer:
         same_world = meta["world_size"] == self.dims.world_size
         mismatch = ckpt_io.optimizer_state_mismatch(meta, self.dims.world_size, self.dims.ep_size)
         load_optim = full and mismatch is None
-        if full and mismatch:
+        if full and mismatch and self.dims.is_main:  # one job-wide fact: said once, not once per rank
             log.warning("checkpoint %s: %s", ckpt.name, mismatch)
         configured = [{k: g[k] for k in ("betas", "weight_decay")} for g in engine.optimizer.param_groups]
         base_lrs = list(engine.lr_scheduler.base_lrs)

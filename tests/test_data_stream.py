@@ -555,7 +555,8 @@ def test_resume_refuses_what_cannot_continue_the_epoch(synth):
     s = ShardStream(synth, "train", batch_size=16, shuffle_buffer=48)
     next(iter(s))
     state = s.state_dict()
-    with pytest.raises(DataError, match=r"2 ranks cannot share 1 partitions \(data.partitions\)"):
+    with pytest.raises(DataError, match=r"the checkpoint is in the middle of epoch 0, which cannot go on with 2 ranks "
+                                        r"x data.batch_size 16: .*2 ranks cannot share 1 partitions \(data.partitions\)"):
         ShardStream(synth, "train", batch_size=16, world_size=2, shuffle_buffer=48).load_state_dict(state)
     with pytest.raises(DataError, match="shuffle_buffer 48 -> 32"):
         ShardStream(synth, "train", batch_size=16, shuffle_buffer=32).load_state_dict(state)

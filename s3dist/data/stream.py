@@ -379,8 +379,8 @@ class ShardStream:
             try:
                 self._plan(parts, chunk)
             except DataError as e:
-                raise DataError(f"cannot continue epoch {state['epoch']} mid-way on {self.world_size} ranks of "
-                                f"{self.batch_size} rows: {e}") from None
+                raise DataError(f"the checkpoint is in the middle of epoch {state['epoch']}, which cannot go on "
+                                f"with {self.world_size} ranks x data.batch_size {self.batch_size}: {e}") from None
             if rows > self._lo and self.drop_last:
                 raise DataError(f"stream state says {rows} rows of each partition done, more than this split's "
                                 f"{self._lo}; the data set changed since the checkpoint")
