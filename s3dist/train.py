@@ -134,6 +134,7 @@ def resolve_run_dir(cfg: RunConfig, is_main: bool) -> Path:
     """
     import torch.distributed as dist
 
+    from s3dist import checkpoint as ckpt_io
     from s3dist import runlock
 
     if cfg.output_dir:
@@ -144,20 +145,32 @@ def resolve_run_dir(cfg: RunConfig, is_main: bool) -> Path:
             dist.broadcast_object_list(stamp, src=0)  # ranks could straddle a second boundary
         run_dir = Path("runs") / f"{cfg.name}-{stamp[0]}"
     runlock.acquire_collective(run_dir, cfg.checkpoint.lock_stale_s, is_main)
-    holds_run = (run_dir / "config.yaml").exists()
-    if holds_run and not cfg.resume and not cfg.overwrite:
-        raise ConfigError(f"output_dir '{run_dir}' already holds a run (config.yaml exists). Continue it with "
-                          f"--resume auto, start over with --overwrite, or pick another --output_dir")
+    started = (run_dir / "config.yaml").exists()
+    # An earlier start that stopped before its first logged step or checkpoint (bad data, a tracker without its
+    # API key, a kill during start-up) left only what the command recreates: starting again needs no flag.
+    trained = started and (ckpt_io.find_latest(run_dir) is not None or _has_rows(run_dir / "metrics.jsonl"))
+    if trained and not cfg.resume and not cfg.overwrite:
+        raise ConfigError(f"output_dir '{run_dir}' already holds a run (config.yaml, and checkpoints or logged "
+                          f"steps). Continue it with --resume auto, start over with --overwrite, or pick another "
+                          f"--output_dir")
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        if holds_run and cfg.overwrite and not cfg.resume:
+        if started and not trained and not cfg.resume and not cfg.overwrite:
+            log.info("output_dir %s holds a start that never reached a step: starting over in it", run_dir)
+        if started and not cfg.resume and (cfg.overwrite or not trained):
             import shutil
 
-            for sub in ("checkpoints", "tb", "samples"):
+            # checkpoints/ without a complete checkpoint is left alone: it can only hold a cut-short save (pruned
+            # later) or checkpoints an earlier resume set aside, which are kept until --overwrite
+            for sub in ("checkpoints", "tb", "samples") if cfg.overwrite else ("tb", "samples"):
                 shutil.rmtree(run_dir / sub, ignore_errors=True)
             for f in ("metrics.jsonl", "eval.json", "ranks.jsonl"):
                 (run_dir / f).unlink(missing_ok=True)
     return run_dir
+
+
+def _has_rows(path: Path) -> bool:
+    return path.exists() and path.stat().st_size > 0
 
 
 def prepare_data(cfg: RunConfig, run_dir: Path, is_main: bool, fresh: bool) -> str:

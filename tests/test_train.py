@@ -47,6 +47,37 @@ def test_two_rank_expert_parallel_training(tmp_path):
     assert shared > 0 and per_rank_expert > 0
 
 
+def test_a_start_that_never_reached_a_step_starts_over_without_a_flag(tmp_path, caplog):
+    """A start that failed before its first logged step or checkpoint (e.g. a tracker without its API key) left
+    config.yaml: the same command starts over in it, logging so; checkpoints set aside earlier are kept. Once a
+    step is logged, the directory holds a run and a fresh start needs --resume or --overwrite."""
+    import logging
+
+    from s3dist import runlock
+    from s3dist.config import ConfigError, load_config
+    from s3dist.train import resolve_run_dir
+
+    out = tmp_path / "run"
+    (out / "tb").mkdir(parents=True)
+    (out / "checkpoints" / "abandoned-20261201-120000").mkdir(parents=True)
+    (out / "config.yaml").write_text("seed: 0\n")
+    (out / "ranks.jsonl").write_text('{"rank": 0}\n')
+    (out / "metrics.jsonl").write_text("")
+    cfg = load_config(None, [f"output_dir={out}"])
+    with caplog.at_level(logging.INFO, logger="s3dist"):
+        assert resolve_run_dir(cfg, True) == out
+    runlock.release(out)
+    assert "holds a start that never reached a step: starting over in it" in caplog.text
+    assert not (out / "tb").exists() and not (out / "ranks.jsonl").exists()
+    assert (out / "checkpoints" / "abandoned-20261201-120000").exists()
+    (out / "metrics.jsonl").write_text('{"step": 5, "stage": "specialize", "loss": 1.0}\n')
+    try:
+        with pytest.raises(ConfigError, match="already holds a run.*--resume auto.*--overwrite"):
+            resolve_run_dir(cfg, True)
+    finally:
+        runlock.release(out)
+
+
 @pytest.mark.slow
 def test_accelerate_launch_run_directory_contract(reference_run):
     """`accelerate launch --config_file launch_configs/cpu_2proc.yaml -m s3dist.train` (the session's
