@@ -463,6 +463,32 @@ def _cli_eval(args) -> int:
     # an export folder holds its own evaluation; a single-file export's go next to the file
     out_dir = getattr(args, "out", None) or args.run or (args.model if args.model.is_dir() else args.model.parent)
     out_dir.mkdir(parents=True, exist_ok=True)
+    holds_run = (out_dir / "config.yaml").exists()
+    if holds_run:  # a run directory: a job may be training in it, and writes its own eval.json at the end
+        _lock_run_dir(out_dir, cfg, dims.rank == 0)
+    try:
+        return _evaluate_into(out_dir, cfg, dims, model, data_url, step, ps)
+    finally:
+        if holds_run:
+            from s3dist import runlock
+
+            runlock.release(out_dir)
+
+
+def _lock_run_dir(run_dir: Path, cfg: RunConfig, is_main: bool) -> None:
+    """Hold the run directory's lock (`s3dist.runlock`) while the evaluation writes into it, as a training job
+    does: an evaluation of a run that is still training is refused, naming the job, rather than writing beside
+    it (its own final evaluation would replace this one, from another checkpoint)."""
+    from s3dist import runlock
+
+    try:
+        runlock.acquire_collective(run_dir, cfg.checkpoint.lock_stale_s, is_main)
+    except runlock.RunLockError as e:
+        raise runlock.RunLockError(f"{e}. To evaluate its newest checkpoint now, write the evaluation elsewhere: "
+                                   f"--out DIR") from None
+
+
+def _evaluate_into(out_dir: Path, cfg: RunConfig, dims, model, data_url: str, step: int, ps) -> int:
     if ps is not None and (out_dir / "eval.json").exists():
         # extend the evaluation there rather than replace it: its p's are evaluated again with the new ones, so
         # the file stays one evaluation (one checkpoint, one set of settings) and keeps the thresholds an
@@ -542,10 +568,12 @@ def _guarded(fn):
         from s3dist.checkpoint import CheckpointError
         from s3dist.config import ConfigError
         from s3dist.data import DataError
+        from s3dist.runlock import RunLockError
 
         try:
             return fn(args)
-        except (ConfigError, CheckpointError, DataError, FileNotFoundError) as e:  # missing files: a path typed wrong
+        except (ConfigError, CheckpointError, DataError, RunLockError, FileNotFoundError) as e:  # FileNotFoundError:
+            # a path typed wrong
             print(f"s3dist {args.command}: {e}", file=sys.stderr)
             return 2
     return run

@@ -410,6 +410,31 @@ def test_second_job_on_a_held_run_dir_is_refused_before_writing(tmp_path):
 
 
 @pytest.mark.slow
+def test_eval_into_a_run_directory_a_job_holds_is_refused(tmp_path, reference_run):
+    """`s3dist eval --run RUN` writes eval.json into the run directory, so it takes the run's lock as a training
+    job does: while another job holds it, the evaluation exits 2 naming that job and the way round (--out), and
+    writes nothing there. Once the directory is free, the same command evaluates and leaves no lock behind."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(reference_run, run)
+    before = (run / "eval.json").read_bytes()
+    cmd = [sys.executable, "-m", "s3dist.cli", "eval", "--run", str(run), "--keep-fraction", "0.3"]
+    holder = _holder(run)
+    try:
+        p = subprocess.run(cmd, cwd=ROOT, env=launching.env(), capture_output=True, text=True, timeout=300)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert f"is in use by another job: host {HOST}, pid {holder.pid}" in p.stderr and "--out DIR" in p.stderr
+    assert "Traceback" not in p.stderr and (run / "eval.json").read_bytes() == before
+    p = subprocess.run(cmd, cwd=ROOT, env=launching.env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads((run / "eval.json").read_text())["step"] > 0 and not (run / runlock.LOCK_FILE).exists()
+
+
+@pytest.mark.slow
 def test_run_takes_over_a_stale_lock_with_a_warning(tmp_path):
     """A run directory whose lock names another host with a heartbeat older than
     checkpoint.lock_stale_s (a node that died): a new run takes it over, warns naming it, trains,
