@@ -17,7 +17,7 @@ _GROUPS = [
     ("sweep", "s3dist.evaluate", "sparsity sweep over keep fractions (one run or several seeds)"),
     ("export", "s3dist.checkpoint", "write a run's encoder as a folder from_pretrained loads (or one .safetensors)"),
     ("embed", "s3dist.embed", "embeddings of a data split from a trained encoder, as one Parquet file"),
-    ("bench", "s3dist.bench.cli", "benchmarks: data, moe, train, plan"),
+    ("bench", "s3dist.bench.cli", "benchmarks: data, moe, experts, train, plan"),
     ("config", "s3dist.config_cli", "print the config reference or validate a recipe"),
 ]
 

@@ -13,6 +13,10 @@ import sys
 from s3dist.config import ConfigError
 
 
+_ROWS_HELP = "rows per Parquet shard (default 1024)"
+_OVERWRITE_HELP = "replace an s3dist data set (or an empty folder) at --out; any other folder is refused"
+
+
 def add_subcommands(subparsers, name: str, help_text: str) -> None:
     p = subparsers.add_parser(name, help=help_text, description=help_text)
     sub = p.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
@@ -23,27 +27,31 @@ def add_subcommands(subparsers, name: str, help_text: str) -> None:
     mb.add_argument("--source", required=True, help="the MultiBench file (affect .pkl, im.pk) or folder (avmnist)")
     mb.add_argument("--out", required=True, help="URL of the data-set folder to create")
     mb.add_argument("--task", type=int, default=-1, help="mimic only: -1 mortality (6 classes) or ICD-9 group 0..19")
-    mb.add_argument("--rows-per-shard", type=int, default=1024)
-    mb.add_argument("--overwrite", action="store_true", help="replace an existing data set at --out")
+    mb.add_argument("--rows-per-shard", type=int, default=1024, help=_ROWS_HELP)
+    mb.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
     mb.set_defaults(func=_guarded(_import_multibench))
 
     ar = sub.add_parser("import-arrays", help="import your own data: one .npy per modality plus labels")
-    ar.add_argument("--modality", action="append", default=[], metavar="NAME=FILE.npy", required=True)
-    ar.add_argument("--labels", required=True, metavar="FILE.npy")
-    ar.add_argument("--out", required=True)
-    ar.add_argument("--val-fraction", type=float, default=0.1)
-    ar.add_argument("--test-fraction", type=float, default=0.2)
-    ar.add_argument("--seed", type=int, default=0)
+    ar.add_argument("--modality", action="append", default=[], metavar="NAME=FILE.npy", required=True,
+                    help="one modality: an [N, D] or [N, T, D] array, row i of every file the same sample; give "
+                         "the option once per modality (any fsspec URL)")
+    ar.add_argument("--labels", required=True, metavar="FILE.npy", help="[N] integer class ids 0..C-1, each used")
+    ar.add_argument("--out", required=True, help="URL of the data-set folder to create")
+    ar.add_argument("--val-fraction", type=float, default=0.1,
+                    help="share of the rows held out for validation (stratified by label; default 0.1)")
+    ar.add_argument("--test-fraction", type=float, default=0.2,
+                    help="share of the rows held out for test (stratified by label; default 0.2)")
+    ar.add_argument("--seed", type=int, default=0, help="seed of the split (default 0)")
     ar.add_argument("--name", default=None, help="data-set name (default: the last part of --out)")
-    ar.add_argument("--rows-per-shard", type=int, default=1024)
-    ar.add_argument("--overwrite", action="store_true")
+    ar.add_argument("--rows-per-shard", type=int, default=1024, help=_ROWS_HELP)
+    ar.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
     ar.set_defaults(func=_guarded(_import_arrays))
 
     sy = sub.add_parser("synth", help="generate a synthetic data set (kind=concepts, the default, or kind=factors: "
                                       "shared / unique / nuisance factors)")
-    sy.add_argument("--out", required=True)
-    sy.add_argument("--name", default="synth")
-    sy.add_argument("--overwrite", action="store_true")
+    sy.add_argument("--out", required=True, help="URL of the data-set folder to create")
+    sy.add_argument("--name", default="synth", help="data-set name recorded in its manifest (default synth)")
+    sy.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
     sy.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                     help="SynthConfig fields, e.g. num_concepts=8 seq_len=32, or kind=factors "
                          "label_mode=shared (data.synth.* also accepted)")
