@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from s3dist.config import ConfigError, DistConfig, OptimConfig
+from s3dist.importing import MLFLOW, unimportable
 
 
 @dataclass(frozen=True)
@@ -75,8 +76,9 @@ def init_distributed(cfg: DistConfig) -> tuple[int, int, int, torch.device, str]
     if cuda:
         torch.cuda.set_device(device)
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cuda else "cpu")
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
+    with unimportable(MLFLOW):  # DeepSpeed imports it for its autotuner (s3dist.importing)
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
 
     # DeepSpeed picks its accelerator once, at first import, from DS_ACCELERATOR or its own probe. If
     # it disagrees with torch's device, the engine silently keeps the model on its own device and the

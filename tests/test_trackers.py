@@ -221,6 +221,20 @@ def test_mlflow_file_store_holds_the_jsonl_scalars(tmp_path, monkeypatch):
     assert run.data.params["moe.num_experts"] == str(run_config["moe"]["num_experts"])
 
 
+def test_deepspeed_is_imported_without_mlflow_which_stays_importable():
+    """DeepSpeed imports mlflow for its autotuner when it is installed (seconds of every rank's start);
+    s3dist imports DeepSpeed with mlflow kept out (s3dist.importing), and the tracker can still import it."""
+    code = ("import sys\n"
+            "import s3dist.model.moe\n"
+            "from deepspeed.autotuning import autotuner\n"
+            "assert 'deepspeed' in sys.modules and 'mlflow' not in sys.modules, 'mlflow came with deepspeed'\n"
+            "assert autotuner.has_mlflow is False\n"
+            "import mlflow\n"
+            "print('mlflow', mlflow.__version__)\n")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.startswith("mlflow "), p.stderr[-2000:]
+
+
 def test_mlflow_tracking_uri_from_the_environment(tmp_path, monkeypatch):
     """MLFLOW_TRACKING_URI, when set, is where the run goes (not <run>/mlruns)."""
     pytest.importorskip("mlflow", reason="pip install 's3dist[mlflow]'")

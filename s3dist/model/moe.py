@@ -15,11 +15,15 @@ seed them by global index) but creates no process group: `s3dist.dist` attaches 
 from __future__ import annotations
 
 import torch
-from deepspeed.moe.layer import MoE
-from deepspeed.moe.sharded_moe import TopKGate
 from torch import nn
 
 from s3dist.config import MoEConfig
+from s3dist.importing import MLFLOW, unimportable
+
+with unimportable(MLFLOW):  # DeepSpeed imports it for its autotuner (s3dist.importing)
+    from deepspeed.moe.layer import MoE
+    from deepspeed.moe.sharded_moe import TopKGate
+
 from s3dist.model.experts import ExpertMLP, GroupedExperts, install_grouped_experts
 from s3dist.model.router import EvalDropCounter, PruneSpec, RoutingPlan, S3Router, Segment, count_routes
 
