@@ -44,6 +44,14 @@ def run(out: Path, overrides: list[str], *, extra: list[str] = (), timeout: int 
     return p
 
 
+def run_forked(out: Path, overrides: list[str], *, extra: list[str] = ()) -> subprocess.CompletedProcess:
+    """The job `run` starts, on 2 ranks forked from the test session's server (tests/multirank.py) instead of
+    through `accelerate launch`: for tests of what a run does, not of how it is launched."""
+    from tests.multirank import run_main
+
+    return run_main("s3dist.train", ["--output_dir", str(out), *extra, *overrides])
+
+
 def start(out: Path, overrides: list[str], *, launcher: str = "accelerate.commands.launch",
           extra: list[str] = ()) -> subprocess.Popen:
     """Start in its own session so the test can signal / kill the whole job."""

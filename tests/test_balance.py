@@ -320,7 +320,7 @@ def test_checkpoint_carries_the_bias_and_resume_matches_uninterrupted(tmp_path):
     from tests import launching
 
     a = tmp_path / "a"
-    p = launching.run(a, RUN)
+    p = launching.run_forked(a, RUN)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     ckpts = a / "checkpoints"
     at10, at20 = ckpts / "step-00000010-specialize", ckpts / "step-00000020-specialize"
@@ -338,7 +338,7 @@ def test_checkpoint_carries_the_bias_and_resume_matches_uninterrupted(tmp_path):
         if d.is_dir() and d.name != at10.name:
             shutil.rmtree(d)
     (b / "checkpoints" / "latest").write_text(at10.name)
-    p = launching.run(b, RUN, extra=["--resume", "auto"])
+    p = launching.run_forked(b, RUN, extra=["--resume", "auto"])
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     from s3dist.checkpoint import consolidated_state_dict
 

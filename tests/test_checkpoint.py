@@ -17,10 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from s3dist.dist import free_port
 from tests import launching
 from tests.launching import REFERENCE, ROOT, TINY
-from tests.multirank import run_ranks
+from tests.multirank import run_main, run_ranks
 
 pytestmark = pytest.mark.slow
 
@@ -82,7 +81,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, reference_run, wher
         tag = _kill_when(proc, out, lambda t: int(t.split("-")[1]) >= 40)
     step = int(tag.split("-")[1])
     assert step < 60, "the job finished before it was killed: nothing was tested"
-    p = launching.run(out, RUN, extra=["--resume", "auto"])
+    p = launching.run_forked(out, RUN, extra=["--resume", "auto"])  # what resumes is the run, not the launcher
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     _assert_same_run(out, reference_run, step)
 
@@ -102,7 +101,7 @@ def test_preemption_signal_checkpoints_exits_75_and_resumes(tmp_path, reference_
     tag = latest.read_text().strip()
     step = int(tag.split("-")[1])
     assert 10 <= step < 60
-    p = launching.run(out, RUN, extra=["--resume", "auto"])
+    p = launching.run_forked(out, RUN, extra=["--resume", "auto"])
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     _assert_same_run(out, reference_run, step)
 
@@ -160,10 +159,8 @@ def test_resume_on_one_rank_resets_optimizer_with_message(tmp_path, reference_ru
     from s3dist.checkpoint import find_latest
 
     ckpt = find_latest(out)
-    env = launching.env()
-    cmd = [sys.executable, "-m", "s3dist.train", "--output_dir", str(out), "--resume", str(ckpt), *RUN,
-           "stages.select_steps=25", "dist.ep_size=1"]
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    p = run_main("s3dist.train", ["--output_dir", out, "--resume", ckpt, *RUN, "stages.select_steps=25",
+                                  "dist.ep_size=1"], world=1)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "optimizer and LR-scheduler state are reset" in p.stderr
     assert max(_losses(out)) == 65
@@ -202,9 +199,8 @@ def test_eval_overrides_and_calibrated_stage3_do_not_depend_on_eval_batch(tmp_pa
     results = {}
     for bs in (32, 256):
         out = tmp_path / f"bs{bs}"
-        ev = subprocess.run([sys.executable, "-m", "s3dist.cli", "eval", "--run", str(reference_run), "--keep-fraction",
-                             "0.3", "--out", str(out), f"data.eval_batch_size={bs}"],
-                            cwd=ROOT, env=launching.env(), capture_output=True, text=True, timeout=300)
+        ev = run_main("s3dist.cli", ["eval", "--run", reference_run, "--keep-fraction", "0.3", "--out", out,
+                                     f"data.eval_batch_size={bs}"], world=1)
         assert ev.returncode == 0, ev.stderr[-3000:]
         results[bs] = json.loads((out / "eval.json").read_text())
     a, b = results[32], results[256]
@@ -217,28 +213,23 @@ def test_eval_overrides_and_calibrated_stage3_do_not_depend_on_eval_batch(tmp_pa
     assert a["eval_dropped_fraction"] == b["eval_dropped_fraction"] == 0.0
     assert a["step"] == json.loads((reference_run / "eval.json").read_text())["step"] > 0  # the checkpoint's step
 
-    # the same evaluation under `accelerate launch` on 2 processes (each extracts its part; rank 0 probes)
-    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                          str(ROOT / "launch_configs" / "cpu_2proc.yaml"), "--main_process_port", str(free_port()),
-                          "-m", "s3dist.cli", "eval", "--run", str(reference_run), "--keep-fraction", "0.3", "--out",
-                          str(tmp_path / "two"), "data.eval_batch_size=32"],
-                         cwd=ROOT, env=launching.env(), capture_output=True, text=True, timeout=300)
+    # the same evaluation on 2 ranks, as `accelerate launch` runs it (each extracts its part; rank 0 probes)
+    two = run_main("s3dist.cli", ["eval", "--run", reference_run, "--keep-fraction", "0.3", "--out", tmp_path / "two",
+                                  "data.eval_batch_size=32"], world=2)
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
     c = json.loads((tmp_path / "two" / "eval.json").read_text())
     assert [r["keep_fraction"] for r in c["sweep"]] == [0.3, 1.0]
     assert [r["accuracy"] for r in c["sweep"]] == pytest.approx([r["accuracy"] for r in a["sweep"]], abs=1e-9)
 
     # a sweep into a folder that holds an evaluation extends it: its p's are evaluated again with the new one
-    more = subprocess.run([sys.executable, "-m", "s3dist.cli", "sweep", "--run", str(reference_run), "--keep-fractions",
-                           "0.6", "--out", str(tmp_path / "bs32"), "data.eval_batch_size=32"],
-                          cwd=ROOT, env=launching.env(), capture_output=True, text=True, timeout=300)
+    more = run_main("s3dist.cli", ["sweep", "--run", reference_run, "--keep-fractions", "0.6", "--out",
+                                   tmp_path / "bs32", "data.eval_batch_size=32"], world=1)
     assert more.returncode == 0, more.stderr[-3000:]
     d = json.loads((tmp_path / "bs32" / "eval.json").read_text())
     assert [r["keep_fraction"] for r in d["sweep"]] == [0.3, 0.6, 1.0]
     assert d["stage3"]["thresholds"].keys() == {"0.3", "0.6"}
-    bad = subprocess.run([sys.executable, "-m", "s3dist.cli", "eval", "--run", str(reference_run), "--out",
-                          str(tmp_path / "bad"), "model.d_model=8"],
-                         cwd=ROOT, env=launching.env(), capture_output=True, text=True, timeout=120)
+    bad = run_main("s3dist.cli", ["eval", "--run", reference_run, "--out", tmp_path / "bad", "model.d_model=8"],
+                   world=1)
     assert bad.returncode == 2 and "cannot override ['model.d_model']" in bad.stderr
     assert not (tmp_path / "bad" / "eval.json").exists()
 
@@ -254,7 +245,7 @@ def test_incompatible_resume_is_refused(tmp_path, reference_run):
 
     out = tmp_path / "run"
     shutil.copytree(reference_run, out)
-    p = launching.run(out, RUN + ["moe.num_experts=2"], extra=["--resume", "auto"])
+    p = launching.run_forked(out, RUN + ["moe.num_experts=2"], extra=["--resume", "auto"])
     assert p.returncode != 0
     assert "moe.num_experts was 0 there but is 2 now" in p.stdout + p.stderr
 
@@ -283,8 +274,7 @@ def test_existing_run_is_not_overwritten(tmp_path, reference_run):
 
     out = tmp_path / "run"
     shutil.copytree(reference_run, out)
-    p = subprocess.run([sys.executable, "-m", "s3dist.train", "--output_dir", str(out), *RUN], cwd=ROOT,
-                       env=launching.env(), capture_output=True, text=True, timeout=120)
+    p = run_main("s3dist.train", ["--output_dir", out, *RUN], world=1)
     assert p.returncode == 2
     assert "already holds a run" in p.stderr and "--resume auto" in p.stderr and "--overwrite" in p.stderr
     assert (out / "checkpoints" / "latest").exists()
@@ -450,7 +440,7 @@ def test_resume_of_a_finished_run_evaluates_the_trained_weights(tmp_path, refere
     out = tmp_path / "run"
     shutil.copytree(reference_run, out)
     (out / "eval.json").unlink()
-    p = launching.run(out, launching.REFERENCE, extra=["--resume", "auto"])
+    p = launching.run_forked(out, launching.REFERENCE, extra=["--resume", "auto"])
     assert p.returncode == 0, p.stderr[-3000:]
     assert "had finished: loaded its weights, nothing to train" in p.stderr
     assert "Stage 2 trains routers only" not in p.stderr  # nothing trains, and the log does not say otherwise

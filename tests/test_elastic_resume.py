@@ -1,18 +1,17 @@
-"""A run resumed mid-epoch on another world size neither repeats nor skips a sample: real jobs (a 2-process
-`accelerate launch` run, resumed by 1 process), audited through `logging.sample_ids`."""
+"""A run resumed mid-epoch on another world size neither repeats nor skips a sample: real jobs (a 2-rank run,
+resumed by 1 rank; tests/multirank.py `run_main`), audited through `logging.sample_ids`."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
 from tests import launching
-from tests.launching import ROOT, TINY
+from tests.launching import TINY
+from tests.multirank import run_main
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +33,7 @@ def _samples(run_dir: Path) -> dict[int, list[int]]:
 
 def test_two_rank_run_resumed_on_one_rank_sees_every_training_sample_once(tmp_path):
     out = tmp_path / "run"
-    p = launching.run(out, RUN)
+    p = launching.run_forked(out, RUN)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "No existing process group found" not in p.stdout + p.stderr  # DeepSpeed's print on every rank
     data = out / "data"
@@ -48,9 +47,8 @@ def test_two_rank_run_resumed_on_one_rank_sees_every_training_sample_once(tmp_pa
     assert epoch0 == train_ids  # the uninterrupted part: every sample once per epoch
 
     # Step 10 is 2 steps into epoch 1; one process takes the other 6 x 64 rows in 12 steps of 32.
-    cmd = [sys.executable, "-m", "s3dist.train", "--output_dir", str(out), "--resume", "auto", *RUN,
-           "stages.specialize_steps=22", "dist.ep_size=1"]
-    r = subprocess.run(cmd, cwd=ROOT, env=launching.env(), capture_output=True, text=True, timeout=300)
+    r = run_main("s3dist.train", ["--output_dir", out, "--resume", "auto", *RUN, "stages.specialize_steps=22",
+                                  "dist.ep_size=1"], world=1)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "the world size changed (2 -> 1 ranks): the data stream continues its epoch over 2 partitions" in r.stderr
     steps = _samples(out)

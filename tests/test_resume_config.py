@@ -179,7 +179,7 @@ def _rows(run_dir: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("base") / "run"
-    p = launching.run(out, BASE + ["optim.lr=0.001"])
+    p = launching.run_forked(out, BASE + ["optim.lr=0.001"])
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return out
 
@@ -202,7 +202,7 @@ def test_changed_lr_refused_then_forced_and_recorded(tmp_path, base_run, capsys)
     assert "optim.lr was 0.001 there but is 0.002 now" in capsys.readouterr().err
     assert _snapshot(out) == before
 
-    p = launching.run(out, BASE + ["optim.lr=0.002", "stages.specialize_steps=15"],
+    p = launching.run_forked(out, BASE + ["optim.lr=0.002", "stages.specialize_steps=15"],
                       extra=["--resume", "auto", "--force-config"])
     log = p.stdout + p.stderr
     assert p.returncode == 0, log[-3000:]
@@ -222,7 +222,7 @@ def test_resume_without_an_override_keeps_it_and_runs_to_the_new_step_count(tmp_
     """The resume command leaves off optim.lr=0.001 (given at the start) and raises the Stage-1 step
     count: the run keeps lr 0.001 (not the default 0.002) and continues to step 15."""
     out = _copy(base_run, tmp_path)
-    p = launching.run(out, BASE + ["stages.specialize_steps=15"], extra=["--resume", "auto"])
+    p = launching.run_forked(out, BASE + ["stages.specialize_steps=15"], extra=["--resume", "auto"])
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     assert cfg["optim"]["lr"] == 0.001 and cfg["stages"]["specialize_steps"] == 15
@@ -238,7 +238,7 @@ def test_ep_size_change_at_same_world_resets_the_optimizer_with_a_message(tmp_pa
     """2 ranks, ep_size 2 -> 1 mid-stage: experts are resharded, the optimizer state (which covers the
     experts each rank held) is not loaded, a message says so, and training continues to the end."""
     out = _copy(base_run, tmp_path)
-    p = launching.run(out, BASE + ["dist.ep_size=1", "stages.specialize_steps=15"], extra=["--resume", "auto"])
+    p = launching.run_forked(out, BASE + ["dist.ep_size=1", "stages.specialize_steps=15"], extra=["--resume", "auto"])
     log = p.stdout + p.stderr
     assert p.returncode == 0, log[-3000:]
     assert log.count("written with dist.ep_size=2, this run has 1 (same 2 ranks)") == 1, log[-3000:]  # rank 0 says it
@@ -347,7 +347,7 @@ def test_resume_from_an_older_checkpoint_continues_that_line(tmp_path, base_run)
     new step-10 checkpoint is published (not pruned in favour of the old one), the old line is kept aside,
     and the metrics hold each step once."""
     out = _copy(base_run, tmp_path)
-    p = launching.run(out, BASE, extra=["--resume", str(out / "checkpoints" / "step-00000005-specialize")])
+    p = launching.run_forked(out, BASE, extra=["--resume", str(out / "checkpoints" / "step-00000005-specialize")])
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "the later step-00000010-specialize moved to" in p.stdout + p.stderr
     (aside,) = (out / "checkpoints").glob("abandoned-*")
@@ -363,7 +363,7 @@ def test_auto_resume_before_the_first_checkpoint_logs_each_step_once(tmp_path, b
     keep them next to the new ones."""
     out = _copy(base_run, tmp_path)
     shutil.rmtree(out / "checkpoints")
-    p = launching.run(out, BASE, extra=["--resume", "auto"])
+    p = launching.run_forked(out, BASE, extra=["--resume", "auto"])
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert [r["step"] for r in _rows(out)] == [5, 10]
 

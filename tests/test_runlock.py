@@ -25,6 +25,7 @@ import pytest
 from s3dist import runlock
 from tests import launching
 from tests.launching import REFERENCE, ROOT, TINY
+from tests.multirank import run_main
 
 HOST = socket.gethostname()
 
@@ -365,7 +366,7 @@ def test_sigkill_of_the_launcher_alone_ends_every_rank_and_resume_matches(tmp_pa
     read_meta(ckpt)  # complete: every file matches its recorded sha256
     step = read_meta(ckpt, verify=False)["state"]["global_step"]
     assert step <= killed_at + 10, f"checkpoint of step {step} published after the launcher died at {killed_at}"
-    p = launching.run(out, RUN, extra=["--resume", "auto"])
+    p = launching.run_forked(out, RUN, extra=["--resume", "auto"])
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert f"took over the lock of host {HOST}" in p.stdout + p.stderr
     ref, got = _losses(reference_run), _losses(out)
@@ -394,7 +395,7 @@ def test_second_job_on_a_held_run_dir_is_refused_before_writing(tmp_path):
         assert holder["pid"] == rank0["pid"] and holder["host"] == HOST
         config, ranks = (out / "config.yaml").read_bytes(), (out / "ranks.jsonl").read_bytes()
         metrics = (out / "metrics.jsonl").read_bytes()
-        second = launching.run(out, TINY + ["dist.ep_size=2"], extra=["--resume", "auto"], timeout=300)
+        second = launching.run_forked(out, TINY + ["dist.ep_size=2"], extra=["--resume", "auto"])
         log = second.stdout + second.stderr
         assert second.returncode != 0, log[-3000:]
         assert f"is in use by another job: host {HOST}, pid {rank0['pid']}" in log, log[-3000:]
@@ -419,17 +420,17 @@ def test_eval_into_a_run_directory_a_job_holds_is_refused(tmp_path, reference_ru
     run = tmp_path / "run"
     shutil.copytree(reference_run, run)
     before = (run / "eval.json").read_bytes()
-    cmd = [sys.executable, "-m", "s3dist.cli", "eval", "--run", str(run), "--keep-fraction", "0.3"]
+    argv = ["eval", "--run", run, "--keep-fraction", "0.3"]
     holder = _holder(run)
     try:
-        p = subprocess.run(cmd, cwd=ROOT, env=launching.env(), capture_output=True, text=True, timeout=300)
+        p = run_main("s3dist.cli", argv, world=1)
     finally:
         holder.kill()
         holder.wait()
     assert p.returncode == 2, p.stderr[-3000:]
     assert f"is in use by another job: host {HOST}, pid {holder.pid}" in p.stderr and "--out DIR" in p.stderr
     assert "Traceback" not in p.stderr and (run / "eval.json").read_bytes() == before
-    p = subprocess.run(cmd, cwd=ROOT, env=launching.env(), capture_output=True, text=True, timeout=300)
+    p = run_main("s3dist.cli", argv, world=1)
     assert p.returncode == 0, p.stderr[-3000:]
     assert json.loads((run / "eval.json").read_text())["step"] > 0 and not (run / runlock.LOCK_FILE).exists()
 
@@ -441,9 +442,8 @@ def test_run_takes_over_a_stale_lock_with_a_warning(tmp_path):
     and releases the lock at the end."""
     out = tmp_path / "run"
     _plant(out, _record(host="node-dead", pid=31337, heartbeat=time.time() - 120))
-    cmd = [sys.executable, "-m", "s3dist.train", "--output_dir", str(out), *TINY, "stages.specialize_steps=5",
-           "stages.select_steps=0", "eval.run_at_end=false", "checkpoint.lock_stale_s=60"]
-    p = subprocess.run(cmd, cwd=ROOT, env=launching.env(), capture_output=True, text=True, timeout=300)
+    p = run_main("s3dist.train", ["--output_dir", out, *TINY, "stages.specialize_steps=5", "stages.select_steps=0",
+                                  "eval.run_at_end=false", "checkpoint.lock_stale_s=60"], world=1)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "took over the lock of host node-dead, pid 31337" in p.stderr
     assert "heartbeat is older than 60 s" in p.stderr
