@@ -20,7 +20,7 @@ import torch
 
 from tests import launching
 from tests.launching import ROOT
-from tests.multirank import run_ranks
+from tests.multirank import run_main, run_ranks
 
 # reference_run is tests/launching.py REFERENCE: its rows_per_shard=40 makes the test split 4 shards of 40, 40,
 # 40, 8 rows (2 ranks get whole, uneven shards), the training split 13 shards (2 ranks get every other row): both
@@ -36,9 +36,9 @@ def _plain_env() -> dict:
     return env
 
 
-def _cli(*args, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "s3dist.cli", *map(str, args)], cwd=ROOT, env=_plain_env(),
-                          capture_output=True, text=True, timeout=timeout)
+def _cli(*args) -> subprocess.CompletedProcess:
+    """`s3dist ARGS` as one process (tests/multirank.py `run_main`)."""
+    return run_main("s3dist.cli", list(args), world=1)
 
 
 def _tiny_encoder(modalities: dict[str, int], seed: int = 0):
@@ -292,18 +292,17 @@ def test_from_pretrained_in_fresh_process_matches_distributed_encoder(reference_
         assert got["accuracy"] == row["accuracy"] and got["val_accuracy"] == row["val_accuracy"], (k, got, row)
 
 
-def _embed_cmd(world: int, *args) -> list[str]:
+def _embed(world: int, *args) -> subprocess.CompletedProcess:
+    """`s3dist embed ARGS` as one process, or `-m s3dist.embed ARGS` as a 2-rank job (tests/multirank.py)."""
     if world == 1:
-        return [sys.executable, "-m", "s3dist.cli", "embed", *map(str, args)]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-            str(ROOT / "launch_configs" / "cpu_2proc.yaml"), "--main_process_port", str(launching.free_port()),
-            "-m", "s3dist.embed", *map(str, args)]
+        return run_main("s3dist.cli", ["embed", *args], world=1)
+    return run_main("s3dist.embed", list(args), world=world)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("split", ["test", "train"])
 def test_embed_one_and_two_ranks_write_the_same_parquet(reference_run, exported, tmp_path, split):
-    """`s3dist embed` on 1 process and under `accelerate launch` with 2 ranks writes byte-identical Parquet
+    """`s3dist embed` on 1 process and on 2 ranks (as under `accelerate launch`) writes byte-identical Parquet
     files: one row per sample of the split, in shard order, each with its own label and embeddings (checked
     against `embed` in this process). test: whole, uneven shards per rank (one rank runs out of rows
     first); train: every other row per rank."""
@@ -315,9 +314,8 @@ def test_embed_one_and_two_ranks_write_the_same_parquet(reference_run, exported,
     files = {}
     for world in (1, 2):
         files[world] = tmp_path / f"{split}-{world}.parquet"
-        p = subprocess.run(_embed_cmd(world, "--model", exported, "--split", split, "--out", files[world],
-                                      "--keep-fraction", P, "--batch-size", 16),
-                           cwd=ROOT, env=_plain_env(), capture_output=True, text=True, timeout=300)
+        p = _embed(world, "--model", exported, "--split", split, "--out", files[world], "--keep-fraction", P,
+                   "--batch-size", 16)
         assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     assert hashlib.sha256(files[1].read_bytes()).digest() == hashlib.sha256(files[2].read_bytes()).digest()
 
