@@ -572,8 +572,8 @@ def _guarded(fn):
 
         try:
             return fn(args)
-        except (ConfigError, CheckpointError, DataError, RunLockError, FileNotFoundError) as e:  # FileNotFoundError:
-            # a path typed wrong
+        # FileNotFoundError: a path typed wrong; RunLockError: a job is writing the run directory
+        except (ConfigError, CheckpointError, DataError, RunLockError, FileNotFoundError) as e:
             print(f"s3dist {args.command}: {e}", file=sys.stderr)
             return 2
     return run
