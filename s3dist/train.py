@@ -209,6 +209,14 @@ def main(argv: list[str] | None = None) -> int:
         run(cfg, plan)
         return 0
     except Exception as e:
+        if _lost_a_peer(e):
+            # The traceback would only show where this rank waited; the launcher's report names the rank that
+            # failed first, and that rank's own error says why.
+            print(f"s3dist: rank {os.environ.get('RANK', '0')} stops: a collective failed because another rank "
+                  f"is gone or stalled past dist.timeout_s ({str(e).splitlines()[0][:300]}). The launcher's "
+                  f"report names the rank that failed first; once that is fixed, continue the run with "
+                  f"--resume auto", file=sys.stderr)
+            return 1
         kind = _user_error(e)
         if kind is None:
             raise
@@ -216,6 +224,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         runlock.release_all()  # also on errors and on the requeue exit (SystemExit 75)
+
+
+def _lost_a_peer(e: Exception) -> bool:
+    """A collective that failed because another rank died or stalled. gloo's transport errors reach Python as
+    a plain RuntimeError naming gloo's transport; nccl's as a DistBackendError naming the remote side or a
+    timeout. Anything else (a bug, a bad port) keeps its traceback."""
+    import torch.distributed as dist
+
+    text = str(e).lower()
+    if isinstance(e, dist.DistBackendError):
+        return "remote" in text or "timed out" in text or "timeout" in text
+    return isinstance(e, RuntimeError) and "gloo/transport" in text and ("by peer" in text or "timed out" in text)
 
 
 def _user_error(e: Exception) -> str | None:

@@ -144,3 +144,19 @@ def test_a_damaged_evaluation_split_stops_the_run_before_training(tmp_path, caps
                  "stages.select_steps=1", "logging.progress=false"]) == 2
     assert needle in capsys.readouterr().err
     assert not (run / "metrics.jsonl").exists() and not (run / "checkpoints").exists()
+
+
+def test_only_a_lost_peer_loses_its_traceback():
+    """main() reports a collective that failed because another rank is gone in one line (its traceback only
+    shows where this rank waited); any other error, a bug or a port in use, keeps its traceback."""
+    import torch.distributed as dist
+
+    from s3dist.train import _lost_a_peer
+
+    gloo = "[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:17837."
+    timeout = "[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 20000ms for recv"
+    assert _lost_a_peer(RuntimeError(gloo)) and _lost_a_peer(RuntimeError(timeout))
+    assert _lost_a_peer(dist.DistBackendError("NCCL error: remote process exited or there was a network error"))
+    assert not _lost_a_peer(RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x3 and 5x6)"))
+    assert not _lost_a_peer(dist.DistNetworkError("The server socket has failed to listen: address already in use"))
+    assert not _lost_a_peer(ValueError(gloo))
