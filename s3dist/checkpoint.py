@@ -397,10 +397,6 @@ def export_folder(run_dir: Path, out: Path) -> Path:
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     encoder.save_pretrained(tmp)
-    umask = os.umask(0)
-    os.umask(umask)
-    for f in tmp.iterdir():  # safetensors writes its file owner-only; an export is meant to be shared
-        f.chmod(0o666 & ~umask)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
@@ -419,6 +415,8 @@ def export_file(run_dir: Path, out_file: Path) -> Path:
     """One safetensors file with every expert and the config: loadable without DeepSpeed or ranks."""
     from safetensors.torch import save_file
 
+    from s3dist.pretrained import shareable
+
     ckpt = find_latest(run_dir)
     if ckpt is None:
         raise CheckpointError(f"no complete checkpoint under '{run_dir / 'checkpoints'}'")
@@ -427,6 +425,7 @@ def export_file(run_dir: Path, out_file: Path) -> Path:
     tmp = out_file.with_name(out_file.name + ".tmp")
     save_file(tensors, str(tmp), metadata={"s3dist_config": json.dumps(meta["config"]),
                                            "s3dist_version": s3dist.__version__, "checkpoint": ckpt.name})
+    shareable(tmp)
     os.replace(tmp, out_file)
     return out_file
 

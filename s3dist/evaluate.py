@@ -522,8 +522,32 @@ def _keep_fractions_arg(args) -> list[float] | None:
     return ps
 
 
+# Keys that runs meant as seeds of one setting may differ in (where they ran, and how).
+SEED_RUN_KEYS = ("seed", "name", "output_dir", "resume", "overwrite", "logging.", "checkpoint.", "dist.", "data.path",
+                 "data.prefetch", "data.read_threads", "data.eval_batch_size")
+
+
+def settings_that_differ(runs: list[Path]) -> dict[str, list]:
+    """{dotted key: each run's value} for the config keys, other than SEED_RUN_KEYS, on which the runs'
+    config.yaml disagree (a run without a readable one is left out: the comparison only feeds a warning)."""
+    import yaml
+
+    from s3dist.config import ConfigError, from_dict, iter_fields
+
+    configs = []
+    for r in runs:
+        try:
+            cfg = from_dict(yaml.safe_load((r / "config.yaml").read_text()))
+        except (OSError, yaml.YAMLError, ConfigError, TypeError):
+            continue
+        configs.append({k: v for k, _, v in iter_fields(cfg)})
+    keys = sorted({k for c in configs for k in c if not k.startswith(SEED_RUN_KEYS)})
+    return {k: [c.get(k) for c in configs] for k in keys if len({repr(c.get(k)) for c in configs}) > 1}
+
+
 def aggregate_seeds(runs: list[Path], out_dir: Path) -> dict:
-    """Mean and std per keep fraction over several runs' eval.json (e.g. seeds)."""
+    """Mean and std per keep fraction over several runs' eval.json (e.g. seeds): nothing is evaluated again, and
+    only the keep fractions every run evaluated are kept. Warns when the runs differ in more than their seed."""
     from s3dist.data import DataError
 
     tables = []
@@ -532,6 +556,10 @@ def aggregate_seeds(runs: list[Path], out_dir: Path) -> dict:
         if not f.exists():
             raise DataError(f"'{f}' is missing: evaluate that run first (s3dist sweep --run {r})")
         tables.append({row["keep_fraction"]: row["accuracy"] for row in json.loads(f.read_text())["sweep"]})
+    differ = settings_that_differ(runs)
+    if differ:
+        log.warning("these runs differ in more than their seed, so the mean is over different settings: %s",
+                    "; ".join(f"{k} = {', '.join(map(repr, v))}" for k, v in differ.items()))
     common = sorted(set.intersection(*(set(t) for t in tables)))
     rows = [{"keep_fraction": p, "accuracy": statistics.mean(t[p] for t in tables),
              "std": statistics.pstdev([t[p] for t in tables]), "n": len(tables)} for p in common]
@@ -592,9 +620,10 @@ def add_subcommands(sub, name: str, help_text: str) -> None:
                        help="run directory; several runs (seeds) are aggregated into mean ± std")
         p.add_argument("--keep-fractions", help="comma-separated list, e.g. 0,0.1,0.3,1.0")
         p.set_defaults(func=_guarded(_cli_sweep))
-    p.add_argument("--out", type=Path, help="where the outputs go: eval.json, sweep.csv/png of one run, or "
-                                            "sweep_seeds.json/png of several (default: the run directory, or the "
-                                            "exported file's folder)")
+    p.add_argument("--out", type=Path, help="where the outputs go: eval.json, sweep.csv/png of one run (default: "
+                                            "the run directory, or the exported file's folder), or "
+                                            "sweep_seeds.json/png of several (default: the first run's parent "
+                                            "folder)")
     p.add_argument("--data", help="data set URL (default: the run's)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help=f"evaluation settings, e.g. data.eval_batch_size=32 stages.prune_threshold=batch (keys "

@@ -37,6 +37,14 @@ from s3dist.sparsify import FixedSparsifier, pruned_layers
 FUSED = "fused"  # key of the concatenated embedding in `embed`'s result
 
 
+def shareable(path: Path) -> None:
+    """Give `path` the permissions the umask allows a new file. safetensors writes its files owner-only
+    (0600); an encoder is saved to be shared (a group's model folder, a copy to another account)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
+
+
 class S3Encoder(encoder.S3Encoder, PyTorchModelHubMixin, library_name="s3dist", pipeline_tag="feature-extraction",
                 tags=["s3dist", "multimodal", "mixture-of-experts", "deepspeed-moe"]):
     """A trained S3 encoder for one process (CPU or one GPU); see the module docstring.
@@ -142,7 +150,11 @@ class S3Encoder(encoder.S3Encoder, PyTorchModelHubMixin, library_name="s3dist", 
 
     def save_pretrained(self, save_directory: str | Path, **kwargs):
         kwargs.setdefault("config", self.hub_config())
-        return super().save_pretrained(save_directory, **kwargs)
+        out = super().save_pretrained(save_directory, **kwargs)
+        for f in Path(save_directory).iterdir():
+            if f.is_file():
+                shareable(f)
+        return out
 
     def generate_model_card(self, *args, **kwargs) -> ModelCard:
         card_data = self._hub_mixin_info.model_card_data

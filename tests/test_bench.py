@@ -175,3 +175,11 @@ def test_bench_train_record_memory_split_and_counted_bytes_match_plan(tmp_path, 
 def test_plan_refuses_a_count_below_one(monkeypatch, flag):
     with pytest.raises(SystemExit, match=f"{flag} 0 must be >= 1"):
         _bench(monkeypatch, ["bench", "plan", flag, "0"])
+
+
+@pytest.mark.parametrize("flag", ["--profile-steps", "--repeats"])
+def test_bench_moe_refuses_no_profiled_or_timed_step(monkeypatch, flag):
+    """The table's shares and the median need a step: 0 is refused by name before any rank starts (it was a
+    ZeroDivisionError after the timing)."""
+    with pytest.raises(SystemExit, match=f"bench moe: {flag} 0 must be >= 1"):
+        _bench(monkeypatch, ["bench", "moe", "--ranks", "1", flag, "0"])

@@ -180,6 +180,9 @@ def test_export_loads_without_deepspeed_and_evaluates(tmp_path, reference_run):
     p = subprocess.run([sys.executable, "-m", "s3dist.cli", "export", "--run", str(reference_run), "--out", str(f)],
                        cwd=ROOT, env=launching.env(), capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert f.stat().st_mode & 0o777 == 0o666 & ~umask  # shareable, not safetensors' owner-only
     tensors = load_file(str(f))
     experts = {k.split("deepspeed_experts.")[1].split(".")[0] for k in tensors if "deepspeed_experts" in k}
     assert experts == {str(i) for i in range(8)}  # 2 modalities x 4 experts, all in one file

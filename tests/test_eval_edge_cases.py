@@ -112,6 +112,29 @@ def test_aggregating_runs_refuses_settings_that_would_be_ignored_and_a_run_given
     assert main(["sweep", "--run", a, b]) == 0
 
 
+def test_aggregating_runs_warns_when_they_differ_in_more_than_the_seed(tmp_path, caplog):
+    """`s3dist sweep --run A B` averages eval.json files as they are: runs that differ in a setting (not only in
+    seed, name or where they ran) get a warning naming each such key and the runs' values."""
+    import logging
+
+    from s3dist.cli import main
+    from s3dist.config import load_config, save_config
+
+    for r, over in (("a", ["seed=0", "moe.granularity=4"]), ("b", ["seed=1", "moe.granularity=8"]),
+                    ("c", ["seed=2", "moe.granularity=4", "name=other"])):
+        (tmp_path / r).mkdir()
+        (tmp_path / r / "eval.json").write_text(json.dumps({"sweep": [{"keep_fraction": 1.0, "accuracy": 0.5}]}))
+        save_config(load_config(None, over + [f"output_dir={tmp_path / r}"]), tmp_path / r / "config.yaml")
+    with caplog.at_level(logging.WARNING, logger="s3dist"):
+        assert main(["sweep", "--run", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    assert "differ in more than their seed" in caplog.text and "moe.granularity = 4, 8" in caplog.text
+    assert "seed =" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="s3dist"):
+        assert main(["sweep", "--run", str(tmp_path / "a"), str(tmp_path / "c"), "--out", str(tmp_path / "ac")]) == 0
+    assert "differ" not in caplog.text and (tmp_path / "ac" / "sweep_seeds.json").exists()
+
+
 def test_embed_refuses_a_folder_as_out_a_batch_below_one_and_a_model_that_is_not_an_export(tmp_path, capsys):
     """Checked before any model loads (the first two) or named in one line (the third): no traceback, and no
     temporary file left next to --out."""

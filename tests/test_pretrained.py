@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -67,6 +68,10 @@ def test_save_pretrained_round_trip(tmp_path):
     enc.stage3["thresholds"] = {"0.5": {"0": {"zeta": 0.3, "alpha": None}, "1": {"zeta": "-inf", "alpha": 0.45}}}
     enc.save_pretrained(tmp_path / "a")
     assert {p.name for p in (tmp_path / "a").iterdir()} == {"config.json", "model.safetensors", "README.md"}
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in (tmp_path / "a").iterdir():  # meant to be shared: what the umask allows, not safetensors' owner-only
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f.name
 
     torch.manual_seed(2)  # another initialisation: everything must come from the folder
     back = S3Encoder.from_pretrained(tmp_path / "a")

@@ -29,6 +29,8 @@ def add_subcommands(subparsers, name: str, help_text: str) -> None:
             if e.name == module:  # not written yet
                 continue
             raise
-        bp = sub.add_parser(cmd, help=cmd_help, description=(mod.__doc__ or cmd_help).strip().splitlines()[0])
+        # the module docstring's first paragraph, whole: its first line alone can stop mid-sentence
+        summary = " ".join((mod.__doc__ or cmd_help).split("\n\n")[0].split())
+        bp = sub.add_parser(cmd, help=cmd_help, description=summary)
         mod.add_arguments(bp)
         bp.set_defaults(func=mod.run)

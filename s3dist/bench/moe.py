@@ -399,6 +399,9 @@ def resolve_granularity(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    for flag in ("repeats", "profile_steps"):  # the median and the table's shares need at least one step
+        if getattr(args, flag) < 1:
+            raise SystemExit(f"s3dist bench moe: --{flag.replace('_', '-')} {getattr(args, flag)} must be >= 1")
     ep = args.ep or args.ranks
     resolve_granularity(args)
     cases = ["fused", "single"] if args.case == "both" else [args.case]
