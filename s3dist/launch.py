@@ -70,7 +70,7 @@ def launch_argv(*, train_args: list[str], config_file: str | Path | None = None,
     argv += ["--num_machines", str(num_machines), "--machine_rank", str(machine_rank),
              "--num_processes", str(num_machines * procs_per_node)]
     if num_machines * procs_per_node > 1:
-        argv += ["--multi_gpu"]  # torchrun; on CPU it runs gloo (PLATFORM_NOTES: --cpu needs MPI)
+        argv += ["--multi_gpu"]  # torchrun; on CPU it runs gloo (--cpu would need MPI)
     if main_process_ip is not None:
         argv += ["--main_process_ip", main_process_ip]
     if main_process_port is not None:

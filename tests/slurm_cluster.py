@@ -9,7 +9,7 @@ name), so `hostname`, name resolution and the gloo rendezvous behave as on two m
     node 1:          slurmd -N s3xNa @ 10.250.X.11   (netns s3xNa, hostname s3xNa)
     node 2:          slurmd -N s3xNb @ 10.250.X.12   (netns s3xNb, hostname s3xNb)
 
-What `../shared/PLATFORM_NOTES.md` learnt shapes the details: slurmd is entered into its
+What was learnt setting SLURM up on one host shapes the details: slurmd is entered into its
 namespace with `nsenter --net=` (`ip netns exec` remounts /sys and slurmd then finds no
 cgroup filesystem); slurmctld must run under this host's own name; the node names go into
 /etc/hosts. Every name, address and port carries a per-cluster number X so that two test

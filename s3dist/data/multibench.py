@@ -1,4 +1,4 @@
-"""Importers for the original MultiBench files (see ../shared/MULTIBENCH_FORMATS.md), reproducing what
+"""Importers for the original MultiBench files (the layouts are listed below), reproducing what
 MultiBench's own loaders do, and the restricted unpickler that reads their pickles without running code.
 
 Per benchmark (MultiBench source: datasets/affect/get_data.py, datasets/mimic/get_data.py,
