@@ -532,7 +532,7 @@ def settings_that_differ(runs: list[Path]) -> dict[str, list]:
     config.yaml disagree (a run without a readable one is left out: the comparison only feeds a warning)."""
     import yaml
 
-    from s3dist.config import ConfigError, from_dict, iter_fields
+    from s3dist.config import ConfigError, flatten, from_dict, to_dict
 
     configs = []
     for r in runs:
@@ -540,7 +540,7 @@ def settings_that_differ(runs: list[Path]) -> dict[str, list]:
             cfg = from_dict(yaml.safe_load((r / "config.yaml").read_text()))
         except (OSError, yaml.YAMLError, ConfigError, TypeError):
             continue
-        configs.append({k: v for k, _, v in iter_fields(cfg)})
+        configs.append(flatten(to_dict(cfg)))
     keys = sorted({k for c in configs for k in c if not k.startswith(SEED_RUN_KEYS)})
     return {k: [c.get(k) for c in configs] for k in keys if len({repr(c.get(k)) for c in configs}) > 1}
 

@@ -13,6 +13,7 @@ import sys
 from s3dist.config import ConfigError
 
 
+_OUT_HELP = "URL of the data-set folder to create"
 _ROWS_HELP = "rows per Parquet shard (default 1024)"
 _OVERWRITE_HELP = "replace an s3dist data set (or an empty folder) at --out; any other folder is refused"
 
@@ -25,7 +26,7 @@ def add_subcommands(subparsers, name: str, help_text: str) -> None:
     from s3dist.data.multibench import BENCHMARKS
     mb.add_argument("--benchmark", required=True, choices=BENCHMARKS)
     mb.add_argument("--source", required=True, help="the MultiBench file (affect .pkl, im.pk) or folder (avmnist)")
-    mb.add_argument("--out", required=True, help="URL of the data-set folder to create")
+    mb.add_argument("--out", required=True, help=_OUT_HELP)
     mb.add_argument("--task", type=int, default=-1, help="mimic only: -1 mortality (6 classes) or ICD-9 group 0..19")
     mb.add_argument("--rows-per-shard", type=int, default=1024, help=_ROWS_HELP)
     mb.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
@@ -36,7 +37,7 @@ def add_subcommands(subparsers, name: str, help_text: str) -> None:
                     help="one modality: an [N, D] or [N, T, D] array, row i of every file the same sample; give "
                          "the option once per modality (any fsspec URL)")
     ar.add_argument("--labels", required=True, metavar="FILE.npy", help="[N] integer class ids 0..C-1, each used")
-    ar.add_argument("--out", required=True, help="URL of the data-set folder to create")
+    ar.add_argument("--out", required=True, help=_OUT_HELP)
     ar.add_argument("--val-fraction", type=float, default=0.1,
                     help="share of the rows held out for validation (stratified by label; default 0.1)")
     ar.add_argument("--test-fraction", type=float, default=0.2,
@@ -49,7 +50,7 @@ def add_subcommands(subparsers, name: str, help_text: str) -> None:
 
     sy = sub.add_parser("synth", help="generate a synthetic data set (kind=concepts, the default, or kind=factors: "
                                       "shared / unique / nuisance factors)")
-    sy.add_argument("--out", required=True, help="URL of the data-set folder to create")
+    sy.add_argument("--out", required=True, help=_OUT_HELP)
     sy.add_argument("--name", default="synth", help="data-set name recorded in its manifest (default synth)")
     sy.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
     sy.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
