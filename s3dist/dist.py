@@ -59,9 +59,11 @@ def init_distributed(cfg: DistConfig) -> tuple[int, int, int, torch.device, str]
     """Start (or join) the default process group. Returns (rank, local_rank, world, device, backend).
 
     Launched by `accelerate launch` / torchrun, RANK / WORLD_SIZE / LOCAL_RANK / MASTER_* are set;
-    a plain `python -m s3dist.train` runs as a world of one on a free loopback port.
+    a plain `python -m s3dist.train` (or `s3dist eval`, ...) runs as a world of one whose rendezvous is an
+    in-process store: no port is bound, so two such commands on one host never race for one.
     """
-    if "RANK" not in os.environ:
+    solo = "RANK" not in os.environ
+    if solo:  # the variables DeepSpeed and the launch-aware code read; the port is never bound
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -93,6 +95,10 @@ def init_distributed(cfg: DistConfig) -> tuple[int, int, int, torch.device, str]
     # Silence exactly that message so a default run's console shows only what a user can act on.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
                             category=FutureWarning)
+    timeout = datetime.timedelta(seconds=cfg.timeout_s)
+    if solo and not dist.is_initialized():
+        # DeepSpeed takes a process group someone else started (`_new_groups_time_out_after` sets up its side)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     if not dist.is_initialized():
         # The timeout bounds how long survivors wait in a collective when a rank dies. DeepSpeed print()s
         # "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully" here on every rank; rank 0's
@@ -100,9 +106,8 @@ def init_distributed(cfg: DistConfig) -> tuple[int, int, int, torch.device, str]
         # and failures are raised.
         quiet = contextlib.nullcontext() if rank == 0 else contextlib.redirect_stdout(io.StringIO())
         with quiet:
-            deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=cfg.timeout_s),
-                                       verbose=False)
-    _new_groups_time_out_after(datetime.timedelta(seconds=cfg.timeout_s))
+            deepspeed.init_distributed(dist_backend=backend, timeout=timeout, verbose=False)
+    _new_groups_time_out_after(timeout)
     return rank, local_rank, world, device, backend
 
 

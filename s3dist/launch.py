@@ -1,9 +1,10 @@
-"""Cluster launching: the per-node launcher and the few helpers SLURM scripts need.
+"""Cluster launching: the per-node launcher that `slurm/*.sbatch` runs on every node.
 
 Nothing in the training loop knows about SLURM; what is cluster-specific lives here and in
-`slurm/*.sbatch`. Every command is built as an argv list and run without a shell: user values
-(run names, output directories, overrides) are single list elements, so spaces, quotes or
-`$(...)` in them reach `s3dist.train` verbatim and are never executed.
+`slurm/` (`common.sh` builds each node's command from SLURM's environment). Every command is an
+argv list run without a shell: user values (run names, output directories, overrides) are single
+list elements, so spaces, quotes or `$(...)` in them reach `s3dist.train` verbatim and are never
+executed.
 
 `python -m s3dist.launch ARGS` is `accelerate launch ARGS` with two differences that requeueing
 needs (the training processes exit with `EXIT_REQUEUE` after checkpointing on SIGUSR2/SIGTERM):
@@ -26,56 +27,14 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
-import subprocess
 import sys
 import threading
 from pathlib import Path
 
 from s3dist import EXIT_REQUEUE
 
-DEFAULT_PORT_BASE = 20000
 LAUNCHER_PID_ENV = "S3DIST_LAUNCHER_PID"  # set by this launcher for its workers
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-
-
-def head_node(nodelist: str) -> str:
-    """First host of a SLURM node list (`node[01-04]` -> `node01`), via `scontrol show hostnames`."""
-    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], check=True, capture_output=True,
-                         text=True).stdout.split()
-    if not out:
-        raise ValueError(f"SLURM node list {nodelist!r} expands to no host names")
-    return out[0]
-
-
-def rendezvous_port(job_id: int | str, base: int = DEFAULT_PORT_BASE, span: int = 20000) -> int:
-    """A port derived from the job id, so two jobs sharing a node do not collide."""
-    return base + int(job_id) % span
-
-
-def launch_argv(*, train_args: list[str], config_file: str | Path | None = None, num_machines: int = 1,
-                machine_rank: int = 0, procs_per_node: int = 1, main_process_ip: str | None = None,
-                main_process_port: int | None = None, module: str = "s3dist.train",
-                python: str = sys.executable) -> list[str]:
-    """The per-node command (`python -m s3dist.launch ... -m MODULE TRAIN_ARGS`) as an argv list.
-
-    `train_args` are passed through untouched, one element each. `procs_per_node` is the number
-    of training processes on this node (GPUs, or CPU processes); accelerate wants the total.
-    """
-    if num_machines < 1 or procs_per_node < 1 or not 0 <= machine_rank < num_machines:
-        raise ValueError(f"bad layout: num_machines={num_machines}, machine_rank={machine_rank}, "
-                         f"procs_per_node={procs_per_node}")
-    argv = [python, "-m", "s3dist.launch"]
-    if config_file is not None:
-        argv += ["--config_file", str(config_file)]
-    argv += ["--num_machines", str(num_machines), "--machine_rank", str(machine_rank),
-             "--num_processes", str(num_machines * procs_per_node)]
-    if num_machines * procs_per_node > 1:
-        argv += ["--multi_gpu"]  # torchrun; on CPU it runs gloo (--cpu would need MPI)
-    if main_process_ip is not None:
-        argv += ["--main_process_ip", main_process_ip]
-    if main_process_port is not None:
-        argv += ["--main_process_port", str(main_process_port)]
-    return argv + ["-m", module, *train_args]
 
 
 # --------------------------------------------------------------------------------------------

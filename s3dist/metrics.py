@@ -290,12 +290,21 @@ def moe_load_metrics(encoder, *, reduce: bool = True) -> tuple[dict[str, float],
 
 
 class ImbalanceAlarm:
-    """Warn once per (modality, layer) when max/mean load stays above a threshold for K intervals."""
+    """Warn once per (modality, layer) when max/mean load stays above a threshold for K intervals.
+
+    Its state is part of the checkpoint, so a resumed run neither warns again about a layer it has warned
+    about nor restarts a streak that was under way."""
 
     def __init__(self, threshold: float, patience: int) -> None:
         self.threshold, self.patience = threshold, patience
         self.streak: dict[str, int] = {}
         self.warned: set[str] = set()
+
+    def state_dict(self) -> dict:
+        return {"streak": dict(self.streak), "warned": sorted(self.warned)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.streak, self.warned = dict(state["streak"]), set(state["warned"])
 
     def update(self, scalars: dict[str, float]) -> list[str]:
         messages = []

@@ -95,7 +95,7 @@ class Trainer:
                      self.state.stage_step, self._total_steps(self.state.stage), self.state.global_step)
         try:
             for stage in training_stages:
-                if resume_meta and stage in training_stages and self.state.stage in training_stages:
+                if resume_meta and self.state.stage in training_stages:
                     if training_stages.index(stage) < training_stages.index(self.state.stage):
                         continue
                     # a finished stage is skipped only if it reached the steps configured *now*
@@ -143,10 +143,9 @@ class Trainer:
                               dist_cfg=cfg.dist, micro_batch=cfg.data.batch_size)
         if resume_ckpt is not None:  # same stage: weights, optimizer, scheduler, data, RNG
             self._load(engine, resume_ckpt, full=True)
-        elif load_weights_from is not None:  # earlier stage finished: weights and data position only
-            self._load(engine, load_weights_from, full=False)
-            self.state = ckpt_io.TrainState(stage, 0, self.state.global_step, False, self.state.skipped_steps)
         else:
+            if load_weights_from is not None:  # earlier stage finished: weights and data position only
+                self._load(engine, load_weights_from, full=False)
             self.state = ckpt_io.TrainState(stage, 0, self.state.global_step, False, self.state.skipped_steps)
         engine.train()
         loss_fn = STAGE_LOSS[stage]
@@ -190,7 +189,6 @@ class Trainer:
                 sys.exit(EXIT_REQUEUE)
         if self.progress is not None:
             self.progress.close()
-        self.engine = engine
 
     # -- pieces ----------------------------------------------------------------------------------
     def _next_batch(self):
@@ -234,7 +232,8 @@ class Trainer:
 
     def save(self, engine) -> Path:
         path = ckpt_io.save(engine, self.run_dir, self.state, to_dict(self.cfg), self.stream.state_dict(),
-                            self.cfg.checkpoint.keep_last, extra={"window": self.window.state_dict()})
+                            self.cfg.checkpoint.keep_last,
+                            extra={"window": self.window.state_dict(), "alarm": self.alarm.state_dict()})
         self._last_save = time.monotonic()
         return path
 
@@ -251,8 +250,9 @@ class Trainer:
                                load_lr_scheduler_states=load_optim, load_module_only=not load_optim)
         if load_optim:
             _keep_configured_hyperparameters(engine, configured, base_lrs)
+        main_state = ckpt_io.load_rank_state(ckpt, 0)  # rank 0 always exists, and it is the rank that logs
         if same_world:
-            rank_state = ckpt_io.load_rank_state(ckpt, self.dims.rank)
+            rank_state = main_state if self.dims.rank == 0 else ckpt_io.load_rank_state(ckpt, self.dims.rank)
             self.stream.load_state_dict(rank_state["stream"])
             ckpt_io.set_rng_state(rank_state["rng"])
             if full and "window" in rank_state.get("extra", {}):
@@ -262,11 +262,13 @@ class Trainer:
             # Every rank's stream state is the same position (rows taken from each partition), so the new
             # ranks continue the epoch from rank 0's without repeating or skipping a sample; RNG streams
             # are per rank and start anew.
-            self.stream.load_state_dict(ckpt_io.load_rank_state(ckpt, 0)["stream"])
+            self.stream.load_state_dict(main_state["stream"])
             log.warning("the world size changed (%d -> %d ranks): the data stream continues its epoch over %d "
                         "partitions, %d rows per step (data.batch_size %d per rank); augmentation RNG restarts",
                         meta["world_size"], self.dims.world_size, self.stream.partitions,
                         self.stream.batch_size * self.dims.world_size, self.stream.batch_size)
+        if "alarm" in main_state.get("extra", {}):  # checkpoints before the alarm had state have none
+            self.alarm.load_state_dict(main_state["extra"]["alarm"])
         self._batches = None
 
     def _log(self, stage: str, engine, window: "_Window") -> None:

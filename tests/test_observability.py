@@ -413,3 +413,19 @@ def test_tensorboard_server_shows_expert_load(tmp_path, tensorboard_server):
             for step, values in per_step.items():
                 assert len(values) == experts
                 assert sum(values) == pytest.approx(1.0, abs=1e-5), (m, li, step, values)
+
+
+def test_imbalance_alarm_state_carries_a_streak_and_a_warning_across_a_resume(caplog):
+    """The alarm's state goes into the checkpoint: a streak under way continues after a resume (patience 3:
+    2 intervals before, 1 after warns), and a layer already warned about is not warned about again."""
+    from s3dist.metrics import ImbalanceAlarm
+
+    before = ImbalanceAlarm(threshold=3.0, patience=3)
+    assert _interval(before, SKEWED) == [] and _interval(before, SKEWED) == []
+    resumed = ImbalanceAlarm(threshold=3.0, patience=3)
+    resumed.load_state_dict(before.state_dict())
+    with caplog.at_level(logging.WARNING, logger="s3dist"):
+        assert len(_interval(resumed, SKEWED)) == 1
+    again = ImbalanceAlarm(threshold=3.0, patience=3)
+    again.load_state_dict(resumed.state_dict())
+    assert all(_interval(again, SKEWED) == [] for _ in range(4))

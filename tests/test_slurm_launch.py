@@ -1,5 +1,5 @@
-"""s3dist.launch and slurm/ without a cluster (fast): argv lists carry user values verbatim,
-the requeue exit code survives the launcher, and the shell scripts parse and quote correctly."""
+"""s3dist.launch and slurm/ without a cluster (fast): the requeue exit code survives the launcher, and the
+shell scripts parse and quote correctly (tests/test_slurm.py runs them on a real 2-node cluster)."""
 
 from __future__ import annotations
 
@@ -13,29 +13,6 @@ from s3dist import launch
 
 ROOT = Path(__file__).resolve().parent.parent
 HOSTILE = "my run $(touch /tmp/pwned) `touch /tmp/pwned` ; rm -rf x 'q\" * %j"
-
-
-def test_launch_argv_keeps_user_values_as_single_elements():
-    argv = launch.launch_argv(train_args=["--output_dir", HOSTILE, f"name={HOSTILE}"], config_file="c.yaml",
-                              num_machines=2, machine_rank=1, procs_per_node=4, main_process_ip="node1",
-                              main_process_port=29501, python="py")
-    assert argv[:3] == ["py", "-m", "s3dist.launch"]
-    assert argv[-5:] == ["-m", "s3dist.train", "--output_dir", HOSTILE, f"name={HOSTILE}"]
-    opts = dict(zip(argv[3:-5:1], argv[4:-5]))
-    assert opts["--num_processes"] == "8" and opts["--machine_rank"] == "1" and opts["--num_machines"] == "2"
-    assert "--multi_gpu" in argv
-
-
-@pytest.mark.parametrize("layout", [dict(num_machines=0), dict(num_machines=2, machine_rank=2),
-                                    dict(procs_per_node=0)])
-def test_launch_argv_rejects_impossible_layouts(layout):
-    with pytest.raises(ValueError, match="bad layout"):
-        launch.launch_argv(train_args=[], **layout)
-
-
-def test_rendezvous_port_is_stable_and_in_range():
-    assert launch.rendezvous_port(123) == launch.rendezvous_port(123)
-    assert 20000 <= launch.rendezvous_port(10**9 + 7) < 40000
 
 
 def test_launcher_passes_requeue_exit_code_through_torchrun(tmp_path):

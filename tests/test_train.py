@@ -160,3 +160,32 @@ def test_only_a_lost_peer_loses_its_traceback():
     assert not _lost_a_peer(RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x3 and 5x6)"))
     assert not _lost_a_peer(dist.DistNetworkError("The server socket has failed to listen: address already in use"))
     assert not _lost_a_peer(ValueError(gloo))
+
+
+def test_a_single_process_command_binds_no_port(tmp_path):
+    """A plain one-process command (no launcher: `python -m s3dist.train`, `s3dist eval`) rendezvous in
+    process, so it starts even when the port in MASTER_PORT is taken (two such commands on one host used to
+    race for a free port), and its world of one still runs collectives."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    code = (
+        "import torch.distributed as dist\n"
+        "from s3dist.config import DistConfig\n"
+        "from s3dist.dist import init_distributed\n"
+        "rank, _, world, _, backend = init_distributed(DistConfig())\n"
+        "t = __import__('torch').ones(2)\n"
+        "dist.all_reduce(t)\n"
+        "print('OK', rank, world, backend, t.tolist())\n"
+    )
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+        env.update(MASTER_PORT=str(busy.getsockname()[1]), DS_ACCELERATOR="cpu")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env,
+                             cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "OK 0 1 gloo [1.0, 1.0]" in out.stdout, out.stdout
