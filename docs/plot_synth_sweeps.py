@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from s3dist.evaluate import plot_sweep
+from s3dist.plots import plot_sweep
 
 
 def main(out: str, specs: list[str]) -> None:

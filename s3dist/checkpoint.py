@@ -1,4 +1,4 @@
-"""Checkpoint I/O: atomic DeepSpeed checkpoints plus s3dist's own state, resume lookup, export.
+"""Checkpoint I/O: atomic DeepSpeed checkpoints plus s3dist's own state, and finding the newest one.
 
 Layout under `<run>/checkpoints/`:
     step-00000050/                    one complete checkpoint (DeepSpeed files, one per expert, +):
@@ -11,9 +11,8 @@ and the checksums are recorded, so a crash mid-save (or a full disk) leaves the 
 and `latest` untouched. The directory must be on a file system every rank sees (as DeepSpeed's own
 multi-node checkpointing requires).
 
-Export (`s3dist export`) writes the newest checkpoint as a Hugging Face-style folder that
-`s3dist.S3Encoder.from_pretrained` loads in any process (`s3dist.pretrained`), or, for an `--out`
-ending in `.safetensors`, as one file of weights plus the run config.
+`consolidated_state_dict` reads a checkpoint's weights back as one ep-size-free state dict, for export
+(`s3dist.export`) and evaluation.
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ import logging
 import os
 import random
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 import s3dist
-from s3dist.config import check_safe_name, flatten
+from s3dist.config import check_safe_name
 
 log = logging.getLogger("s3dist")
 
@@ -265,169 +263,9 @@ def load_rank_state(ckpt: Path, rank: int) -> dict:
     return torch.load(path, weights_only=True)
 
 
-# Keys that shape the weights (or what they mean): a checkpoint cannot be loaded where one differs, not
-# even with --force-config.
-SHAPE_KEYS = ("moe.kind", "moe.num_experts", "moe.granularity", "moe.expansion", "moe.top_k", "moe.expert_hidden",
-              "moe.shared_experts", "model.arch", "model.d_model", "model.num_layers", "model.num_heads",
-              "model.representation", "model.temporal", "model.tokens", "data.modalities")
-# What the command does rather than what the run is: always the command's own values, never compared.
-COMMAND_KEYS = ("output_dir", "resume", "overwrite")
-
-
-def _describe(changes: list[tuple]) -> str:
-    return "; ".join(f"{k} was {old!r} there but is {new!r} now" for k, old, new in changes)
-
-
-def check_compatible(meta: dict, config: dict, ckpt: Path) -> None:
-    """Refuse a resume whose model shape differs from the checkpoint's (SHAPE_KEYS)."""
-    old, new = flatten(meta["config"]), flatten(config)
-    differ = [(k, old.get(k), new[k]) for k in SHAPE_KEYS if old.get(k) != new[k]]
-    if differ:
-        raise CheckpointError(f"cannot resume from '{ckpt}': {_describe(differ)}; use the same value or start a new "
-                              f"output_dir")
-
-
-def resume_config(meta: dict, ckpt: Path, command, given, force: bool = False) -> tuple:
-    """The config a resume from `ckpt` continues with: the run's own (the checkpoint's meta config, which is
-    `<run>/config.yaml`), where the command changes only keys that may change across a resume
-    (`s3dist.config.RESUMABLE_KEYS`). `command` is the command's RunConfig, `given` the dotted keys it sets
-    (recipe and overrides): every other key keeps the run's value, whatever the defaults say.
-
-    Returns (config, changed, forced), the last two lists of (key, old value, new value). Any other key that
-    differs is refused with a ConfigError naming every such key and both values, unless `force`
-    (--force-config); keys that shape the weights (SHAPE_KEYS) are refused even then."""
-    from s3dist.config import ConfigError, absolute_local_path, from_dict, resumable, to_dict, validate
-
-    try:
-        config = from_dict(meta["config"])
-    except ConfigError as e:
-        raise ConfigError(f"the config stored in '{ckpt / META}' is not valid for this s3dist: {e}") from e
-    config.data.path = absolute_local_path(config.data.path)  # runs before 2026-12-02 stored it as given
-    old, new = flatten(to_dict(config)), flatten(to_dict(command))
-    changed, refused = [], []
-    for key in old:
-        if key not in COMMAND_KEYS and (key not in given or new[key] == old[key]):
-            continue
-        if key not in COMMAND_KEYS:
-            (changed if resumable(key) else refused).append((key, old[key], new[key]))
-        *sections, leaf = key.split(".")
-        obj = config
-        for sec in sections:
-            obj = getattr(obj, sec)
-        setattr(obj, leaf, new[key])
-    shape = [k for k, _, _ in refused if k in SHAPE_KEYS]
-    if refused and (shape or not force):
-        many = len(shape) > 1
-        way_out = (f"or start a new --output_dir ({', '.join(shape)} shape{'' if many else 's'} the weights in the "
-                   f"checkpoint: not even --force-config can change {'them' if many else 'it'})" if shape else
-                   "start a new --output_dir, or pass --force-config to continue with the new values (recorded in "
-                   "<run>/config_changes.jsonl)")
-        raise ConfigError(f"cannot resume from '{ckpt}' with another config: {_describe(refused)}. A resume "
-                          f"continues the run with its own config and may change only {_resumable_text()}. Use the "
-                          f"run's values (a key left off the command keeps the run's value), {way_out}")
-    _check_stage_steps(meta["state"], config.stages.run, changed, ckpt)
-    validate(config)
-    return config, changed, refused
-
-
-STAGE_STEP_KEYS = {"stages.specialize_steps": ("specialize", "Stage 1"), "stages.select_steps": ("select", "Stage 2")}
-
-
-def _check_stage_steps(state: dict, run: list[str], changed: list[tuple], ckpt: Path) -> None:
-    """A stage's step count may change on a resume only while that stage can still take it: not once a later
-    stage has started (its steps would be recorded but never run), and not below the steps it has already run.
-    Nor may `stages.run` (changed with --force) send a resume back to a stage the checkpoint has finished: that
-    would train it again on the later stage's weights, which is a new run, not this one continued."""
-    from s3dist.config import STAGE_NAMES, ConfigError
-
-    names = {stage: name for stage, name in STAGE_STEP_KEYS.values()}
-    trained = [s for s in run if s in names]
-    at = state["stage"]
-    if at in names and at not in trained:
-        earlier = [s for s in trained if STAGE_NAMES.index(s) < STAGE_NAMES.index(at)]
-        if earlier:
-            raise ConfigError(f"stages.run = {run} cannot resume checkpoint '{ckpt.name}': it is in {names[at]} "
-                              f"({at}), so {names[earlier[0]]} ({earlier[0]}) has finished, and a resume does not "
-                              f"train a finished stage again on a later stage's weights. To train "
-                              f"{names[earlier[0]]} longer, resume one of its checkpoints into a new --output_dir "
-                              f"(--resume RUN/checkpoints/step-...-{earlier[0]}); to go on with this run, include "
-                              f"{at} in stages.run")
-    for key, old, new in changed:
-        stage, name = STAGE_STEP_KEYS.get(key, (None, None))
-        if stage not in trained or at not in trained:
-            continue
-        if trained.index(stage) < trained.index(at):
-            raise ConfigError(f"{key} cannot change from {old} to {new} on this resume: {name} finished and "
-                              f"checkpoint '{ckpt.name}' is in a later stage ({at}), so no more {name} "
-                              f"steps can run. To train {name} longer, resume one of its checkpoints into a new "
-                              f"--output_dir (--resume RUN/checkpoints/step-...-{stage})")
-        if stage == at and new < state["stage_step"]:
-            raise ConfigError(f"{key} = {new} is below the {state['stage_step']} {name} steps checkpoint "
-                              f"'{ckpt.name}' has already run; give at least {state['stage_step']}")
-
-
-def _resumable_text() -> str:
-    from s3dist.config import RESUMABLE_KEYS
-
-    return ", ".join(k + "*" if k[-1] in "._" else k for k in RESUMABLE_KEYS if k not in COMMAND_KEYS)
-
-
 # --------------------------------------------------------------------------------------------
-# Export
+# Consolidated weights (export, evaluation)
 # --------------------------------------------------------------------------------------------
-
-
-def export(run_dir: Path, out: Path) -> Path:
-    """The run's newest checkpoint as a folder (config.json, model.safetensors with every expert, model card
-    README.md; see `s3dist.pretrained`), or as one safetensors file when `out` ends in `.safetensors`."""
-    if out.suffix == ".safetensors":
-        return export_file(run_dir, out)
-    return export_folder(run_dir, out)
-
-
-def export_folder(run_dir: Path, out: Path) -> Path:
-    """Written next to `out` and renamed into place, so a failed export leaves no half-written folder; an
-    existing export at `out` is replaced, any other existing, non-empty path refused."""
-    from s3dist.pretrained import S3Encoder
-
-    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or _is_export_folder(out))):
-        raise CheckpointError(f"'{out}' exists and is not an s3dist export folder; choose another --out (a path "
-                              f"ending in .safetensors writes one file instead)")
-    encoder = S3Encoder.from_run(run_dir)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    encoder.save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
-
-
-def _is_export_folder(path: Path) -> bool:
-    try:
-        conf = json.loads((path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    return isinstance(conf, dict) and "s3dist_version" in conf and "run_config" in conf
-
-
-def export_file(run_dir: Path, out_file: Path) -> Path:
-    """One safetensors file with every expert and the config: loadable without DeepSpeed or ranks."""
-    from safetensors.torch import save_file
-
-    from s3dist.pretrained import shareable
-
-    ckpt = find_latest(run_dir)
-    if ckpt is None:
-        raise CheckpointError(f"no complete checkpoint under '{run_dir / 'checkpoints'}'")
-    meta = read_meta(ckpt)
-    tensors = consolidated_state_dict(ckpt)
-    tmp = out_file.with_name(out_file.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"s3dist_config": json.dumps(meta["config"]),
-                                           "s3dist_version": s3dist.__version__, "checkpoint": ckpt.name})
-    shareable(tmp)
-    os.replace(tmp, out_file)
-    return out_file
 
 
 def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -449,36 +287,3 @@ def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
         for k, v in expert_state.items():
             out[k] = v  # DeepSpeed already names experts by global index in these files
     return {k: v.contiguous() for k, v in out.items()}
-
-
-def load_export(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-    if not meta or "s3dist_config" not in meta:
-        raise CheckpointError(f"'{path}' is not an s3dist export (no s3dist_config metadata)")
-    return json.loads(meta["s3dist_config"]), load_file(str(path))
-
-
-def add_subcommands(sub, name: str, help_text: str) -> None:
-    p = sub.add_parser(name, help=help_text)
-    p.add_argument("--run", required=True, type=Path, help="run directory")
-    p.add_argument("--out", required=True, type=Path,
-                   help="output folder (config.json, model.safetensors, README.md: load it with "
-                        "s3dist.S3Encoder.from_pretrained), or a path ending in .safetensors for one file")
-    p.set_defaults(func=_cli_export)
-
-
-def _cli_export(args) -> int:
-    from s3dist.config import ConfigError
-
-    try:
-        print(export(args.run, args.out))
-    except (CheckpointError, ConfigError) as e:  # exit 2 with the message, not a traceback
-        print(f"s3dist export: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-

@@ -1,7 +1,8 @@
 """The `s3dist` console script: one entry point, one subcommand group per module.
 
 Each group lives in the module that owns the concern and exposes `add_subcommands(subparsers)`;
-this file only wires them up, so adding a group never touches another group's code.
+this file only wires them up, so adding a group never touches another group's code. How every command
+ends on an error is decided here once (`s3dist.exits`), not per group.
 """
 
 from __future__ import annotations
@@ -10,12 +11,14 @@ import argparse
 import importlib
 import sys
 
+from s3dist import exits
+
 # (subcommand, module that implements it, one-line help)
 _GROUPS = [
     ("data", "s3dist.data.cli", "import, synthesise and inspect data sets"),
-    ("eval", "s3dist.evaluate", "linear-probe evaluation of a run or an exported model"),
-    ("sweep", "s3dist.evaluate", "sparsity sweep over keep fractions (one run or several seeds)"),
-    ("export", "s3dist.checkpoint", "write a run's encoder as a folder from_pretrained loads (or one .safetensors)"),
+    ("eval", "s3dist.eval_cli", "linear-probe evaluation of a run or an exported model"),
+    ("sweep", "s3dist.eval_cli", "sparsity sweep over keep fractions (one run or several seeds)"),
+    ("export", "s3dist.export", "write a run's encoder as a folder from_pretrained loads (or one .safetensors)"),
     ("embed", "s3dist.embed", "embeddings of a data split from a trained encoder, as one Parquet file"),
     ("bench", "s3dist.bench.cli", "benchmarks: data, moe, experts, train, plan"),
     ("config", "s3dist.config_cli", "print the config reference or validate a recipe"),
@@ -50,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "train":  # train parses its own arguments (shared with `-m s3dist.train`)
         return _run_train(argparse.Namespace(), argv[1:])
     args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    return exits.run(args.func, args, prog=f"s3dist {args.command}")
 
 
 if __name__ == "__main__":

@@ -173,6 +173,12 @@ class MoEConfig:
     def resolved_top_k(self) -> int:
         return self.top_k or self.granularity
 
+    def total_experts(self, num_modalities: int) -> int:
+        """Experts of one MoE layer over all modalities: one pool the modalities share (S3 with
+        shared_experts), else N per modality."""
+        n = self.resolved_num_experts()
+        return n if self.kind == "s3" and self.shared_experts else n * num_modalities
+
 
 @dataclass
 class OptimConfig:
@@ -338,26 +344,6 @@ class RunConfig:
 
 
 STAGE_NAMES = ("specialize", "select", "sparsify")
-
-# Keys a `--resume` may change (a trailing '.' or '_' covers every key it starts). A resume continues the
-# run stored in its checkpoint: every other key keeps the stored value, and a command that changes one is
-# refused (`--force-config` overrides that). These change how long the run goes on, how it is watched,
-# saved and evaluated, or how ranks talk; never the model, the objective or the sample order: step counts
-# (the run continues to the new count), logging, checkpoint cadence and lock, evaluation, read-ahead and
-# threads (the batches are the same for any value), Stage 3's settings (read only by the evaluation at the
-# end, as `s3dist eval` may change them), collective timeout and backend, the expert-parallel size (experts
-# are resharded by global index, the optimizer reset), whether ranks die with their launcher, and what the
-# command itself says (where the run is, how it starts).
-RESUMABLE_KEYS = ("stages.specialize_steps", "stages.select_steps", "logging.", "checkpoint.", "eval.",
-                  "data.prefetch", "data.read_threads", "data.eval_batch_size", "stages.keep_fraction",
-                  "stages.prune_", "dist.timeout_s", "dist.backend", "dist.ep_size", "dist.exit_with_launcher",
-                  "output_dir", "resume", "overwrite", "name")
-
-
-def resumable(key: str) -> bool:
-    """May `key` (dotted) differ from the stored run's value when resuming? See RESUMABLE_KEYS."""
-    return any(key == k or (k[-1] in "._" and key.startswith(k)) for k in RESUMABLE_KEYS)
-
 
 # --------------------------------------------------------------------------------------------
 # Building: defaults < YAML < dotted overrides
@@ -625,13 +611,12 @@ def validate_world(cfg: RunConfig, world_size: int, num_modalities: int, has_con
         raise ConfigError(f"config key 'dist.ep_size' = {given} must divide the world size {world_size}; "
                           f"choose one of {[d for d in range(1, world_size + 1) if world_size % d == 0]}")
     if cfg.moe.kind != "dense":
-        per = cfg.moe.resolved_num_experts()
-        total = per if cfg.moe.shared_experts else per * num_modalities
+        per, total = cfg.moe.resolved_num_experts(), cfg.moe.total_experts(num_modalities)
         if total % ep:
             fits = [d for d in range(1, world_size + 1) if world_size % d == 0 and total % d == 0]
+            pools = "1 pool shared by the modalities" if total == per else f"{num_modalities} modalities"
             raise ConfigError(f"config key 'dist.ep_size' = {given} must divide the total number of experts "
-                              f"{total} ({per} per modality x {1 if cfg.moe.shared_experts else num_modalities} "
-                              f"modalit{'y' if cfg.moe.shared_experts else 'ies'}); on {world_size} ranks set "
+                              f"{total} ({per} per pool x {pools}); on {world_size} ranks set "
                               f"dist.ep_size to one of {fits}, or change moe.num_experts")
     return ep
 

@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import sys
-
 import yaml
 
-from s3dist.config import ConfigError, describe, load_config, to_dict
+from s3dist.config import describe, load_config, to_dict
 
 
 def _show(args) -> int:
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"s3dist: config error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.overrides)
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
     return 0
 

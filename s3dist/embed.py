@@ -22,6 +22,8 @@ import os
 import sys
 from pathlib import Path
 
+from s3dist import exits
+
 ROWS_PER_GROUP = 4096  # Parquet row-group size of the output (independent of the number of ranks)
 
 
@@ -30,12 +32,11 @@ def embed_split(encoder, data_url: str, split: str, out: Path, *, keep_fraction:
     """Write `out` (collective when world > 1: every rank calls it). Returns `out`."""
     import torch.distributed as dist
 
-    from s3dist.data.stream import ShardStream
+    from s3dist.data.stream import evaluation_stream
 
     cfg = encoder.run_config
-    stream = ShardStream(data_url, split, batch_size=batch_size, rank=rank, world_size=world,
-                         modalities=list(encoder.modalities), seed=cfg.seed, shuffle_buffer=0, drop_last=False,
-                         nonfinite=cfg.data.nonfinite, prefetch=cfg.data.prefetch, read_threads=cfg.data.read_threads)
+    stream = evaluation_stream(data_url, split, cfg.data, cfg.seed, rank, world, batch_size=batch_size,
+                               modalities=list(encoder.modalities))
     encoder.check_manifest(stream.manifest, data_url)
     encoder.sparsifier(keep_fraction)  # fail before reading anything if p has no thresholds
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -176,8 +177,11 @@ def _cli_embed(args) -> int:
     if args.batch_size is not None and args.batch_size < 1:
         raise ConfigError(f"--batch-size {args.batch_size} must be >= 1 (leave it out for the run's "
                           f"data.eval_batch_size)")
-    encoder = S3Encoder.from_pretrained(args.model or args.run)
-    data_url = encoder.data_url(args.data, what=f"'{args.model or args.run}'")
+    source = args.model or args.run
+    if not source.exists():  # a local path, never a Hub id: a typo is named, not looked up on the Hub
+        raise FileNotFoundError(f"{'--model' if args.model else '--run'} {source} does not exist")
+    encoder = S3Encoder.from_pretrained(source)
+    data_url = encoder.data_url(args.data, what=f"'{source}'")
     try:
         encoder.sparsifier(args.keep_fraction)
     except ValueError as e:  # no thresholds for this p: exit 2 with the message, before anything is read
@@ -203,24 +207,17 @@ def _cli_embed(args) -> int:
     return 0
 
 
-def _guarded(fn):
-    from s3dist.evaluate import _guarded as guarded  # bad input exits 2 with the message, as `s3dist eval`
-
-    return guarded(fn)
-
-
 def add_subcommands(sub, name: str, help_text: str) -> None:
     p = sub.add_parser(name, help=help_text, description=__doc__.splitlines()[0])
     _add_arguments(p)
-    p.set_defaults(func=_guarded(_cli_embed))
+    p.set_defaults(func=_cli_embed)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="s3dist embed", description=__doc__.splitlines()[0])
     _add_arguments(p)
     args = p.parse_args(argv)
-    args.command = "embed"
-    return _guarded(_cli_embed)(args)
+    return exits.run(_cli_embed, args, prog="s3dist embed")
 
 
 if __name__ == "__main__":

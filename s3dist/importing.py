@@ -2,7 +2,7 @@
 
 A rank starts by importing torch, DeepSpeed and what they pull in; on a 2-core CPU that is most of a
 short job's wall time. `import deepspeed` also imports mlflow when it is installed, for DeepSpeed's
-autotuner, which s3dist never runs: 2.6 s of a rank's ~17 s of imports on the 2-core CPU machine.
+autotuner, which s3dist never runs (its cost per rank: BENCHMARKS.md "Rank start-up").
 DeepSpeed catches the ImportError and goes on without it, so making that one import fail while
 DeepSpeed is imported is all it takes. mlflow stays importable afterwards: the mlflow tracker
 (`logging.mlflow`) imports it as usual.

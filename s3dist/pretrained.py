@@ -32,7 +32,7 @@ from huggingface_hub import ModelCard, PyTorchModelHubMixin
 import s3dist
 from s3dist.config import ConfigError, from_dict, to_dict
 from s3dist.model import encoder
-from s3dist.sparsify import FixedSparsifier, pruned_layers
+from s3dist.sparsify import FixedSparsifier, decode_threshold, encode_threshold, pruned_layers, stage3_record
 
 FUSED = "fused"  # key of the concatenated embedding in `embed`'s result
 
@@ -43,6 +43,11 @@ def shareable(path: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     path.chmod(0o666 & ~umask)
+
+
+def _hub_id_shaped(name: str) -> bool:
+    """Whether `name` could be a Hub repository id ('name' or 'namespace/name'), not only a local path."""
+    return name.count("/") <= 1 and not name.startswith(("/", ".", "~")) and not name.endswith(".safetensors")
 
 
 class S3Encoder(encoder.S3Encoder, PyTorchModelHubMixin, library_name="s3dist", pipeline_tag="feature-extraction",
@@ -65,7 +70,7 @@ class S3Encoder(encoder.S3Encoder, PyTorchModelHubMixin, library_name="s3dist", 
         self.run_config = cfg
         # config.json is written with sorted keys: the modality order (the fused embedding's) is the list's
         self.input_dims = {m: int(input_dims[m]) for m in modalities}
-        self.stage3 = stage3 if stage3 is not None else stage3_settings(cfg, len(self.layers))
+        self.stage3 = stage3 if stage3 is not None else stage3_record(cfg.stages, len(self.layers))
         self.data_info = data or {}
         self.evaluation = evaluation or {}
         self.checkpoint_info = checkpoint or {}
@@ -82,6 +87,9 @@ class S3Encoder(encoder.S3Encoder, PyTorchModelHubMixin, library_name="s3dist", 
         a single `.safetensors` export or a Hub repository id. `map_location` picks the device (default cpu)."""
         path = Path(pretrained_model_name_or_path)
         device = kwargs.get("map_location", "cpu")
+        if not path.exists() and not _hub_id_shaped(str(pretrained_model_name_or_path)):
+            raise FileNotFoundError(f"'{path}' does not exist: give an s3dist export (its folder or .safetensors "
+                                    f"file), a run directory, or a Hub repository id 'namespace/name'")
         if path.is_file() and path.suffix == ".safetensors":
             return cls.from_export_file(path).to(device)
         if path.is_dir() and not (path / "config.json").exists():
@@ -123,7 +131,7 @@ class S3Encoder(encoder.S3Encoder, PyTorchModelHubMixin, library_name="s3dist", 
         state = ckpt_io.consolidated_state_dict(ck)
         cfg = from_dict(meta["config"])
         evaluation = _run_evaluation(run_dir, ck, meta["state"]["global_step"])
-        stage3 = stage3_settings(cfg, cfg.model.num_layers)
+        stage3 = stage3_record(cfg.stages, cfg.model.num_layers)
         if evaluation.get("stage3"):
             stage3 = evaluation.pop("stage3")  # the settings its thresholds were calibrated with
         return _with_weights(cls, meta["config"], state, stage3=stage3, data=_data_info(cfg, run_dir),
@@ -135,7 +143,7 @@ class S3Encoder(encoder.S3Encoder, PyTorchModelHubMixin, library_name="s3dist", 
     @classmethod
     def from_export_file(cls, path: Path) -> S3Encoder:
         """A single-file export (`s3dist export --out model.safetensors`): weights and run config only."""
-        from s3dist.checkpoint import load_export
+        from s3dist.export import load_export
 
         cfg_dict, state = load_export(Path(path))
         return _with_weights(cls, cfg_dict, state, data=_data_info(from_dict(cfg_dict), None))
@@ -210,19 +218,18 @@ class S3Encoder(encoder.S3Encoder, PyTorchModelHubMixin, library_name="s3dist", 
                 f"{have or 'no p'}). They are fixed on the training split: call encoder.calibrate(DATA_URL, {p}), "
                 f"or evaluate the run at that p (`s3dist sweep --run RUN --keep-fractions {p},1.0`, which records "
                 f"them in RUN/eval.json) and export it again")
-        thresholds = {int(layer): {m: _decode_threshold(t) for m, t in per.items()} for layer, per in table[key].items()}
+        thresholds = {int(layer): {m: decode_threshold(t) for m, t in per.items()} for layer, per in table[key].items()}
         return FixedSparsifier(thresholds, self.stage3["prune_unit"], bool(self.stage3.get("prune_renormalize")))
 
     @torch.no_grad()
     def calibrate(self, data_url: str, keep_fraction: float, batch_size: int = 256) -> dict:
         """Fix Stage-3 thresholds for keep fraction p on the data set's training split (as evaluation does)
         and keep them: `embed(..., keep_fraction=p)` uses them and `save_pretrained` writes them."""
-        from s3dist.data.stream import ShardStream
+        from s3dist.data.stream import evaluation_stream
         from s3dist.sparsify import calibrate
 
-        stream = ShardStream(data_url, "train", batch_size=batch_size, modalities=list(self.modalities),
-                             seed=self.run_config.seed, shuffle_buffer=0, drop_last=False,
-                             nonfinite=self.run_config.data.nonfinite)
+        stream = evaluation_stream(data_url, "train", self.run_config.data, self.run_config.seed,
+                                   batch_size=batch_size, modalities=list(self.modalities))
         self.check_manifest(stream.manifest, data_url)
         st = self.stage3
         layers = set(st.get("pruned_layer_indices") or pruned_layers(len(self.layers), st["prune_layers"]))
@@ -230,7 +237,7 @@ class S3Encoder(encoder.S3Encoder, PyTorchModelHubMixin, library_name="s3dist", 
                           bool(st.get("prune_renormalize")))
         self.eval()
         st.setdefault("thresholds", {})[str(float(keep_fraction))] = {
-            str(layer): {m: _encode_threshold(t) for m, t in per.items()} for layer, per in fixed.items()}
+            str(layer): {m: encode_threshold(t) for m, t in per.items()} for layer, per in fixed.items()}
         return fixed
 
     def _inputs(self, features: dict, masks: dict | None):
@@ -321,23 +328,17 @@ def _with_weights(cls, cfg_dict: dict, state: dict[str, torch.Tensor], **fields)
     return model.eval()
 
 
-def stage3_settings(cfg, num_layers: int) -> dict:
-    """Stage-3 settings from the run config (no calibrated thresholds)."""
-    st = cfg.stages
-    return {"prune_unit": st.prune_unit, "prune_layers": st.prune_layers, "prune_threshold": st.prune_threshold,
-            "prune_renormalize": st.prune_renormalize,
-            "pruned_layer_indices": sorted(pruned_layers(num_layers, st.prune_layers))}
-
-
 def _run_evaluation(run_dir: Path, ckpt: Path, global_step: int) -> dict:
     """The run's eval.json if it evaluated this checkpoint: written at the end of training (same step), or
     by `s3dist eval/sweep --run` (step 0) after the checkpoint was published. {} otherwise."""
+    from s3dist.checkpoint import META
+
     f = run_dir / "eval.json"
     if not f.exists():
         return {}
     res = json.loads(f.read_text())
     same_step = res.get("step") == global_step
-    later_cli_eval = res.get("step") == 0 and f.stat().st_mtime >= (ckpt / "s3dist_meta.json").stat().st_mtime
+    later_cli_eval = res.get("step") == 0 and f.stat().st_mtime >= (ckpt / META).stat().st_mtime
     if not (same_step or later_cli_eval):
         return {}
     keep = ("probe_accuracy", "sweep", "best_keep_fraction", "best_accuracy", "run_keep_fraction",
@@ -371,16 +372,6 @@ def _synth_command(cfg) -> str:
     fmt = lambda v: ",".join(map(str, v)) if isinstance(v, list) else str(v)  # noqa: E731
     keys = " ".join(f"{k}={fmt(v)}" for k, v in synth.items() if v != default[k])
     return f"s3dist data synth --out DIR {keys}".rstrip()
-
-
-def _encode_threshold(t: float):
-    """JSON has no infinities: +inf (prune everything) is null, -inf (keep everything) the string '-inf',
-    as in eval.json."""
-    return None if t == math.inf else ("-inf" if t == -math.inf else float(t))
-
-
-def _decode_threshold(t) -> float:
-    return math.inf if t is None else (-math.inf if t == "-inf" else float(t))
 
 
 # ---------------------------------------------------------------------------------------------

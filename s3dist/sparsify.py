@@ -145,3 +145,28 @@ def calibrate(model, batches, keep_fraction: float, unit: str, layers: set[int],
               renormalize: bool = False) -> dict[int, dict[str, float]]:
     """The thresholds of `calibrate_sweep` for one keep fraction p."""
     return calibrate_sweep(model, batches, [keep_fraction], unit, layers, device, renormalize)[keep_fraction]
+
+
+def encode_threshold(t: float):
+    """A threshold as JSON, which has no infinities (eval.json, an export's config.json): +inf (nothing kept)
+    is null, -inf (everything kept) the string '-inf'."""
+    return None if t == math.inf else ("-inf" if t == -math.inf else float(t))
+
+
+def decode_threshold(t) -> float:
+    return math.inf if t is None else (-math.inf if t == "-inf" else float(t))
+
+
+def stage3_record(stages, num_layers: int, by_p: dict | None = None) -> dict:
+    """What eval.json and an export record about Stage 3 (`stages`: the run's `StagesConfig`): the rule, the
+    pruned layers, and for each p with a `FixedSparsifier` in `by_p` its calibrated thresholds
+    (`encode_threshold`)."""
+    out = {"prune_unit": stages.prune_unit, "prune_layers": stages.prune_layers,
+           "prune_threshold": stages.prune_threshold, "prune_renormalize": stages.prune_renormalize,
+           "pruned_layer_indices": sorted(pruned_layers(num_layers, stages.prune_layers))}
+    fixed = {p: sp.thresholds for p, sp in (by_p or {}).items() if isinstance(sp, FixedSparsifier)}
+    if fixed:
+        out["thresholds"] = {str(p): {str(layer): {m: encode_threshold(t) for m, t in per.items()}
+                                      for layer, per in th.items()}
+                             for p, th in fixed.items()}
+    return out

@@ -25,6 +25,7 @@ from s3dist.dist import ParallelDims, build_engine
 from s3dist.metrics import ImbalanceAlarm, MetricsLogger, SampleLog, moe_load_metrics, peak_memory_mb
 from s3dist.model.encoder import S3Encoder
 from s3dist.objectives import STAGE_LOSS
+from s3dist.resume import check_compatible
 
 log = logging.getLogger("s3dist")
 
@@ -89,7 +90,7 @@ class Trainer:
         resume_meta = ckpt_io.read_meta(resume_from) if resume_from else None  # checksums verified here, once
         self._resume_meta = resume_meta
         if resume_meta:
-            ckpt_io.check_compatible(resume_meta, to_dict(self.cfg), resume_from)
+            check_compatible(resume_meta, to_dict(self.cfg), resume_from)
             self.state = ckpt_io.TrainState(**resume_meta["state"])
             log.info("resuming from %s: %s step %d of %d, global step %d", resume_from, self.state.stage,
                      self.state.stage_step, self._total_steps(self.state.stage), self.state.global_step)

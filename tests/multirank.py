@@ -38,7 +38,7 @@ from s3dist.dist import free_port as _free_port
 # What a rank imports on its way through a training run and an evaluation, heaviest first.
 # s3dist.model.moe imports DeepSpeed first, as it does in a real rank (without mlflow: s3dist.importing).
 _PRELOAD = ["torch", "torch._dynamo", "s3dist.model.moe", "deepspeed.runtime.zero.muon.muon_optimizer",
-            "sklearn.linear_model", "datasets", "s3dist.train", "s3dist.cli", "s3dist.evaluate", "tests.multirank"]
+            "sklearn.linear_model", "datasets", "s3dist.train", "s3dist.cli", "s3dist.eval_cli", "tests.multirank"]
 
 
 def _entry(rank, environ, world, port, out_dir, fn, args):

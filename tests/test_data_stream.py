@@ -230,7 +230,6 @@ def test_batch_memory_is_reused_only_once_handed_back(synth):
 def test_prefetch_keeps_order_and_stops_with_the_consumer(synth):
     """Reading ahead in a thread changes nothing the consumer sees (same batches, same resume state),
     and a consumer that stops early leaves no reader thread behind."""
-    import threading
     kw = {"batch_size": 16, "shuffle_buffer": 48, "seed": 2}
     a, b = ShardStream(synth, "train", prefetch=0, **kw), ShardStream(synth, "train", prefetch=3, **kw)
     assert ids_of(a) + ids_of(a) == ids_of(b) + ids_of(b) and a.state_dict() == b.state_dict()
@@ -522,7 +521,6 @@ def test_resume_on_another_world_size_neither_repeats_nor_skips(uneven, parts, b
     q, q2 = b * before // parts, b2 * after // parts
 
     def partition_rows(ranks, world, step_rows, p):
-        per = parts // world
         j = p // world  # p's place among its rank's partitions
         return [i for batch in ranks[p % world] for i in batch[j * step_rows:(j + 1) * step_rows]]
 

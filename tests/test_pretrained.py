@@ -182,7 +182,8 @@ def test_export_folder_holds_config_weights_and_model_card(reference_run, export
     from safetensors.torch import load_file
 
     import s3dist
-    from s3dist.checkpoint import consolidated_state_dict, export, find_latest, load_export
+    from s3dist.checkpoint import consolidated_state_dict, find_latest
+    from s3dist.export import export, load_export
 
     conf = json.loads((exported / "config.json").read_text())
     ev = json.loads((reference_run / "eval.json").read_text())
@@ -382,3 +383,13 @@ def test_readme_example_runs_as_written(exported, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     assert "torch.Size([4, 64])" in p.stdout
     assert {f.name for f in (tmp_path / "exported-copy").iterdir()} == {"config.json", "model.safetensors", "README.md"}
+
+
+def test_from_pretrained_names_a_local_path_that_does_not_exist(tmp_path):
+    """A path that cannot be a Hub id ('a/b/c', '/abs', './rel', 'x.safetensors') is a local path: a typo is
+    a FileNotFoundError naming it, not a Hub lookup failing on the id's form."""
+    from s3dist.pretrained import S3Encoder
+
+    for name in (str(tmp_path / "nothing"), "./nothing", "runs/a/b", "model.safetensors"):
+        with pytest.raises(FileNotFoundError, match="does not exist: give an s3dist export"):
+            S3Encoder.from_pretrained(name)

@@ -1,7 +1,7 @@
 """A resume continues the run with the run's own config (issue #19).
 
 `--resume` takes every key from the checkpoint's config (= `<run>/config.yaml`) except the ones the
-command gives and a resume may change (`s3dist.config.RESUMABLE_KEYS`); any other change is refused,
+command gives and a resume may change (`s3dist.resume.RESUMABLE_KEYS`); any other change is refused,
 naming every key and both values, before anything is written, unless `--force-config` (then recorded
 in `<run>/config_changes.jsonl`). Fast tests work on checkpoint meta files written here; the slow ones
 resume real 2-process `accelerate launch` runs.
@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from s3dist.checkpoint import SHAPE_KEYS, CheckpointError, resume_config
-from s3dist.config import RESUMABLE_KEYS, ConfigError, iter_fields, load_config, resumable, save_config, to_dict
+from s3dist.checkpoint import CheckpointError
+from s3dist.config import ConfigError, iter_fields, load_config, save_config, to_dict
+from s3dist.resume import RESUMABLE_KEYS, SHAPE_KEYS, resumable, resume_config
 from tests import launching
 from tests.launching import TINY
 
@@ -143,7 +144,7 @@ def test_train_main_reports_what_a_user_can_fix_in_one_line_and_re_raises_bugs(t
 
 def test_auto_resume_without_a_checkpoint_is_a_fresh_start(tmp_path):
     """'auto' in a directory without a checkpoint compares nothing: the command's config as it is."""
-    from s3dist.train import plan_resume
+    from s3dist.resume import plan_resume
 
     (tmp_path / "run").mkdir()
     command = load_config(None, ["optim.lr=0.002", "resume=auto", f"output_dir={tmp_path / 'run'}"])

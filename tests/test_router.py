@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from s3dist.model.router import PruneSpec, RoutingPlan, S3Router, Segment
 

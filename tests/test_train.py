@@ -55,7 +55,7 @@ def test_a_start_that_never_reached_a_step_starts_over_without_a_flag(tmp_path, 
 
     from s3dist import runlock
     from s3dist.config import ConfigError, load_config
-    from s3dist.train import resolve_run_dir
+    from s3dist.rundir import resolve_run_dir
 
     out = tmp_path / "run"
     (out / "tb").mkdir(parents=True)
@@ -151,7 +151,7 @@ def test_only_a_lost_peer_loses_its_traceback():
     shows where this rank waited); any other error, a bug or a port in use, keeps its traceback."""
     import torch.distributed as dist
 
-    from s3dist.train import _lost_a_peer
+    from s3dist.exits import lost_a_peer as _lost_a_peer
 
     gloo = "[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:17837."
     timeout = "[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 20000ms for recv"

@@ -114,9 +114,7 @@ def expected_expert_bytes(cfg) -> int:
         return 0
     bytes_per_param = 2 if cfg.dist.dtype == "bf16" else 4  # DeepSpeed's bf16 mode keeps bf16 module params
     d, h = cfg.model.d_model, cfg.moe.expert_hidden
-    n_mod = len(cfg.data.modalities)
-    n = cfg.moe.resolved_num_experts()
-    experts = n if (cfg.moe.kind == "s3" and cfg.moe.shared_experts) else n * n_mod
+    experts = cfg.moe.total_experts(len(cfg.data.modalities))
     return cfg.model.num_layers * experts * (2 * d * h + h + d) * bytes_per_param
 
 
@@ -254,7 +252,7 @@ def _rank_main(rank: int, world: int, cfg_dict: dict, layouts: list[tuple[str, s
     import torch.distributed as dist
 
     from s3dist.config import RunConfig, from_dict, validate_world
-    from s3dist.data.stream import ShardStream
+    from s3dist.data.stream import training_stream
     from s3dist.dist import init_distributed, make_dims
 
     base: RunConfig = from_dict(cfg_dict)
@@ -262,10 +260,7 @@ def _rank_main(rank: int, world: int, cfg_dict: dict, layouts: list[tuple[str, s
 
     def open_stream(cfg):
         """The training stream of `cfg` and a `next_batch()` over it that rolls into the next epoch."""
-        stream = ShardStream(data_url, "train", batch_size=cfg.data.batch_size, rank=rank, world_size=world,
-                             modalities=cfg.data.modalities or None, seed=cfg.seed,
-                             shuffle_buffer=cfg.data.shuffle_buffer, drop_last=True, prefetch=cfg.data.prefetch,
-                             read_threads=cfg.data.read_threads)
+        stream = training_stream(data_url, cfg.data, cfg.seed, rank, world)
         batches = iter(stream)
 
         def next_batch():

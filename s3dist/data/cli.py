@@ -6,12 +6,7 @@ stderr and exits 2, without a traceback.
 
 from __future__ import annotations
 
-import argparse
-import functools
 import sys
-
-from s3dist.config import ConfigError
-
 
 _OUT_HELP = "URL of the data-set folder to create"
 _ROWS_HELP = "rows per Parquet shard (default 1024)"
@@ -30,7 +25,7 @@ def add_subcommands(subparsers, name: str, help_text: str) -> None:
     mb.add_argument("--task", type=int, default=-1, help="mimic only: -1 mortality (6 classes) or ICD-9 group 0..19")
     mb.add_argument("--rows-per-shard", type=int, default=1024, help=_ROWS_HELP)
     mb.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
-    mb.set_defaults(func=_guarded(_import_multibench))
+    mb.set_defaults(func=_import_multibench)
 
     ar = sub.add_parser("import-arrays", help="import your own data: one .npy per modality plus labels")
     ar.add_argument("--modality", action="append", default=[], metavar="NAME=FILE.npy", required=True,
@@ -46,7 +41,7 @@ def add_subcommands(subparsers, name: str, help_text: str) -> None:
     ar.add_argument("--name", default=None, help="data-set name (default: the last part of --out)")
     ar.add_argument("--rows-per-shard", type=int, default=1024, help=_ROWS_HELP)
     ar.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
-    ar.set_defaults(func=_guarded(_import_arrays))
+    ar.set_defaults(func=_import_arrays)
 
     sy = sub.add_parser("synth", help="generate a synthetic data set (kind=concepts, the default, or kind=factors: "
                                       "shared / unique / nuisance factors)")
@@ -56,26 +51,14 @@ def add_subcommands(subparsers, name: str, help_text: str) -> None:
     sy.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                     help="SynthConfig fields, e.g. num_concepts=8 seq_len=32, or kind=factors "
                          "label_mode=shared (data.synth.* also accepted)")
-    sy.set_defaults(func=_guarded(_synth))
+    sy.set_defaults(func=_synth)
 
     ins = sub.add_parser("inspect", help="print a data set's manifest, split sizes and label balance")
     ins.add_argument("url")
     ins.add_argument("--verify", action="store_true",
                      help="first check every shard's sha256 against the manifest (exit 2 listing the bad ones), "
                           "then what training checks: columns and shapes, row counts, labels within the classes")
-    ins.set_defaults(func=_guarded(_inspect))
-
-
-def _guarded(fn):
-    @functools.wraps(fn)
-    def run(args: argparse.Namespace) -> int:
-        from s3dist.data import DataError
-        try:
-            return fn(args)
-        except (DataError, ConfigError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-    return run
+    ins.set_defaults(func=_inspect)
 
 
 def _report(out: str, m) -> None:

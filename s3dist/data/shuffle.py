@@ -66,8 +66,8 @@ def shuffled_batches(blocks: Iterator[dict[str, np.ndarray]], size: int, rng: np
     copied straight from its decoded block into its output batch; the block is released as soon as it
     has been scattered. A row whose eviction lies beyond the drawn schedule (about e^-2 = 14% of rows)
     waits in a per-slot overflow store and is copied out when its eviction gets drawn. So 86% of the
-    bytes are copied once and 14% twice, no decoded block outlives its arrival (holding blocks until
-    their last row left kept ~0.5 GB of MOSI-shaped blocks alive), and the output batches come from
+    bytes are copied once and 14% twice, no decoded block outlives its arrival (a block held until its
+    last row left would keep most of the buffer's blocks alive at once), and the output batches come from
     `pool`, where their consumer may hand them back."""
     chunk = min(batch_size, size)
     ahead = 2 * size

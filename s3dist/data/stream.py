@@ -395,6 +395,25 @@ class ShardStream:
         self._epoch, self._rows_done = int(state["epoch"]), rows
 
 
+def training_stream(url: str, data, seed: int, rank: int = 0, world_size: int = 1) -> ShardStream:
+    """The shuffled training split as a run's config (`data`: its `DataConfig`) asks for it: full batches
+    only (a step's batch is the same size on every rank), partitioned for an elastic resume."""
+    return ShardStream(url, "train", batch_size=data.batch_size, rank=rank, world_size=world_size,
+                       modalities=data.modalities or None, seed=seed, shuffle_buffer=data.shuffle_buffer,
+                       drop_last=True, nonfinite=data.nonfinite, prefetch=data.prefetch,
+                       read_threads=data.read_threads, partitions=data.partitions)
+
+
+def evaluation_stream(url: str, split: str, data, seed: int, rank: int = 0, world_size: int = 1, *,
+                      batch_size: int | None = None, modalities: list[str] | None = None) -> ShardStream:
+    """A split in order, every row once (no shuffle, the last batch kept), as evaluation, calibration and
+    embedding read it; `batch_size` defaults to `data.eval_batch_size`, `modalities` to `data.modalities`."""
+    return ShardStream(url, split, batch_size=batch_size or data.eval_batch_size, rank=rank, world_size=world_size,
+                       modalities=modalities or data.modalities or None, seed=seed, shuffle_buffer=0,
+                       drop_last=False, nonfinite=data.nonfinite, prefetch=data.prefetch,
+                       read_threads=data.read_threads)
+
+
 def _tensor(a: np.ndarray) -> torch.Tensor:
     """Zero-copy numpy -> torch. Arrays viewing Arrow buffers are flagged read-only, but each batch's
     buffers were decoded for this batch alone (a slice shares memory only with other rows), so handing

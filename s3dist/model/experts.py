@@ -29,11 +29,10 @@ from torch import nn
 from s3dist.model.stacked import mark_stacked, register_per_copy_state, stacked_linear
 
 # `moe.expert_compute=auto` on CPU: grouped only while one expert's hidden activation (rows x hidden
-# elements) is at most this. Measured with `s3dist bench experts` (fwd+bwd of the local experts alone,
-# 1 thread; BENCHMARKS.md "Host work per step, grouped local experts"): up to it the loop's per-expert
-# dispatch dominates and grouped won (1.1-3x); from ~40k on the loop's per-expert GEMMs were faster
-# (grouped at 0.7-0.85x: the [E, rows, hidden] intermediates leave the cache, and ep > 1 adds a
-# transpose copy each way).
+# elements) is at most this. Below it the loop's per-expert dispatch dominates; above it the loop's
+# per-expert GEMMs are faster, because the batched [E, rows, hidden] intermediates leave the cache and
+# ep > 1 adds a transpose copy each way. Where the line lies was measured with `s3dist bench experts`
+# (BENCHMARKS.md "Host work per step, grouped local experts").
 CPU_GROUPED_MAX_ROWS_X_HIDDEN = 32_768
 
 
@@ -55,8 +54,8 @@ def use_grouped(compute: str, num_local_experts: int, rows: int, hidden: int, de
 
     'auto' on CUDA: always (two or more experts). A launch there costs microseconds of host time per
     kernel whatever its size, the regime where the loop is worst, and cuBLAS runs a batched GEMM as
-    one kernel; this is the expectation the GPU commands in BENCHMARKS.md are to check, not yet a
-    measurement. On CPU: only below `CPU_GROUPED_MAX_ROWS_X_HIDDEN` (measured)."""
+    one kernel (BENCHMARKS.md "GPU" holds the commands that measure it). On CPU: only below
+    `CPU_GROUPED_MAX_ROWS_X_HIDDEN`."""
     if compute != "auto":
         return compute == "grouped"
     if num_local_experts < 2:

@@ -99,7 +99,7 @@ class ExpertParallelMoE(nn.Module):
         self.k = cfg.resolved_top_k()
         if cfg.kind == "s3":
             self.groups = [self.modalities]
-            group_experts = self.n if cfg.shared_experts else self.n * len(self.modalities)
+            group_experts = cfg.total_experts(len(self.modalities))
         elif cfg.kind == "topk":
             self.groups = [[m] for m in self.modalities]
             group_experts = self.n
