@@ -29,9 +29,11 @@ def test_synth_overrides_and_inspect(tmp_path, capsys):
 
 
 def test_bad_input_exits_2_with_message_not_traceback(tmp_path, capsys):
-    """Unknown synth key, inspect of a folder without a manifest, an existing --out, a refused pickle
-    and a malformed --modality all exit 2 with one readable line on stderr."""
+    """Unknown synth key, inspect of a folder without a manifest, an existing --out, a refused pickle,
+    a malformed --modality and a URL with a mistyped protocol all exit 2 with one readable line on stderr."""
     cases = [
+        (["data", "inspect", "fiel:///tmp/x"], "'fiel:///tmp/x' is not a URL fsspec can open"),
+        (["data", "synth", "--out", "fiel:///tmp/x"], "'fiel:///tmp/x' is not a URL fsspec can open"),
         (["data", "synth", "--out", str(tmp_path / "a"), "bogus=1"], "unknown config key 'data.synth.bogus'"),
         (["data", "inspect", str(tmp_path / "none")], "manifest.json not found"),
         (["data", "import-arrays", "--modality", "novalue", "--labels", "y.npy", "--out", str(tmp_path / "b")],

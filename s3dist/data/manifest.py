@@ -181,8 +181,17 @@ def _concept_indices(doc: dict, k: int | None, where: str) -> tuple[dict[str, li
 
 
 def dataset_fs(url: str):
-    """(filesystem, root path without protocol) of a data-set folder URL."""
-    return fsspec.core.url_to_fs(url.rstrip("/") or url)
+    """(filesystem, root path without protocol) of a data-set folder URL.
+
+    An unknown protocol (a typo such as `fiel://`) or one whose fsspec backend is not installed (`s3://`
+    without s3fs) is a DataError naming the URL, not an fsspec traceback from deep inside a rank."""
+    try:
+        return fsspec.core.url_to_fs(url.rstrip("/") or url)
+    except ImportError as e:
+        raise DataError(f"'{url}': {e} (the fsspec backend for this protocol; e.g. `pip install s3fs`)") from e
+    except ValueError as e:
+        raise DataError(f"'{url}' is not a URL fsspec can open ({e}); use a local path or a protocol from "
+                        f"fsspec.available_protocols()") from e
 
 
 def read_manifest(url: str) -> Manifest:

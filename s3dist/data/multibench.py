@@ -32,7 +32,7 @@ import fsspec
 import numpy as np
 
 from s3dist.data import DataError
-from s3dist.data.manifest import LabelSpec, Manifest
+from s3dist.data.manifest import LabelSpec, Manifest, dataset_fs
 from s3dist.data.writer import SplitArrays, write_dataset
 
 AFFECT = ("mosi", "mosi_data", "mosei", "humor", "sarcasm")
@@ -212,7 +212,7 @@ def _load_npy(url: str) -> np.ndarray:
 
 
 def _import_avmnist(source: str) -> tuple[dict[str, SplitArrays], LabelSpec]:
-    fs, root = fsspec.core.url_to_fs(source)
+    fs, root = dataset_fs(source)
     root = root.rstrip("/")
     arrays = {}
     for part in ("train", "test"):
@@ -246,7 +246,7 @@ def resolve_source(benchmark: str, source: str) -> str:
     """A folder given for a single-file benchmark resolves to MultiBench's file name inside it."""
     if benchmark == "avmnist":
         return source
-    fs, path = fsspec.core.url_to_fs(source)
+    fs, path = dataset_fs(source)
     if fs.isdir(path):
         for name in DEFAULT_FILES[benchmark]:
             if fs.exists(f"{path.rstrip('/')}/{name}"):
