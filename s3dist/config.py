@@ -455,13 +455,18 @@ def load_config(config_file: str | None = None, overrides: dict[str, Any] | list
     cfg = RunConfig()
     if config_file:
         path = Path(config_file)
+        if path.is_dir():
+            raise ConfigError(f"config file '{config_file}' is a folder; give a YAML recipe, e.g. "
+                              f"launch_configs/recipes/s3_synth.yaml")
         if not path.is_file():
             raise ConfigError(f"config file '{config_file}' does not exist")
         try:
-            with open(path) as f:  # from the file, so the errors' marks name it with the line and column
+            with open(path, encoding="utf-8") as f:  # from the file: the errors' marks name it, line and column
                 doc = yaml.load(f, Loader=_RecipeLoader) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file '{config_file}' is not valid YAML: {e}") from e
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file '{config_file}' is not a UTF-8 text file; give a YAML recipe") from e
         if not isinstance(doc, dict):
             raise ConfigError(f"config file '{config_file}' must hold a mapping of sections, got {type(doc).__name__}")
         try:

@@ -57,13 +57,18 @@ def test_validation_messages(overrides, needle):
 
 
 def test_yaml_errors_name_the_file(tmp_path):
-    """Unknown keys in a recipe name the file and the key; a missing file is named."""
+    """Unknown keys in a recipe name the file and the key; a missing file, a folder and a binary file are named."""
     f = tmp_path / "bad.yaml"
     f.write_text("moe:\n  num_exprts: 3\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml: unknown config key 'moe.num_exprts'"):
         load_config(str(f))
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(str(tmp_path / "missing.yaml"))
+    with pytest.raises(ConfigError, match=r"' is a folder; give a YAML recipe"):
+        load_config(str(tmp_path))
+    (tmp_path / "model.safetensors").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00binary")
+    with pytest.raises(ConfigError, match=r"model\.safetensors' is not a UTF-8 text file"):
+        load_config(str(tmp_path / "model.safetensors"))
     (tmp_path / "list.yaml").write_text("- 1\n")
     with pytest.raises(ConfigError, match="must hold a mapping"):
         load_config(str(tmp_path / "list.yaml"))
