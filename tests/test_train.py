@@ -112,10 +112,11 @@ def test_accelerate_launch_run_directory_contract(reference_run):
 @pytest.mark.parametrize("damage, needle", [
     ("delete", "test-00000.parquet (split 'test') is missing"),
     ("nan", "split 'test': 1 NaN/inf values in modality 'x'"),
+    ("empty", "split 'val' is empty (0 rows), and the final evaluation reads it"),
 ])
 def test_a_damaged_evaluation_split_stops_the_run_before_training(tmp_path, capsys, damage, needle):
-    """The final evaluation reads val and test: a missing shard or a NaN there stops the run when it starts
-    (exit 2, the file named), not after all the training."""
+    """The final evaluation reads val and test: a missing shard, a NaN or no rows there stop the run when it
+    starts (exit 2, the file named), not after all the training."""
     import numpy as np
 
     from s3dist.data.arrays import import_arrays
@@ -130,6 +131,10 @@ def test_a_damaged_evaluation_split_stops_the_run_before_training(tmp_path, caps
     import_arrays({"x": str(tmp_path / "x.npy")}, str(tmp_path / "y.npy"), str(ds))
     if damage == "delete":
         (ds / "test-00000.parquet").unlink()
+    elif damage == "empty":  # a manifest whose val split lists no shard (as an edited or truncated one may)
+        doc = json.loads((ds / "manifest.json").read_text())
+        doc["splits"]["val"].update(files=[], rows=0, checksums={}, nonfinite={})
+        (ds / "manifest.json").write_text(json.dumps(doc))
     else:
         import pyarrow.parquet as pq
 
@@ -142,8 +147,8 @@ def test_a_damaged_evaluation_split_stops_the_run_before_training(tmp_path, caps
     run = tmp_path / "run"
     assert main(["--output_dir", str(run), f"data.path={ds}", "data.batch_size=8", "stages.specialize_steps=2",
                  "stages.select_steps=1", "logging.progress=false"]) == 2
-    assert needle in capsys.readouterr().err
     assert not (run / "metrics.jsonl").exists() and not (run / "checkpoints").exists()
+    assert needle in capsys.readouterr().err
 
 
 def test_only_a_lost_peer_loses_its_traceback():

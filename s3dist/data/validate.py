@@ -153,6 +153,10 @@ def check_eval_splits(url: str, manifest: Manifest, modalities: list[str], nonfi
             raise DataError(f"{url}/manifest.json has no '{split}' split, which the final evaluation reads (the "
                             f"probe's C is chosen on val, accuracy measured on test); re-create the data set, or "
                             f"set eval.run_at_end=false")
+        if manifest.splits[split].rows <= 0 or not manifest.splits[split].files:
+            raise DataError(f"{url}/manifest.json: split '{split}' is empty (0 rows), and the final evaluation reads "
+                            f"it (the probe's C is chosen on val, accuracy measured on test); re-create the data set "
+                            f"with rows in it, or set eval.run_at_end=false")
         check = SplitCheck(url, split, manifest, fs, root, modalities)
         check.file_rows()
         check.nonfinite_to_check(nonfinite)
