@@ -82,6 +82,17 @@ def _schema(encoder, keep_fraction: float, split: str):
     return pa.schema(fields, metadata={"s3dist": json.dumps(meta)})
 
 
+def _is_embedding_file(path: Path) -> bool:
+    """A Parquet file this command wrote (its schema carries the `s3dist` metadata `_schema` puts there)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return b"s3dist" in (pq.read_schema(path).metadata or {})
+    except (OSError, pa.ArrowException):
+        return False
+
+
 def _write_part(encoder, stream, part: Path, keep_fraction: float, show_progress: bool) -> None:
     """This rank's rows, batch by batch, into an Arrow IPC file (read back memory-mapped by rank 0)."""
     import numpy as np
@@ -169,11 +180,11 @@ def _cli_embed(args) -> int:
     import torch.distributed as dist
 
     from s3dist.config import ConfigError
+    from s3dist.outputs import check_output_file
     from s3dist.pretrained import S3Encoder
 
-    if args.out.is_dir():
-        raise ConfigError(f"--out {args.out} is a folder; give the Parquet file to write, e.g. "
-                          f"{args.out / 'emb.parquet'}")
+    check_output_file(args.out, "--out", ours=_is_embedding_file, kind="an s3dist embedding file",
+                      example="emb.parquet")
     if args.batch_size is not None and args.batch_size < 1:
         raise ConfigError(f"--batch-size {args.batch_size} must be >= 1 (leave it out for the run's "
                           f"data.eval_batch_size)")

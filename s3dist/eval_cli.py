@@ -14,6 +14,7 @@ from pathlib import Path
 from s3dist import rundir
 from s3dist.config import RunConfig
 from s3dist.evaluate import evaluate_run
+from s3dist.outputs import check_folder
 
 # Keys an evaluation may change: they decide how representations are extracted and probed, never the
 # weights' shapes.
@@ -81,6 +82,8 @@ def _cli_eval(args) -> int:
     from s3dist.dist import attach_expert_groups, init_distributed, make_dims
 
     ps = _keep_fractions_arg(args)  # before anything loads: a typo costs nothing
+    if getattr(args, "out", None) is not None:
+        check_folder(args.out, "--out")
     cfg, model, data_url, step = load_for_eval(args.run, args.model, args.data)
     apply_eval_overrides(cfg, args.overrides)
     dims = make_dims(*init_distributed(cfg.dist), 1)
@@ -153,6 +156,9 @@ def _cli_sweep(args) -> int:
     args.run = [r for r in args.run if "=" not in str(r)]
     if len(args.run) > 1:
         from s3dist.config import ConfigError
+
+        if args.out is not None:
+            check_folder(args.out, "--out")
 
         if args.keep_fractions or args.overrides:
             raise ConfigError("several runs are aggregated from their own eval.json, so --keep-fractions and "

@@ -17,6 +17,7 @@ import torch
 
 import s3dist
 from s3dist.checkpoint import CheckpointError, consolidated_state_dict, find_latest, read_meta
+from s3dist.outputs import check_folder, check_output_file
 
 
 def export(run_dir: Path, out: Path) -> Path:
@@ -35,6 +36,7 @@ def export_folder(run_dir: Path, out: Path) -> Path:
     if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or _is_export_folder(out))):
         raise CheckpointError(f"'{out}' exists and is not an s3dist export folder; choose another --out (a path "
                               f"ending in .safetensors writes one file instead)")
+    check_folder(out, "--out")
     encoder = S3Encoder.from_run(run_dir)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -54,11 +56,14 @@ def _is_export_folder(path: Path) -> bool:
 
 
 def export_file(run_dir: Path, out_file: Path) -> Path:
-    """One safetensors file with every expert and the config: loadable without DeepSpeed or ranks."""
+    """One safetensors file with every expert and the config: loadable without DeepSpeed or ranks. An existing
+    export at `out_file` is replaced, any other file refused."""
     from safetensors.torch import save_file
 
     from s3dist.pretrained import shareable
 
+    check_output_file(out_file, "--out", ours=_is_export_file, kind="an s3dist export", example="model.safetensors")
+    out_file.parent.mkdir(parents=True, exist_ok=True)
     ckpt = find_latest(run_dir)
     if ckpt is None:
         raise CheckpointError(f"no complete checkpoint under '{run_dir / 'checkpoints'}'")
@@ -72,14 +77,30 @@ def export_file(run_dir: Path, out_file: Path) -> Path:
     return out_file
 
 
+def _export_metadata(path: Path) -> dict | None:
+    """The safetensors metadata of an s3dist export file; None for any other file."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+    except SafetensorError:  # not a safetensors file; a missing path keeps its FileNotFoundError
+        return None
+    return meta if meta and "s3dist_config" in meta else None
+
+
+def _is_export_file(path: Path) -> bool:
+    return _export_metadata(path) is not None
+
+
 def load_export(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    from safetensors import safe_open
+    """(run config, tensors) of a one-file export; CheckpointError naming `path` for any other file."""
     from safetensors.torch import load_file
 
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-    if not meta or "s3dist_config" not in meta:
-        raise CheckpointError(f"'{path}' is not an s3dist export (no s3dist_config metadata)")
+    meta = _export_metadata(path)
+    if meta is None:
+        raise CheckpointError(f"'{path}' is not an s3dist export (a .safetensors file written by `s3dist export`, "
+                              f"with s3dist_config in its metadata)")
     return json.loads(meta["s3dist_config"]), load_file(str(path))
 
 

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from s3dist.config import ConfigError, RunConfig
+from s3dist.outputs import check_folder
 
 log = logging.getLogger("s3dist")
 
@@ -46,6 +47,7 @@ def resolve_run_dir(cfg: RunConfig, is_main: bool) -> Path:
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.broadcast_object_list(stamp, src=0)  # ranks could straddle a second boundary
         run_dir = Path("runs") / f"{cfg.name}-{stamp[0]}"
+    check_folder(run_dir, "output_dir")
     runlock.acquire_collective(run_dir, cfg.checkpoint.lock_stale_s, is_main)
     started = holds_run(run_dir)
     # An earlier start that stopped before its first logged step or checkpoint (bad data, a tracker without its

@@ -143,7 +143,7 @@ def test_embed_refuses_a_folder_as_out_a_batch_below_one_and_a_model_that_is_not
     (tmp_path / "outdir").mkdir()
     (tmp_path / "not-an-export").mkdir()
     cases = [(["--model", str(tmp_path / "x"), "--out", str(tmp_path / "outdir")],
-              "is a folder; give the Parquet file"),
+              "outdir is a folder; give the file to write, e.g. " + str(tmp_path / "outdir" / "emb.parquet")),
              (["--model", str(tmp_path / "x"), "--out", str(tmp_path / "e.parquet"), "--batch-size", "0"],
               "--batch-size 0 must be >= 1"),
              (["--model", str(tmp_path / "not-an-export"), "--out", str(tmp_path / "e.parquet")], "not-an-export")]
@@ -152,3 +152,39 @@ def test_embed_refuses_a_folder_as_out_a_batch_below_one_and_a_model_that_is_not
         err = capsys.readouterr().err
         assert needle in err and "Traceback" not in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["not-an-export", "outdir"]
+
+
+def test_commands_replace_only_their_own_outputs_and_name_a_destination_under_a_file(tmp_path, capsys):
+    """`export --out X.safetensors` and `embed --out F` leave a file they did not write alone; `eval --out`,
+    `sweep --out` and `output_dir` under a file, and `eval --model` of a file that is not an export, are each
+    refused in one line naming the path. All before any model or data loads: nothing else is written."""
+    from s3dist.cli import main
+    from s3dist.config import ConfigError, load_config
+    from s3dist.rundir import resolve_run_dir
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    (tmp_path / "run").mkdir()
+    cases = [(["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "notes.safetensors")],
+              "notes.safetensors exists and is not an s3dist export, so it was left alone"),
+             (["embed", "--model", str(tmp_path / "run"), "--out", str(notes)],
+              "notes.txt exists and is not an s3dist embedding file, so it was left alone"),
+             (["embed", "--model", str(tmp_path / "run"), "--out", str(notes / "emb.parquet")],
+              f"'{notes}' is a file, not a folder"),
+             (["export", "--run", str(tmp_path / "run"), "--out", str(notes / "sub" / "exported")],
+              f"'{notes}' is a file, not a folder"),
+             (["eval", "--run", str(tmp_path / "run"), "--out", str(notes)], f"--out {notes} is a file, not a folder"),
+             (["sweep", "--run", str(tmp_path / "run"), str(tmp_path / "b"), "--out", str(notes / "x")],
+              f"'{notes}' is a file, not a folder"),
+             (["eval", "--model", str(notes)], "notes.txt' is not an s3dist export")]
+    (tmp_path / "notes.safetensors").write_bytes(b"user data")
+    for argv, needle in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err, (argv, err)
+    assert notes.read_text() == "keep me" and (tmp_path / "notes.safetensors").read_bytes() == b"user data"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.safetensors", "notes.txt", "run"]
+    for output_dir in (notes, notes / "run"):
+        with pytest.raises(ConfigError, match=rf"output_dir {output_dir} (is|cannot be written: '{notes}' is) a file, "
+                                              r"not a folder; choose another output_dir"):
+            resolve_run_dir(load_config(None, [f"output_dir={output_dir}"]), is_main=True)

@@ -183,6 +183,7 @@ def test_export_folder_holds_config_weights_and_model_card(reference_run, export
 
     import s3dist
     from s3dist.checkpoint import consolidated_state_dict, find_latest
+    from s3dist.config import ConfigError
     from s3dist.export import export, load_export
 
     conf = json.loads((exported / "config.json").read_text())
@@ -206,8 +207,13 @@ def test_export_folder_holds_config_weights_and_model_card(reference_run, export
     assert "library_name: s3dist" in card and f"Probe accuracy at p = 1: {ev['probe_accuracy']:.4f}" in card
     assert f"| {P:g} | {ev['sweep'][0]['accuracy']:.4f} |" in card
 
-    single = export(reference_run, tmp_path / "model.safetensors")
+    single = export(reference_run, tmp_path / "new" / "model.safetensors")  # its folder is created
     assert single.is_file() and load_export(single)[0]["moe"]["kind"] == "s3"
+    single.write_bytes(b"notes")  # now a file export did not write: left alone
+    with pytest.raises(ConfigError, match=r"model\.safetensors exists and is not an s3dist export"):
+        export(reference_run, single)
+    export(reference_run, tmp_path / "again.safetensors")
+    assert export(reference_run, tmp_path / "again.safetensors").is_file()  # an export is replaced
 
 
 def _distributed_embeddings(rank, world, out_dir, run_dir):
@@ -315,6 +321,7 @@ def test_embed_one_and_two_ranks_write_the_same_parquet(reference_run, exported,
     import pyarrow.parquet as pq
 
     from s3dist.data.stream import ShardStream
+    from s3dist.embed import _is_embedding_file
     from s3dist.pretrained import S3Encoder
 
     files = {}
@@ -324,6 +331,7 @@ def test_embed_one_and_two_ranks_write_the_same_parquet(reference_run, exported,
                    "--batch-size", 16)
         assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     assert hashlib.sha256(files[1].read_bytes()).digest() == hashlib.sha256(files[2].read_bytes()).digest()
+    assert _is_embedding_file(files[1])  # so the same command may replace it
 
     table = pq.read_table(files[2])
     man = json.loads((reference_run / "data" / "manifest.json").read_text())["splits"][split]
