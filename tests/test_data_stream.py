@@ -589,6 +589,34 @@ def test_resume_refuses_a_mid_epoch_state_from_another_shuffle_order(synth):
     assert ids_of(r) == ids_of(ref)
 
 
+def test_resume_on_a_data_set_replaced_at_the_same_path(synth, tmp_path, caplog):
+    """A data set generated anew at the run's path (same shapes and row counts, other rows): a mid-epoch state
+    is refused, naming the split and both fingerprints, since its epoch cannot be replayed; at an epoch
+    boundary the stream goes on with the new rows and says so once, on rank 0. The same data loads silently."""
+    import logging
+
+    other = str(tmp_path / "other")
+    generate(other, SynthConfig(**SMALL, seed=SynthConfig().seed + 1))
+    kw = {"batch_size": 16, "shuffle_buffer": 48}
+    s = ShardStream(synth, "train", **kw)
+    next(iter(s))
+    state = s.state_dict()
+    assert state["fingerprint"] != ShardStream(other, "train", **kw).fingerprint
+    with pytest.raises(DataError, match=rf"split 'train' is not the data the checkpoint was trained on .*"
+                                        rf"fingerprint {state['fingerprint']} -> \w+\), and the checkpoint is in "
+                                        r"the middle of epoch 0"):
+        ShardStream(other, "train", **kw).load_state_dict(state)
+    with caplog.at_level(logging.WARNING, logger="s3dist"):
+        ShardStream(synth, "train", **kw).load_state_dict(state)
+        assert not caplog.records
+        r = ShardStream(other, "train", **kw)
+        r.load_state_dict({**state, "rows_done": 0, "batches_done": 0, "epoch": 1})
+        ShardStream(other, "train", rank=1, world_size=2, batch_size=8).load_state_dict(
+            {**state, "rows_done": 0, "batches_done": 0, "epoch": 1})
+    assert len(caplog.records) == 1 and "goes on from epoch 1 with the data there now" in caplog.text
+    assert len(ids_of(r)) == r.batches_per_epoch
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input
 # ---------------------------------------------------------------------------------------------

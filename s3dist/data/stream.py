@@ -25,6 +25,8 @@ restart), then continues with its own q: a run of 2 ranks resumed on 1 (P = 2) s
 from where they stopped, so no sample of the epoch is repeated or skipped. P and the shuffle chunk are
 fixed when the run starts (`data.partitions`: set it to a multiple of every world size the run may
 resume on); a mid-epoch state that the new world size cannot continue (w not dividing P) is refused.
+The state also carries the split's fingerprint (a hash of its shards' checksums): a mid-epoch state on a
+data set replaced at the same path is refused, and at an epoch boundary the change is logged.
 (`datasets` does not restore its shuffle buffer from `IterableDataset.state_dict`, hence the replay.)
 
 Equal batch counts without collectives. Batch counts are derived from manifest row counts only: with
@@ -41,7 +43,10 @@ their consumer hands them back (`Batch.release`).
 from __future__ import annotations
 
 import copy
+import hashlib
 import itertools
+import json
+import logging
 import math
 import warnings
 import weakref
@@ -57,6 +62,8 @@ from s3dist.data.readahead import Prefetcher, prefetched, stop_ahead
 from s3dist.data.reader import PartitionReader
 from s3dist.data.shuffle import BufferPool, rebatch, recut, shuffled_batches
 from s3dist.data.validate import SplitCheck
+
+log = logging.getLogger("s3dist")
 
 _STATE_KEYS = ("epoch", "batches_done", "seed", "rank", "world_size", "batch_size", "shuffle_buffer", "split",
                "drop_last")
@@ -161,6 +168,9 @@ class ShardStream:
         self._epoch = 0
         self._rows_done = 0   # rows taken from each of this epoch's partitions
         self._plan(partitions or world_size)
+        # The split's content, as its shards' checksums say: a resume on a data set replaced at the same path
+        # is told apart from a resume on the data the run trained on.
+        self.fingerprint = hashlib.sha256(json.dumps(sorted(self._spec.checksums.items())).encode()).hexdigest()[:16]
 
     # ------------------------------------------------------------------------------------------
     # Planning: partitions and batch counts
@@ -356,7 +366,8 @@ class ShardStream:
         return {"epoch": self._epoch, "rows_done": self._rows_done, "batches_done": self._rows_done // self._q,
                 "partitions": self.partitions, "shuffle_chunk": self._chunk, "seed": self.seed, "rank": self.rank,
                 "world_size": self.world_size, "batch_size": self.batch_size, "shuffle_buffer": self.shuffle_buffer,
-                "split": self.split, "drop_last": self.drop_last, "order_version": ORDER_VERSION}
+                "split": self.split, "drop_last": self.drop_last, "order_version": ORDER_VERSION,
+                "fingerprint": self.fingerprint}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from `state`, written by this or another world size / batch size (see the module
@@ -367,7 +378,14 @@ class ShardStream:
         parts = int(state.get("partitions", state["world_size"]))
         chunk = int(state.get("shuffle_chunk", state["batch_size"]))
         rows = int(state.get("rows_done", state["batches_done"] * state["batch_size"]))
+        replaced = state.get("fingerprint", self.fingerprint) != self.fingerprint  # older states have none
         if rows > 0:  # mid-epoch: the replay must see exactly the same row order
+            if replaced:
+                raise DataError(f"{self.url}: split '{self.split}' is not the data the checkpoint was trained on (its "
+                                f"shards' checksums differ: fingerprint {state['fingerprint']} -> {self.fingerprint}), "
+                                f"and the checkpoint is in the middle of epoch {state['epoch']}, whose rows cannot "
+                                f"be replayed from other data. Point data.path at the run's data (with "
+                                f"--force-config), or resume an epoch-boundary checkpoint")
             mine = self.state_dict()
             differ = [f"{k} {state[k]!r} -> {mine[k]!r}" for k in _ORDER_KEYS if state[k] != mine[k]]
             if state.get("order_version", 1) != ORDER_VERSION and self.shuffle_buffer > 0:
@@ -385,6 +403,10 @@ class ShardStream:
                 raise DataError(f"stream state says {rows} rows of each partition done, more than this split's "
                                 f"{self._lo}; the data set changed since the checkpoint")
         else:
+            if replaced and self.rank == 0:  # a refreshed data set may go on from an epoch boundary, not silently
+                log.warning("%s: split '%s' is not the data the checkpoint was trained on (its shards' checksums "
+                            "differ: fingerprint %s -> %s); the run goes on from epoch %s with the data there now",
+                            self.url, self.split, state["fingerprint"], self.fingerprint, state["epoch"])
             # An epoch boundary: keep the run's partitions where this world size can serve them (the
             # order of later epochs is then the uninterrupted run's), else start its own.
             try:
