@@ -512,11 +512,11 @@ def _check_range(key: str, value: Any, meta: dict) -> None:
 
 
 def absolute_local_path(url: str) -> str:
-    """A relative local path made absolute (other URLs and '' as they are): a run records where its data is, and
-    `s3dist eval / export / embed` read that from any directory."""
-    if not url or "://" in url or os.path.isabs(url):
+    """A relative local path made absolute, `~` expanded (other URLs and '' as they are): a run records where its
+    data is, and `s3dist eval / export / embed` read that from any directory."""
+    if not url or "://" in url:
         return url
-    return os.path.abspath(url)
+    return os.path.abspath(os.path.expanduser(url))
 
 
 def validate(cfg: RunConfig) -> None:

@@ -154,3 +154,19 @@ def test_a_list_key_written_as_one_item_in_a_recipe_is_that_item(tmp_path):
     cfg = load_config(str(recipe), [])
     assert cfg.stages.run == ["specialize"] and cfg.eval.keep_fractions == [0.3] and cfg.eval.probe_Cs == [1.0, 10]
     assert load_config(None, ["stages.run=specialize"]).stages.run == ["specialize"]
+
+
+def test_a_run_records_its_local_data_path_absolute_with_home_expanded(tmp_path, monkeypatch):
+    """data.path as a user types it (relative, `~/...`) is recorded as the absolute path it names, so eval /
+    export / embed find the data from any directory; URLs and '' stay as given."""
+    import os
+
+    from s3dist.config import absolute_local_path
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert absolute_local_path("~/data/mosi") == str(tmp_path / "home" / "data" / "mosi")
+    assert absolute_local_path("data/mosi") == str(tmp_path / "data" / "mosi")
+    assert absolute_local_path("/abs/mosi") == "/abs/mosi" and os.path.isabs(absolute_local_path("./x"))
+    for url in ("s3://bucket/mosi", "memory://mosi", ""):
+        assert absolute_local_path(url) == url
