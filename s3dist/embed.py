@@ -185,6 +185,9 @@ def _cli_embed(args) -> int:
 
     check_output_file(args.out, "--out", ours=_is_embedding_file, kind="an s3dist embedding file",
                       example="emb.parquet")
+    if not 0.0 <= args.keep_fraction <= 1.0:
+        raise ConfigError(f"--keep-fraction {args.keep_fraction} is outside [0, 1]: it is the fraction of routing "
+                          f"paths Stage 3 keeps (1: no pruning)")
     if args.batch_size is not None and args.batch_size < 1:
         raise ConfigError(f"--batch-size {args.batch_size} must be >= 1 (leave it out for the run's "
                           f"data.eval_batch_size)")

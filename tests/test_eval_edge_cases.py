@@ -136,7 +136,7 @@ def test_aggregating_runs_warns_when_they_differ_in_more_than_the_seed(tmp_path,
 
 
 def test_embed_refuses_a_folder_as_out_a_batch_below_one_and_a_model_that_is_not_an_export(tmp_path, capsys):
-    """Checked before any model loads (the first two) or named in one line (the third): no traceback, and no
+    """Checked before any model loads (the first three) or named in one line (the last): no traceback, and no
     temporary file left next to --out."""
     from s3dist.cli import main
 
@@ -146,6 +146,8 @@ def test_embed_refuses_a_folder_as_out_a_batch_below_one_and_a_model_that_is_not
               "outdir is a folder; give the file to write, e.g. " + str(tmp_path / "outdir" / "emb.parquet")),
              (["--model", str(tmp_path / "x"), "--out", str(tmp_path / "e.parquet"), "--batch-size", "0"],
               "--batch-size 0 must be >= 1"),
+             (["--model", str(tmp_path / "x"), "--out", str(tmp_path / "e.parquet"), "--keep-fraction", "2"],
+              "--keep-fraction 2.0 is outside [0, 1]"),
              (["--model", str(tmp_path / "not-an-export"), "--out", str(tmp_path / "e.parquet")], "not-an-export")]
     for argv, needle in cases:
         assert main(["embed", *argv]) == 2, argv
