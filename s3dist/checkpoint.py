@@ -200,20 +200,28 @@ def read_meta(ckpt: Path, verify: bool = True) -> dict:
     meta_path = ckpt / META
     if not meta_path.exists():
         raise CheckpointError(f"checkpoint '{ckpt}' is incomplete: {META} is missing (a save was interrupted?); "
-                              f"resume from an older checkpoint or remove this directory")
+                              f"{_instead(ckpt)}, or remove this directory")
     try:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"checkpoint '{meta_path}' is not valid JSON: {e}") from e
+        raise CheckpointError(f"checkpoint '{meta_path}' is not valid JSON: {e}; {_instead(ckpt)}") from e
     if verify:
         for rel, digest in meta["checksums"].items():
             f = ckpt / rel
             if not f.exists():
-                raise CheckpointError(f"checkpoint file '{f}' is missing; the checkpoint is unusable")
+                raise CheckpointError(f"checkpoint file '{f}' is missing; the checkpoint is unusable: {_instead(ckpt)}")
             if _sha256(f) != digest:
                 raise CheckpointError(f"checkpoint file '{f}' does not match its recorded sha256 (truncated or "
-                                      f"corrupted); resume from an older checkpoint")
+                                      f"corrupted); {_instead(ckpt)}")
     return meta
+
+
+def _instead(ckpt: Path) -> str:
+    """What to resume instead of the unusable `ckpt`: the newest complete checkpoint before it, named."""
+    older = [c for c in _complete(ckpt.parent) if c.name < ckpt.name] if ckpt.parent.is_dir() else []
+    if older:
+        return f"resume from the checkpoint before it with --resume {older[-1]}"
+    return f"no complete checkpoint before it in '{ckpt.parent}': start the run over (--overwrite)"
 
 
 def find_latest(run_dir: Path) -> Path | None:

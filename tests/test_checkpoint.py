@@ -254,7 +254,9 @@ def test_incompatible_resume_is_refused(tmp_path, reference_run):
 
 
 def test_truncated_checkpoint_file_is_named(tmp_path, reference_run):
-    """A truncated expert file fails the checksum check with the file's path, before DeepSpeed loads it."""
+    """A truncated expert file fails the checksum check with the file's path, before DeepSpeed loads it, and
+    the error names the checkpoint to resume instead (the one before it), or says there is none."""
+    import re
     import shutil
 
     from s3dist.checkpoint import CheckpointError, find_latest, read_meta
@@ -262,12 +264,20 @@ def test_truncated_checkpoint_file_is_named(tmp_path, reference_run):
     out = tmp_path / "run"
     shutil.copytree(reference_run, out)
     ckpt = find_latest(out)
+    before = sorted(p for p in ckpt.parent.iterdir() if p.is_dir() and p.name < ckpt.name)[-1]
     victim = sorted(ckpt.glob("layer_*_expert_*"))[0]
     victim.write_bytes(victim.read_bytes()[:100])
-    with pytest.raises(CheckpointError, match=f"{victim.name}' does not match its recorded sha256"):
+    with pytest.raises(CheckpointError, match=f"{victim.name}' does not match its recorded sha256 .*resume from the "
+                                              f"checkpoint before it with --resume {re.escape(str(before))}$"):
         read_meta(ckpt)
     (ckpt / "s3dist_meta.json").unlink()
     with pytest.raises(CheckpointError, match="is incomplete: s3dist_meta.json is missing"):
+        read_meta(ckpt)
+    for older in ckpt.parent.iterdir():
+        if older.is_dir() and older != ckpt:
+            shutil.rmtree(older)
+    (ckpt / "s3dist_meta.json").write_text("{")
+    with pytest.raises(CheckpointError, match="not valid JSON: .*no complete checkpoint before it .*--overwrite"):
         read_meta(ckpt)
 
 
