@@ -646,7 +646,7 @@ def rewrite_shard(url: str, fname: str, edit_table) -> None:
 
 
 def test_missing_manifest_bad_json_missing_key(tmp_path, synth):
-    """Manifest errors name the file: missing, not JSON, missing key."""
+    """Manifest errors name the file: missing, not JSON, missing key; and a malformed field by its place."""
     with pytest.raises(DataError, match=r"nothing/manifest\.json not found"):
         ShardStream(str(tmp_path / "nothing"), "train", batch_size=4)
     url = copy_dataset(synth, tmp_path / "c")
@@ -656,6 +656,13 @@ def test_missing_manifest_bad_json_missing_key(tmp_path, synth):
     url = copy_dataset(synth, tmp_path / "d")
     rewrite_manifest(url, lambda d: d.pop("label"))
     with pytest.raises(DataError, match=r"manifest\.json: missing key 'label'"):
+        read_manifest(url)
+    url = copy_dataset(synth, tmp_path / "e")
+    rewrite_manifest(url, lambda d: d["splits"]["val"].update(files="val-00000.parquet"))
+    with pytest.raises(DataError, match=r"splits\.val\.files = 'val-00000\.parquet' must be a list of shard file"):
+        read_manifest(url)
+    rewrite_manifest(url, lambda d: d["splits"].update(val={**d["splits"]["val"], "files": [], "rows": "many"}))
+    with pytest.raises(DataError, match=r"malformed manifest at 'splits\.val' \(ValueError: invalid literal"):
         read_manifest(url)
 
 

@@ -122,15 +122,18 @@ class Manifest:
                                 f"s3dist importer (s3dist data import-... / synth)")
             return d[key]
 
+        at = ""  # the field being read, for the message of a malformed one
         try:
             mods = {}
             for m, spec in need(doc, "modalities", "").items():
+                at = f"modalities.{m}"
                 shape = [int(s) for s in need(spec, "shape", f"modalities.{m}.")]
                 seq = bool(spec.get("sequence", len(shape) == 2))
                 if len(shape) != (2 if seq else 1) or min(shape) < 1:
                     raise DataError(f"{where}: modalities.{m}.shape = {shape} must be [T, D] for a sequence "
                                     f"or [D] otherwise, all >= 1")
                 mods[m] = ModalitySpec(shape=shape, dtype=str(spec.get("dtype", "float32")), sequence=seq)
+            at = "label"
             lab = need(doc, "label", "")
             label = LabelSpec(kind=str(need(lab, "kind", "label.")), num_classes=int(need(lab, "num_classes", "label.")),
                               binarize=str(lab.get("binarize", "")))
@@ -138,13 +141,18 @@ class Manifest:
                 raise DataError(f"{where}: label.kind = {label.kind!r}; allowed: {list(LABEL_KINDS)}")
             splits = {}
             for s, spec in need(doc, "splits", "").items():
-                files = [str(f) for f in need(spec, "files", f"splits.{s}.")]
+                at = f"splits.{s}"
+                files = need(spec, "files", f"splits.{s}.")
+                if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+                    raise DataError(f"{where}: splits.{s}.files = {files!r} must be a list of shard file names; "
+                                    f"re-create the data set with s3dist data ...")
                 splits[s] = SplitSpec(files=files, rows=int(need(spec, "rows", f"splits.{s}.")),
                                       checksums=dict(spec.get("checksums", {})),
                                       file_rows={k: int(v) for k, v in spec.get("file_rows", {}).items()},
                                       nonfinite=None if spec.get("nonfinite") is None else {
                                           f: {m: int(c) for m, c in counts.items()}
                                           for f, counts in spec["nonfinite"].items()})
+            at = "num_concepts"
             k = doc.get("num_concepts")
             k = None if k is None else int(k)
             groups, label_concepts = _concept_indices(doc, k, where)
@@ -154,7 +162,8 @@ class Manifest:
         except (TypeError, ValueError, AttributeError) as e:
             if isinstance(e, DataError):
                 raise
-            raise DataError(f"{where}: malformed manifest ({e}); re-create the data set with s3dist data ...") from e
+            raise DataError(f"{where}: malformed manifest at '{at or 'the top level'}' ({type(e).__name__}: {e}); "
+                            f"re-create the data set with s3dist data ...") from e
 
 
 _OPTIONAL_KEYS = ("concept_groups", "label_concepts")
