@@ -196,6 +196,10 @@ def _cli_embed(args) -> int:
         raise FileNotFoundError(f"{'--model' if args.model else '--run'} {source} does not exist")
     encoder = S3Encoder.from_pretrained(source)
     data_url = encoder.data_url(args.data, what=f"'{source}'")
+    if not args.data:
+        from s3dist.data.manifest import read_manifest
+
+        read_manifest(data_url, recorded_by=f"'{source}'")  # a data set moved since is named as such
     try:
         encoder.sparsifier(args.keep_fraction)
     except ValueError as e:  # no thresholds for this p: exit 2 with the message, before anything is read

@@ -51,7 +51,7 @@ def load_for_eval(run: Path | None, model_file: Path | None, data_path: str | No
 
         model = Pretrained.from_pretrained(model_file)
         data_url = model.data_url(data_path, what=f"'{model_file}'")
-        model.check_manifest(read_manifest(data_url), data_url)
+        model.check_manifest(read_manifest(data_url, recorded_by=None if data_path else f"'{model_file}'"), data_url)
         return from_dict(to_dict(model.run_config)), model, data_url, 0  # a copy: eval overrides stay off the model
     step = 0
     if model_file is not None:
@@ -68,7 +68,7 @@ def load_for_eval(run: Path | None, model_file: Path | None, data_path: str | No
         raise ConfigError(f"'{model_file}' was trained on the embedded synthetic data set, which is not part of an "
                           f"export: pass --data RUN_DIR/data (the run directory it was exported from)")
     data_url = data_path or cfg.data.path or str(run / "data")
-    manifest = read_manifest(data_url)
+    manifest = read_manifest(data_url, recorded_by=None if data_path else f"'{model_file or run}'")
     mods = cfg.data.modalities or list(manifest.modalities)
     model = S3Encoder({m: manifest.modalities[m].shape[-1] for m in mods}, cfg.model, cfg.moe, ep_size=1, ep_rank=0)
     missing, unexpected = model.load_state_dict(state, strict=False)

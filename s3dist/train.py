@@ -104,6 +104,7 @@ def run(cfg: RunConfig, plan: ResumePlan | None = None):
 
     from s3dist import checkpoint as ckpt_io
     from s3dist import evaluate, rundir, runlock
+    from s3dist.data.manifest import read_manifest
     from s3dist.data.stream import training_stream
     from s3dist.data.validate import check_eval_splits
     from s3dist.dist import init_distributed, make_dims
@@ -131,6 +132,8 @@ def run(cfg: RunConfig, plan: ResumePlan | None = None):
     if is_main and resume_from is not None:
         ckpt_io.set_aside_later_checkpoints(run_dir, resume_from)
     data_url = prepare_data(cfg, run_dir, is_main, fresh=resume_from is None)
+    if resume_from is not None and cfg.data.path and "data.path" not in plan.given:
+        read_manifest(data_url, recorded_by=f"run '{run_dir}'", new_place="data.path=URL --force-config")
 
     stream = training_stream(data_url, cfg.data, cfg.seed, rank, world)
     modalities = stream.modalities

@@ -190,3 +190,24 @@ def test_commands_replace_only_their_own_outputs_and_name_a_destination_under_a_
         with pytest.raises(ConfigError, match=rf"output_dir {output_dir} (is|cannot be written: '{notes}' is) a file, "
                                               r"not a folder; choose another output_dir"):
             resolve_run_dir(load_config(None, [f"output_dir={output_dir}"]), is_main=True)
+
+
+def test_eval_names_a_recorded_data_set_that_has_moved(tmp_path, capsys):
+    """`s3dist eval --model X.safetensors` of a run whose data.path is gone says the data set has moved and
+    which option points at its new place; given with --data, a missing data set is just named."""
+    import torch
+    from safetensors.torch import save_file
+
+    from s3dist.cli import main
+    from s3dist.config import load_config, to_dict
+
+    gone = tmp_path / "gone"
+    model = tmp_path / "model.safetensors"
+    save_file({"x": torch.zeros(1)}, str(model),
+              metadata={"s3dist_config": json.dumps(to_dict(load_config(None, [f"data.path={gone}"])))})
+    assert main(["eval", "--model", str(model), "--out", str(tmp_path / "ev")]) == 2
+    err = capsys.readouterr().err
+    assert (f"'{model}' trained on the data set at '{gone}', which is no longer there. If it has moved, pass its new "
+            f"place with --data URL") in err, err
+    assert main(["eval", "--model", str(model), "--data", str(gone), "--out", str(tmp_path / "ev")]) == 2
+    assert f"'{gone}' is not an s3dist data set" in capsys.readouterr().err

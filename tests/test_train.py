@@ -151,6 +151,36 @@ def test_a_damaged_evaluation_split_stops_the_run_before_training(tmp_path, caps
     assert needle in capsys.readouterr().err
 
 
+@pytest.mark.slow
+def test_a_resume_names_a_data_set_that_moved_and_goes_on_where_it_is_now(tmp_path, capsys):
+    """`--resume auto` of a run whose data.path is gone says the data set has moved and how to point at its new
+    place; doing so continues the run (the same shards: no data-changed warning)."""
+    import shutil
+
+    import numpy as np
+
+    from s3dist.data.arrays import import_arrays
+    from s3dist.train import main
+
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "x.npy", rng.normal(size=(60, 4)).astype(np.float32))
+    np.save(tmp_path / "y.npy", np.arange(60) % 2)
+    import_arrays({"x": str(tmp_path / "x.npy")}, str(tmp_path / "y.npy"), str(tmp_path / "ds"))
+    run = tmp_path / "run"
+    args = ["--output_dir", str(run), "data.batch_size=8", "stages.specialize_steps=2", "logging.progress=false",
+            "eval.run_at_end=false", "checkpoint.every_steps=2"]
+    assert main(args + [f"data.path={tmp_path / 'ds'}", "stages.select_steps=1"]) == 0
+    shutil.move(tmp_path / "ds", tmp_path / "moved")
+    capsys.readouterr()
+    assert main(args + ["--resume", "auto", "stages.select_steps=3"]) == 2
+    err = capsys.readouterr().err
+    assert (f"run '{run}' trained on the data set at '{tmp_path / 'ds'}', which is no longer there. If it has moved, "
+            f"pass its new place with data.path=URL --force-config") in err, err
+    assert main(args + ["--resume", "auto", "stages.select_steps=3", f"data.path={tmp_path / 'moved'}",
+                        "--force-config"]) == 0
+    assert "not the data the checkpoint was trained on" not in capsys.readouterr().err
+
+
 def test_only_a_lost_peer_loses_its_traceback():
     """main() reports a collective that failed because another rank is gone in one line (its traceback only
     shows where this rank waited); any other error, a bug or a port in use, keeps its traceback."""

@@ -203,11 +203,16 @@ def dataset_fs(url: str):
                         f"fsspec.available_protocols()") from e
 
 
-def read_manifest(url: str) -> Manifest:
-    """Read `<url>/manifest.json` (url: any fsspec URL of the data-set folder)."""
+def read_manifest(url: str, recorded_by: str | None = None, new_place: str = "--data URL") -> Manifest:
+    """Read `<url>/manifest.json` (url: any fsspec URL of the data-set folder). `recorded_by`: the run or export
+    that recorded `url` as its data, when the command did not give it: a data set moved since is then named as
+    such, with the option that points at its new place (`new_place`)."""
     fs, root = dataset_fs(url)
     path = f"{root}/{MANIFEST_FILE}"
     where = f"{url.rstrip('/')}/{MANIFEST_FILE}"
+    if not fs.exists(path) and recorded_by:
+        raise DataError(f"{where} not found: {recorded_by} trained on the data set at '{url}', which is no longer "
+                        f"there. If it has moved, pass its new place with {new_place}")
     if not fs.exists(path):
         raise DataError(f"{where} not found: '{url}' is not an s3dist data set. Create one with "
                         f"`s3dist data import-multibench`, `import-arrays` or `synth`")
