@@ -23,12 +23,7 @@ def add_subcommands(subparsers, name: str, help_text: str) -> None:
     p = subparsers.add_parser(name, help=help_text, description=help_text)
     sub = p.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
     for cmd, module, cmd_help in BENCHMARKS:
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name == module:  # not written yet
-                continue
-            raise
+        mod = importlib.import_module(module)
         # the module docstring's first paragraph, whole: its first line alone can stop mid-sentence
         summary = " ".join((mod.__doc__ or cmd_help).split("\n\n")[0].split())
         bp = sub.add_parser(cmd, help=cmd_help, description=summary)

@@ -29,7 +29,7 @@ import statistics
 from dataclasses import asdict
 
 from s3dist.bench.common import interleaved_times, print_table, record
-from s3dist.bench.moe import count_collective_bytes, spawn_ranks
+from s3dist.bench.ranks import count_collective_bytes, spawn_ranks
 
 PHASES = ("data", "forward", "all_to_all", "backward", "optimizer")
 
