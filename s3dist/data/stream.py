@@ -61,7 +61,7 @@ from s3dist.data.manifest import Manifest, dataset_fs, read_manifest
 from s3dist.data.readahead import Prefetcher, prefetched, stop_ahead
 from s3dist.data.reader import PartitionReader
 from s3dist.data.shuffle import BufferPool, rebatch, recut, shuffled_batches
-from s3dist.data.validate import SplitCheck
+from s3dist.data.validate import SplitCheck, nonfinite_error
 
 log = logging.getLogger("s3dist")
 
@@ -343,10 +343,7 @@ class ShardStream:
                 bad = ~torch.isfinite(x)
                 count = int(bad.sum())
                 if self.nonfinite == "error":
-                    rows = ids[bad.flatten(1).any(1)][:5].tolist()
-                    raise DataError(f"{self.url} split '{self.split}': {count} NaN/inf values in modality '{name}' "
-                                    f"(rows with id {rows}{'...' if count > 5 else ''}); fix the data or set "
-                                    f"data.nonfinite=zero to replace them with 0")
+                    raise nonfinite_error(self.url, self.split, name, count, ids[bad.flatten(1).any(1)][:5].tolist())
                 if count:
                     x.masked_fill_(bad, 0.0)
             features[name] = x

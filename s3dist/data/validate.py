@@ -28,6 +28,13 @@ def column_numpy(chunked: pa.ChunkedArray) -> np.ndarray:
     return arr.to_numpy(zero_copy_only=False)
 
 
+def nonfinite_error(url: str, split: str, name: str, count: int, ids: list[int], where: str = "") -> DataError:
+    """The error for NaN / inf in a modality, found from the manifest's counts or in a batch."""
+    return DataError(f"{url} split '{split}': {count} NaN/inf values in modality '{name}' (rows with id "
+                     f"{ids}{'...' if count > len(ids) else ''}{where}); fix the data or set data.nonfinite=zero to "
+                     f"replace them with 0")
+
+
 class SplitCheck:
     """The checks of one split for the modalities in use; `fs` and `root` locate the shards."""
 
@@ -105,9 +112,7 @@ class SplitCheck:
             files = [f for f in self._spec.files if self._spec.nonfinite.get(f, {}).get(name)]
             ids = self.nonfinite_ids(files[0], name)
             more = f" and {len(files) - 1} more shard{'s' if len(files) > 2 else ''}" if len(files) > 1 else ""
-            raise DataError(f"{self.url} split '{self.split}': {total} NaN/inf values in modality '{name}' (rows "
-                            f"with id {ids}{'...' if total > len(ids) else ''} in {files[0]}{more}); fix the data or "
-                            f"set data.nonfinite=zero to replace them with 0")
+            raise nonfinite_error(self.url, self.split, name, total, ids, f" in {files[0]}{more}")
         return set(bad)
 
     def nonfinite_ids(self, fname: str, name: str, limit: int = 5) -> list[int]:
