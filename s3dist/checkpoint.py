@@ -199,29 +199,29 @@ def read_meta(ckpt: Path, verify: bool = True) -> dict:
     """Meta of a complete checkpoint; with `verify`, every recorded checksum is checked."""
     meta_path = ckpt / META
     if not meta_path.exists():
-        raise CheckpointError(f"checkpoint '{ckpt}' is incomplete: {META} is missing (a save was interrupted?); "
-                              f"{_instead(ckpt)}, or remove this directory")
+        raise CheckpointError(f"checkpoint '{ckpt}' is incomplete: {META} is missing (a save was interrupted?)")
     try:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"checkpoint '{meta_path}' is not valid JSON: {e}; {_instead(ckpt)}") from e
+        raise CheckpointError(f"checkpoint '{meta_path}' is not valid JSON: {e}") from e
     if verify:
         for rel, digest in meta["checksums"].items():
             f = ckpt / rel
             if not f.exists():
-                raise CheckpointError(f"checkpoint file '{f}' is missing; the checkpoint is unusable: {_instead(ckpt)}")
+                raise CheckpointError(f"checkpoint file '{f}' is missing; the checkpoint is unusable")
             if _sha256(f) != digest:
                 raise CheckpointError(f"checkpoint file '{f}' does not match its recorded sha256 (truncated or "
-                                      f"corrupted); {_instead(ckpt)}")
+                                      f"corrupted); the checkpoint is unusable")
     return meta
 
 
-def _instead(ckpt: Path) -> str:
-    """What to resume instead of the unusable `ckpt`: the newest complete checkpoint before it, named."""
-    older = [c for c in _complete(ckpt.parent) if c.name < ckpt.name] if ckpt.parent.is_dir() else []
-    if older:
-        return f"resume from the checkpoint before it with --resume {older[-1]}"
-    return f"no complete checkpoint before it in '{ckpt.parent}': start the run over (--overwrite)"
+def resume_instead(ckpt: Path) -> str:
+    """What a resume can continue from instead of the unusable `ckpt`: the newest other complete checkpoint
+    beside it, named (tags sort by step), or, when there is none, a fresh start."""
+    others = [c for c in _complete(ckpt.parent) if c.name != ckpt.name] if ckpt.parent.is_dir() else []
+    if others:
+        return f"resume from the newest other complete checkpoint with --resume {others[-1]}"
+    return f"there is no other complete checkpoint in '{ckpt.parent}': start the run over (--overwrite)"
 
 
 def find_latest(run_dir: Path) -> Path | None:

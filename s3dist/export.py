@@ -17,7 +17,7 @@ import torch
 
 import s3dist
 from s3dist.checkpoint import CheckpointError, consolidated_state_dict, find_latest, read_meta
-from s3dist.outputs import check_folder, check_output_file
+from s3dist.outputs import check_output_file, check_output_folder
 
 
 def export(run_dir: Path, out: Path) -> Path:
@@ -30,13 +30,10 @@ def export(run_dir: Path, out: Path) -> Path:
 
 def export_folder(run_dir: Path, out: Path) -> Path:
     """Written next to `out` and renamed into place, so a failed export leaves no half-written folder; an
-    existing export at `out` is replaced, any other existing, non-empty path refused."""
+    existing export (or an empty folder) at `out` is replaced, anything else refused."""
     from s3dist.pretrained import S3Encoder
 
-    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or _is_export_folder(out))):
-        raise CheckpointError(f"'{out}' exists and is not an s3dist export folder; choose another --out (a path "
-                              f"ending in .safetensors writes one file instead)")
-    check_folder(out, "--out")
+    check_output_folder(out, "--out", ours=_is_export_folder, kind="an s3dist export folder")
     encoder = S3Encoder.from_run(run_dir)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -63,12 +60,12 @@ def export_file(run_dir: Path, out_file: Path) -> Path:
     from s3dist.pretrained import shareable
 
     check_output_file(out_file, "--out", ours=_is_export_file, kind="an s3dist export", example="model.safetensors")
-    out_file.parent.mkdir(parents=True, exist_ok=True)
     ckpt = find_latest(run_dir)
     if ckpt is None:
         raise CheckpointError(f"no complete checkpoint under '{run_dir / 'checkpoints'}'")
     meta = read_meta(ckpt)
     tensors = consolidated_state_dict(ckpt)
+    out_file.parent.mkdir(parents=True, exist_ok=True)  # only once there is something to write
     tmp = out_file.with_name(out_file.name + ".tmp")
     save_file(tensors, str(tmp), metadata={"s3dist_config": json.dumps(meta["config"]),
                                            "s3dist_version": s3dist.__version__, "checkpoint": ckpt.name})

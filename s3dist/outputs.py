@@ -2,8 +2,9 @@
 
 A typed-wrong destination (a file where a folder is meant, a folder under a file) is refused by name before
 a model is loaded or a rank starts, instead of failing after the work with an OS traceback. And a command
-only ever replaces what it wrote itself: `s3dist export --out X.safetensors` replaces an earlier export,
-`s3dist embed --out emb.parquet` an earlier embedding, but neither replaces any other file.
+only ever replaces what it wrote itself: `s3dist export` replaces an earlier export (folder or
+`.safetensors` file), `s3dist embed --out emb.parquet` an earlier embedding, but neither replaces any other
+file or folder.
 """
 
 from __future__ import annotations
@@ -26,6 +27,14 @@ def _check_parents(path: Path, flag: str) -> None:
     if blocker is not None:
         raise ConfigError(f"{flag} {path} cannot be written: '{blocker}' is a file, not a folder; choose another "
                           f"{flag}")
+
+
+def check_output_folder(path: Path, flag: str, *, ours: Callable[[Path], bool], kind: str) -> None:
+    """`path` can be written as one folder: nothing is there, an empty folder, or `kind`, which `ours(path)`
+    recognises; anything else (a file, another folder) is left alone."""
+    check_folder(path, flag)
+    if path.is_dir() and any(path.iterdir()) and not ours(path):
+        raise ConfigError(f"{flag} {path} exists and is not {kind}, so it was left alone; choose another {flag}")
 
 
 def check_output_file(path: Path, flag: str, *, ours: Callable[[Path], bool], kind: str, example: str) -> None:

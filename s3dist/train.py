@@ -133,7 +133,7 @@ def run(cfg: RunConfig, plan: ResumePlan | None = None):
         ckpt_io.set_aside_later_checkpoints(run_dir, resume_from)
     data_url = prepare_data(cfg, run_dir, is_main, fresh=resume_from is None)
     if resume_from is not None and cfg.data.path and "data.path" not in plan.given:
-        read_manifest(data_url, recorded_by=f"run '{run_dir}'", new_place="data.path=URL --force-config")
+        read_manifest(data_url, recorded_by=f"checkpoint '{resume_from}'", new_place="data.path=URL --force-config")
 
     stream = training_stream(data_url, cfg.data, cfg.seed, rank, world)
     modalities = stream.modalities

@@ -87,7 +87,10 @@ class Trainer:
 
     def fit(self, resume_from: Path | None = None) -> ckpt_io.TrainState:
         training_stages = [s for s in self.cfg.stages.run if s in STAGE_LOSS]
-        resume_meta = ckpt_io.read_meta(resume_from) if resume_from else None  # checksums verified here, once
+        try:
+            resume_meta = ckpt_io.read_meta(resume_from) if resume_from else None  # checksums verified here, once
+        except ckpt_io.CheckpointError as e:
+            raise ckpt_io.CheckpointError(f"{e}; {ckpt_io.resume_instead(resume_from)}") from None
         self._resume_meta = resume_meta
         if resume_meta:
             check_compatible(resume_meta, to_dict(self.cfg), resume_from)
@@ -125,7 +128,7 @@ class Trainer:
         engine = build_engine(self.model, self.stage_params(stage), lr=self.cfg.optim.lr,
                               total_steps=max(1, self._total_steps(stage)), optim=self.cfg.optim,
                               dist_cfg=self.cfg.dist, micro_batch=self.cfg.data.batch_size)
-        self._load(engine, ckpt, full=False)
+        self._load(engine, ckpt, full=False, stream=False)  # no batch is drawn: the data position is moot
         log.info("all stages of %s had finished: loaded its weights, nothing to train", ckpt.name)
 
     def _total_steps(self, stage: str) -> int:
@@ -238,7 +241,10 @@ class Trainer:
         self._last_save = time.monotonic()
         return path
 
-    def _load(self, engine, ckpt: Path, full: bool) -> None:
+    def _load(self, engine, ckpt: Path, full: bool, stream: bool = True) -> None:
+        """Weights and the imbalance alarm's state from `ckpt`, and the RNG on the same world size; with `full`
+        also the optimizer and LR schedule (where the layout allows) and the log window; with `stream` the data
+        stream's position."""
         meta = self._resume_meta  # read, verified and checked for compatibility by fit()
         same_world = meta["world_size"] == self.dims.world_size
         mismatch = ckpt_io.optimizer_state_mismatch(meta, self.dims.world_size, self.dims.ep_size)
@@ -254,12 +260,13 @@ class Trainer:
         main_state = ckpt_io.load_rank_state(ckpt, 0)  # rank 0 always exists, and it is the rank that logs
         if same_world:
             rank_state = main_state if self.dims.rank == 0 else ckpt_io.load_rank_state(ckpt, self.dims.rank)
-            self.stream.load_state_dict(rank_state["stream"])
+            if stream:
+                self.stream.load_state_dict(rank_state["stream"])
             ckpt_io.set_rng_state(rank_state["rng"])
             if full and "window" in rank_state.get("extra", {}):
                 # the partial log window, so the first row logged after a resume averages the same steps
                 self.window.load_state_dict(rank_state["extra"]["window"], self.dims.device)
-        else:
+        elif stream:
             # Every rank's stream state is the same position (rows taken from each partition), so the new
             # ranks continue the epoch from rank 0's without repeating or skipping a sample; RNG streams
             # are per rank and start anew.

@@ -615,6 +615,8 @@ def test_resume_on_a_data_set_replaced_at_the_same_path(synth, tmp_path, caplog)
             {**state, "rows_done": 0, "batches_done": 0, "epoch": 1})
     assert len(caplog.records) == 1 and "goes on from epoch 1 with the data there now" in caplog.text
     assert len(ids_of(r)) == r.batches_per_epoch
+    # a state written before the fingerprint existed cannot tell: it loads mid-epoch as before
+    ShardStream(other, "train", **kw).load_state_dict({k: v for k, v in state.items() if k != "fingerprint"})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -666,6 +668,19 @@ def test_missing_manifest_bad_json_missing_key(tmp_path, synth):
         read_manifest(url)
 
 
+def test_a_protocol_whose_fsspec_package_is_missing_is_named(monkeypatch):
+    """fsspec's ImportError for a protocol whose package is not installed becomes a DataError naming the URL
+    and fsspec's own hint (which package), not a traceback from inside a rank."""
+    import fsspec.core
+
+    def missing_backend(url, **kwargs):
+        raise ImportError("Install s3fs to access S3")
+
+    monkeypatch.setattr(fsspec.core, "url_to_fs", missing_backend)
+    with pytest.raises(DataError, match=r"'s3://bucket/ds': Install s3fs to access S3 \(fsspec needs that package"):
+        read_manifest("s3://bucket/ds")
+
+
 def test_missing_and_corrupt_shards_and_checksum(tmp_path, synth):
     """A missing shard, a changed shard (checksum) and a corrupt Parquet file each name the file."""
     url = copy_dataset(synth, tmp_path / "a")
@@ -714,7 +729,7 @@ def test_nonfinite_features_error_with_count_or_zero(tmp_path, synth, capsys):
     assert "NaN/inf    train: not counted" in capsys.readouterr().out
     s = ShardStream(url, "train", batch_size=40)
     assert s._finite_check == set(s.modalities)  # not counted: every batch is checked
-    with pytest.raises(DataError, match=r"3 NaN/inf values in modality 'text' \(rows with id \[0\]"):
+    with pytest.raises(DataError, match=r"3 NaN/inf values in modality 'text' \(rows with id \[0\]\)"):  # one row
         list(s)
     b = next(iter(ShardStream(url, "train", batch_size=40, nonfinite="zero")))
     assert torch.isfinite(b.features["text"]).all() and (b.features["text"][0, 0, :2] == 0).all()
@@ -743,7 +758,7 @@ def test_nonfinite_counted_when_written_stop_the_stream_at_open(tmp_path, capsys
     assert spec.nonfinite == {"train-00001.parquet": {"x": 2}, "train-00002.parquet": {"x": 1}}
     assert main(["data", "inspect", url]) == 0
     assert "NaN/inf    train: x 3" in capsys.readouterr().out
-    with pytest.raises(DataError, match=r"train': 3 NaN/inf values in modality 'x' \(rows with id \[12, 13\]\.\.\. "
+    with pytest.raises(DataError, match=r"train': 3 NaN/inf values in modality 'x' \(rows with id \[12, 13\] "
                                         r"in train-00001\.parquet and 1 more shard\)"):
         ShardStream(url, "train", batch_size=5)
     clean = ShardStream(url, "train", batch_size=5, modalities=["v"])  # the clean modality alone: fine

@@ -178,7 +178,10 @@ def test_commands_replace_only_their_own_outputs_and_name_a_destination_under_a_
              (["eval", "--run", str(tmp_path / "run"), "--out", str(notes)], f"--out {notes} is a file, not a folder"),
              (["sweep", "--run", str(tmp_path / "run"), str(tmp_path / "b"), "--out", str(notes / "x")],
               f"'{notes}' is a file, not a folder"),
-             (["eval", "--model", str(notes)], "notes.txt' is not an s3dist export")]
+             (["eval", "--model", str(notes)], "notes.txt' is not an s3dist export"),
+             (["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path)],
+              f"--out {tmp_path} exists and is not an s3dist export folder, so it was left alone"),
+             (["export", "--run", str(tmp_path / "run"), "--out", str(notes)], f"--out {notes} is a file, not a folder")]
     (tmp_path / "notes.safetensors").write_bytes(b"user data")
     for argv, needle in cases:
         assert main(argv) == 2, argv

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -152,7 +153,7 @@ def test_a_damaged_evaluation_split_stops_the_run_before_training(tmp_path, caps
 
 
 @pytest.mark.slow
-def test_a_resume_names_a_data_set_that_moved_and_goes_on_where_it_is_now(tmp_path, capsys):
+def test_a_resume_names_a_data_set_that_moved_and_goes_on_where_it_is_now(tmp_path, capsys, caplog):
     """`--resume auto` of a run whose data.path is gone says the data set has moved and how to point at its new
     place; doing so continues the run (the same shards: no data-changed warning)."""
     import shutil
@@ -174,11 +175,36 @@ def test_a_resume_names_a_data_set_that_moved_and_goes_on_where_it_is_now(tmp_pa
     capsys.readouterr()
     assert main(args + ["--resume", "auto", "stages.select_steps=3"]) == 2
     err = capsys.readouterr().err
-    assert (f"run '{run}' trained on the data set at '{tmp_path / 'ds'}', which is no longer there. If it has moved, "
-            f"pass its new place with data.path=URL --force-config") in err, err
-    assert main(args + ["--resume", "auto", "stages.select_steps=3", f"data.path={tmp_path / 'moved'}",
-                        "--force-config"]) == 0
-    assert "not the data the checkpoint was trained on" not in capsys.readouterr().err
+    assert (f"checkpoint '{run}/checkpoints/step-00000003-select' trained on the data set at '{tmp_path / 'ds'}', "
+            f"which is no longer there. If it has moved, pass its new place with data.path=URL --force-config") in err, err
+    with caplog.at_level(logging.WARNING, logger="s3dist"):
+        assert main(args + ["--resume", "auto", "stages.select_steps=3", f"data.path={tmp_path / 'moved'}",
+                            "--force-config"]) == 0
+    assert "--force-config" in caplog.text  # the warning of the forced key is seen here ...
+    assert "not the data the checkpoint was trained on" not in caplog.text  # ... and the data's is not
+
+
+@pytest.mark.slow
+def test_a_resume_onto_a_corrupted_checkpoint_names_the_one_to_take_instead(tmp_path, capsys):
+    """`--resume auto` whose newest checkpoint has a damaged file exits 2 naming the file and the newest other
+    complete checkpoint; resuming that one as told continues the run."""
+    from s3dist.train import main
+
+    run = tmp_path / "run"
+    args = ["--output_dir", str(run), "data.synth.num_train=64", "data.batch_size=8", "stages.specialize_steps=4",
+            "stages.select_steps=0", "stages.run=[specialize]", "logging.progress=false", "eval.run_at_end=false",
+            "checkpoint.every_steps=2"]
+    assert main(args) == 0
+    newest, older = run / "checkpoints" / "step-00000004-specialize", run / "checkpoints" / "step-00000002-specialize"
+    victim = sorted(newest.glob("*.pt"))[0]
+    victim.write_bytes(victim.read_bytes()[:50])
+    capsys.readouterr()
+    assert main(args + ["--resume", "auto", "stages.specialize_steps=6"]) == 2
+    err = capsys.readouterr().err
+    assert f"'{victim}' does not match its recorded sha256" in err, err
+    assert f"resume from the newest other complete checkpoint with --resume {older}" in err, err
+    assert main(args + ["--resume", str(older), "stages.specialize_steps=6"]) == 0
+    assert (run / "checkpoints" / "step-00000006-specialize").is_dir()
 
 
 def test_only_a_lost_peer_loses_its_traceback():

@@ -125,6 +125,7 @@ class Manifest:
         at = ""  # the field being read, for the message of a malformed one
         try:
             mods = {}
+            at = "modalities"
             for m, spec in need(doc, "modalities", "").items():
                 at = f"modalities.{m}"
                 shape = [int(s) for s in need(spec, "shape", f"modalities.{m}.")]
@@ -140,6 +141,7 @@ class Manifest:
             if label.kind not in LABEL_KINDS:
                 raise DataError(f"{where}: label.kind = {label.kind!r}; allowed: {list(LABEL_KINDS)}")
             splits = {}
+            at = "splits"
             for s, spec in need(doc, "splits", "").items():
                 at = f"splits.{s}"
                 files = need(spec, "files", f"splits.{s}.")
@@ -197,7 +199,7 @@ def dataset_fs(url: str):
     try:
         return fsspec.core.url_to_fs(url.rstrip("/") or url)
     except ImportError as e:
-        raise DataError(f"'{url}': {e} (the fsspec backend for this protocol; e.g. `pip install s3fs`)") from e
+        raise DataError(f"'{url}': {e} (fsspec needs that package for this protocol)") from e
     except ValueError as e:
         raise DataError(f"'{url}' is not a URL fsspec can open ({e}); use a local path or a protocol from "
                         f"fsspec.available_protocols()") from e

@@ -61,7 +61,7 @@ from s3dist.data.manifest import Manifest, dataset_fs, read_manifest
 from s3dist.data.readahead import Prefetcher, prefetched, stop_ahead
 from s3dist.data.reader import PartitionReader
 from s3dist.data.shuffle import BufferPool, rebatch, recut, shuffled_batches
-from s3dist.data.validate import SplitCheck, nonfinite_error
+from s3dist.data.validate import SHOWN_IDS, SplitCheck, nonfinite_error
 
 log = logging.getLogger("s3dist")
 
@@ -343,7 +343,7 @@ class ShardStream:
                 bad = ~torch.isfinite(x)
                 count = int(bad.sum())
                 if self.nonfinite == "error":
-                    raise nonfinite_error(self.url, self.split, name, count, ids[bad.flatten(1).any(1)][:5].tolist())
+                    raise nonfinite_error(self.url, self.split, name, count, ids[bad.flatten(1).any(1)][:SHOWN_IDS + 1].tolist())
                 if count:
                     x.masked_fill_(bad, 0.0)
             features[name] = x

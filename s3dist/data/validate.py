@@ -28,11 +28,15 @@ def column_numpy(chunked: pa.ChunkedArray) -> np.ndarray:
     return arr.to_numpy(zero_copy_only=False)
 
 
+SHOWN_IDS = 5  # row ids an error names; one more is looked up to know whether there are more
+
+
 def nonfinite_error(url: str, split: str, name: str, count: int, ids: list[int], where: str = "") -> DataError:
-    """The error for NaN / inf in a modality, found from the manifest's counts or in a batch."""
+    """The error for `count` NaN / inf values in a modality, found from the manifest's counts or in a batch;
+    `ids`: the rows holding them (up to SHOWN_IDS + 1)."""
     return DataError(f"{url} split '{split}': {count} NaN/inf values in modality '{name}' (rows with id "
-                     f"{ids}{'...' if count > len(ids) else ''}{where}); fix the data or set data.nonfinite=zero to "
-                     f"replace them with 0")
+                     f"{ids[:SHOWN_IDS]}{'...' if len(ids) > SHOWN_IDS else ''}{where}); fix the data or set "
+                     f"data.nonfinite=zero to replace them with 0")
 
 
 class SplitCheck:
@@ -115,7 +119,7 @@ class SplitCheck:
             raise nonfinite_error(self.url, self.split, name, total, ids, f" in {files[0]}{more}")
         return set(bad)
 
-    def nonfinite_ids(self, fname: str, name: str, limit: int = 5) -> list[int]:
+    def nonfinite_ids(self, fname: str, name: str, limit: int = SHOWN_IDS + 1) -> list[int]:
         with self._fs.open(f"{self._root}/{fname}", "rb") as f:
             t = pq.read_table(f, columns=["id", name])
         rows = np.flatnonzero(~np.isfinite(column_numpy(t.column(name))).all(axis=1))[:limit]
