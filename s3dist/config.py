@@ -646,8 +646,12 @@ def flatten(doc: dict, prefix: str = "") -> dict:
     return out
 
 
+RUN_CONFIG_HEADER = "# s3dist run config: every key as this run resolved it (written by s3dist; do not edit)\n"
+
+
 def save_config(cfg: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """A run's resolved config, under a header that tells it apart from a recipe (`s3dist.rundir.holds_run`)."""
+    Path(path).write_text(RUN_CONFIG_HEADER + yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def from_dict(doc: dict) -> RunConfig:

@@ -1,9 +1,10 @@
 """What a run directory is: the folder one training job owns, and when a new command may (re)start in it.
 
 A run directory holds the run's resolved `config.yaml` (written by rank 0 once the job holds the
-directory's lock, `s3dist.runlock`), its checkpoints, metrics and evaluation. "Holds a run" means
-"has config.yaml": training refuses to start over such a directory unless it never reached a step,
-and an evaluation that writes into one takes the run lock first (`s3dist.eval_cli`).
+directory's lock, `s3dist.runlock`), its checkpoints, metrics and evaluation. "Holds a run" means "has the
+config.yaml s3dist writes": training refuses to start over such a directory unless it never reached a step,
+and an evaluation that writes into one takes the run lock first (`s3dist.eval_cli`). A folder with some
+other config.yaml (a recipe kept there) is not a run, and training refuses it rather than clear it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import logging
 import time
 from pathlib import Path
 
-from s3dist.config import ConfigError, RunConfig
+import yaml
+
+from s3dist.config import RUN_CONFIG_HEADER, ConfigError, RunConfig
 from s3dist.outputs import check_folder
 
 log = logging.getLogger("s3dist")
@@ -24,9 +27,37 @@ def config_path(run_dir: Path) -> Path:
     return Path(run_dir) / CONFIG_FILE
 
 
+# Top-level keys of every config.yaml s3dist has written, headed or not (runs from before the header)
+_RUN_CONFIG_KEYS = {"output_dir", "resume", "overwrite", "model", "moe", "data", "stages", "dist"}
+
+
 def holds_run(path: Path) -> bool:
-    """Whether `path` is a run directory (a training job has started in it)."""
-    return config_path(path).exists()
+    """Whether `path` is a run directory (a training job has started in it): its config.yaml is one s3dist
+    wrote, not a recipe that happens to be named so."""
+    f = config_path(path)
+    if not f.is_file():
+        return False
+    text = f.read_text(errors="replace")
+    if text.startswith(RUN_CONFIG_HEADER):
+        return True
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return False
+    return isinstance(doc, dict) and _RUN_CONFIG_KEYS <= doc.keys()
+
+
+def _refuse_what_is_not_ours(run_dir: Path, cfg: RunConfig, started: bool) -> None:
+    """Files a run would replace or clear that s3dist did not write are refused by name, before anything is."""
+    if config_path(run_dir).exists() and not started:
+        raise ConfigError(f"output_dir '{run_dir}' has a {CONFIG_FILE} that s3dist did not write (a recipe?), and a "
+                          f"run writes its own there: choose another --output_dir, or keep recipes outside run "
+                          f"directories (--config PATH)")
+    data = run_dir / "data"
+    if not cfg.data.path and data.is_dir() and any(data.iterdir()) and not (data / "manifest.json").exists():
+        raise ConfigError(f"output_dir '{run_dir}' has a folder data/ that is not an s3dist data set, where the run "
+                          f"writes its embedded synthetic data set: choose another --output_dir, or move data/ "
+                          f"(or give data.path)")
 
 
 def resolve_run_dir(cfg: RunConfig, is_main: bool) -> Path:
@@ -50,6 +81,7 @@ def resolve_run_dir(cfg: RunConfig, is_main: bool) -> Path:
     check_folder(run_dir, "output_dir")
     runlock.acquire_collective(run_dir, cfg.checkpoint.lock_stale_s, is_main)
     started = holds_run(run_dir)
+    _refuse_what_is_not_ours(run_dir, cfg, started)
     # An earlier start that stopped before its first logged step or checkpoint (bad data, a tracker without its
     # API key, a kill during start-up) left only what the command recreates: starting again needs no flag.
     trained = started and (ckpt_io.find_latest(run_dir) is not None or _has_rows(run_dir / "metrics.jsonl"))

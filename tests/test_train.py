@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 
 import pytest
 import torch
@@ -55,16 +56,16 @@ def test_a_start_that_never_reached_a_step_starts_over_without_a_flag(tmp_path, 
     import logging
 
     from s3dist import runlock
-    from s3dist.config import ConfigError, load_config
+    from s3dist.config import ConfigError, load_config, save_config
     from s3dist.rundir import resolve_run_dir
 
     out = tmp_path / "run"
     (out / "tb").mkdir(parents=True)
     (out / "checkpoints" / "abandoned-20261201-120000").mkdir(parents=True)
-    (out / "config.yaml").write_text("seed: 0\n")
+    cfg = load_config(None, [f"output_dir={out}"])
+    save_config(cfg, out / "config.yaml")  # as the failed start wrote it
     (out / "ranks.jsonl").write_text('{"rank": 0}\n')
     (out / "metrics.jsonl").write_text("")
-    cfg = load_config(None, [f"output_dir={out}"])
     with caplog.at_level(logging.INFO, logger="s3dist"):
         assert resolve_run_dir(cfg, True) == out
     runlock.release(out)
@@ -205,6 +206,34 @@ def test_a_resume_onto_a_corrupted_checkpoint_names_the_one_to_take_instead(tmp_
     assert f"resume from the newest other complete checkpoint with --resume {older}" in err, err
     assert main(args + ["--resume", str(older), "stages.specialize_steps=6"]) == 0
     assert (run / "checkpoints" / "step-00000006-specialize").is_dir()
+
+
+def test_a_folder_with_a_recipe_or_a_foreign_data_folder_is_refused_and_left_as_it_was(tmp_path, capsys):
+    """A folder whose config.yaml s3dist did not write (a recipe kept there) is not a failed start to clear, and
+    --overwrite does not clear a run whose data/ is not a data set: both exit 2 before anything is touched."""
+    from s3dist.train import main
+
+    exp = tmp_path / "exp"
+    (exp / "samples").mkdir(parents=True)
+    recipe = "# my recipe\nstages:\n  specialize_steps: 2\n  select_steps: 1\n"
+    (exp / "config.yaml").write_text(recipe)
+    (exp / "samples" / "mine.csv").write_text("keep")
+    (exp / "eval.json").write_text("{}")
+    tiny = ["logging.progress=false", "stages.specialize_steps=2", "stages.select_steps=1", "eval.run_at_end=false"]
+    assert main(["--config", str(exp / "config.yaml"), "--output_dir", str(exp), *tiny]) == 2
+    assert "has a config.yaml that s3dist did not write" in capsys.readouterr().err
+    assert (exp / "config.yaml").read_text() == recipe and (exp / "samples" / "mine.csv").exists()
+    assert (exp / "eval.json").exists() and not (exp / "run.lock").exists()
+
+    run = tmp_path / "run"
+    assert main(["--output_dir", str(run), *tiny]) == 0
+    assert (run / "config.yaml").read_text().startswith("# s3dist run config")
+    shutil.rmtree(run / "data")
+    (run / "data").mkdir()
+    (run / "data" / "notes.txt").write_text("keep")
+    assert main(["--output_dir", str(run), "--overwrite", *tiny]) == 2
+    assert "has a folder data/ that is not an s3dist data set" in capsys.readouterr().err
+    assert (run / "metrics.jsonl").exists() and list((run / "checkpoints").iterdir())
 
 
 def test_only_a_lost_peer_loses_its_traceback():
