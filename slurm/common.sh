@@ -62,7 +62,7 @@ s3dist_srun() {
 }
 
 # s3dist_train_job ARGS... : the whole training job. Pins the run directory (so a requeued job
-# finds its checkpoints), adds `--resume auto` after a restart, logs into the run directory,
+# finds its checkpoints), adds `--resume auto` last after a restart, logs into the run directory,
 # launches, and requeues the job when training exits 75 after checkpointing for pre-emption.
 s3dist_train_job() {
   local train_args=("$@") run_dir rc
@@ -72,7 +72,9 @@ s3dist_train_job() {
     train_args=(--output_dir "$run_dir" "${train_args[@]}")
   fi
   if (( S3DIST_RESTART > 0 )); then
-    train_args=(--resume auto "${train_args[@]}")
+    # last, so that it wins over a `--resume PATH` of the submission: a requeue continues from the newest
+    # checkpoint, not from the one the job first started from (which would redo its work on every restart)
+    train_args=("${train_args[@]}" --resume auto)
   fi
   mkdir -p -- "$run_dir/logs"
   exec > >(tee -a -- "$run_dir/logs/job-$SLURM_JOB_ID.log") 2>&1

@@ -40,3 +40,23 @@ def test_find_output_dir_reads_every_spelling_verbatim():
     assert find(f"--output-dir={HOSTILE}", "output_dir=other") == HOSTILE  # the flag beats the override
     assert find("a=1") == ""
     assert not Path("/tmp/pwned").exists() or pytest.fail("a hostile value was executed")
+
+
+def test_a_requeued_job_resumes_from_the_newest_checkpoint_whatever_the_submission_resumed(tmp_path):
+    """A job submitted with `--resume PATH` and requeued (SLURM_RESTART_COUNT > 0) must continue from the newest
+    checkpoint, not go back to PATH on every restart and redo the work since: the `--resume auto` the job adds
+    is the one training reads."""
+    from s3dist.train import parse_args
+
+    script = ('source "$0"; s3dist_srun() { shift 2; printf "%s\\n" "$@" > "$ARGS_OUT"; }; '
+              's3dist_train_job "$@"')
+    run_dir = tmp_path / "run"
+    env = {"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n1", "SLURM_RESTART_COUNT": "2", "PATH": "/usr/bin:/bin",
+           "ARGS_OUT": str(tmp_path / "args")}
+    p = subprocess.run(["bash", "-c", script, str(ROOT / "slurm" / "common.sh"), "--output_dir", str(run_dir),
+                        "--resume", f"{run_dir}/checkpoints/step-00000002-specialize", "seed=3"],
+                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
+    assert p.returncode == 0, p.stdout + p.stderr
+    argv = (tmp_path / "args").read_text().splitlines()
+    args, cfg = parse_args(argv)
+    assert cfg.resume == "auto" and cfg.seed == 3 and cfg.output_dir == str(run_dir), argv
