@@ -194,11 +194,40 @@ def plan_resume(command: RunConfig, given: set[str], force: bool,
         plan.checkpoint = ckpt_io.find_latest(run_dir) if run_dir is not None else None
     elif command.resume:
         plan.checkpoint = Path(command.resume)
+        _check_explicit_checkpoint(plan.checkpoint, run_dir)
     if plan.checkpoint is None:
         return command, plan
     meta = ckpt_io.read_meta(plan.checkpoint, verify=False)  # checksums are verified once, by Trainer.fit
     cfg, plan.changed, plan.forced = resume_config(meta, plan.checkpoint, command, plan.given, force)
     return cfg, plan
+
+
+def _check_explicit_checkpoint(ckpt: Path, run_dir: Path | None) -> None:
+    """`--resume PATH`: PATH is a checkpoint, and one this run directory can continue. A checkpoint of another
+    run (or one an earlier resume set aside) into a directory that has checkpoints of its own would write the
+    two runs' steps into one line of checkpoints and metrics, so it is refused; into a new directory it is
+    how a run is branched."""
+    flag = f"--resume {ckpt}"
+    if not ckpt.exists():
+        raise FileNotFoundError(f"{flag}: no such checkpoint; give a folder RUN/checkpoints/step-..., or "
+                                f"--resume auto with --output_dir RUN")
+    # a folder under checkpoints/ without its meta file is a save cut short: read_meta names it later
+    if not ckpt.is_dir() or not (ckpt / META).exists() and ckpt.parent.name != "checkpoints":
+        newest = ckpt_io.find_latest(ckpt.parent) if ckpt.name == "checkpoints" else None
+        if (ckpt / "checkpoints").is_dir():
+            hint = f"it is a run directory: continue it with --output_dir {ckpt} --resume auto"
+        elif newest is not None:
+            hint = f"its checkpoints are the folders in it: give one, e.g. --resume {newest}"
+        else:
+            hint = "a checkpoint is a folder RUN/checkpoints/step-... holding s3dist_meta.json"
+        raise ConfigError(f"{flag} is not a checkpoint: {hint}")
+    if run_dir is None or ckpt.parent.resolve() == (run_dir / "checkpoints").resolve():
+        return
+    own = ckpt_io.find_latest(run_dir)
+    if own is not None:
+        raise ConfigError(f"{flag} is not a checkpoint of output_dir '{run_dir}', which has checkpoints of its own "
+                          f"(newest {own.name}): continuing another line there would mix the two in its checkpoints "
+                          f"and metrics. Resume it into a new --output_dir, or continue this run with --resume auto")
 
 
 def record_config_changes(run_dir: Path, plan: ResumePlan) -> None:

@@ -165,6 +165,32 @@ def test_explicit_checkpoint_without_meta_exits_2(tmp_path, capsys):
         read_meta(ckpt)
 
 
+def test_an_explicit_resume_path_must_be_a_checkpoint_this_directory_can_continue(tmp_path, capsys):
+    """`--resume PATH` of something that is not a checkpoint names what it is and what to give; another run's
+    checkpoint (or one set aside) into a directory with checkpoints of its own is refused before anything is
+    written, while into a new directory it branches the run."""
+    from s3dist.resume import plan_resume
+    from s3dist.train import main
+
+    other = _fake_run(tmp_path / "other", START)
+    own = _fake_run(tmp_path / "run", START)
+    before = _snapshot(tmp_path / "run")
+    cases = [(tmp_path / "nothing", "no such checkpoint"),
+             (tmp_path / "other", f"it is a run directory: continue it with --output_dir {tmp_path / 'other'} "
+                                  f"--resume auto"),
+             (tmp_path / "other" / "checkpoints", f"give one, e.g. --resume {other}"),
+             (tmp_path / "run" / "config.yaml", "a checkpoint is a folder RUN/checkpoints/step-..."),
+             (other, f"is not a checkpoint of output_dir '{tmp_path / 'run'}', which has checkpoints of its own "
+                     f"(newest {own.name})")]
+    for path, needle in cases:
+        assert main(["--output_dir", str(tmp_path / "run"), "--resume", str(path)]) == 2, path
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err, (path, err)
+    assert _snapshot(tmp_path / "run") == before
+    command = load_config(None, START + ["output_dir=" + str(tmp_path / "new"), f"resume={other}"])
+    assert plan_resume(command, set(), False, tmp_path / "new")[1].checkpoint == other
+
+
 # ---------------------------------------------------------------------------------------------
 # Real 2-process runs
 # ---------------------------------------------------------------------------------------------
