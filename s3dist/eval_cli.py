@@ -82,8 +82,15 @@ def _cli_eval(args) -> int:
     from s3dist.dist import attach_expert_groups, init_distributed, make_dims
 
     ps = _keep_fractions_arg(args)  # before anything loads: a typo costs nothing
-    if getattr(args, "out", None) is not None:
-        check_folder(args.out, "--out")
+    out = getattr(args, "out", None)
+    if out is not None:
+        check_folder(out, "--out")
+        if rundir.holds_run(out) and (args.run is None or out.resolve() != Path(args.run).resolve()):
+            from s3dist.config import ConfigError
+
+            # its eval.json is that run's evaluation, which export and the model card read as the run's own
+            raise ConfigError(f"--out {out} is another run's directory, and its eval.json is that run's evaluation: "
+                              f"write this one elsewhere (--out DIR)")
     cfg, model, data_url, step = load_for_eval(args.run, args.model, args.data)
     apply_eval_overrides(cfg, args.overrides)
     dims = make_dims(*init_distributed(cfg.dist), 1)

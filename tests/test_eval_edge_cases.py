@@ -164,9 +164,14 @@ def test_commands_replace_only_their_own_outputs_and_name_a_destination_under_a_
     from s3dist.config import ConfigError, load_config
     from s3dist.rundir import resolve_run_dir
 
+    from s3dist.config import save_config
+
     notes = tmp_path / "notes.txt"
     notes.write_text("keep me")
     (tmp_path / "run").mkdir()
+    (tmp_path / "run_b").mkdir()
+    save_config(load_config(None, []), tmp_path / "run_b" / "config.yaml")
+    (tmp_path / "run_b" / "eval.json").write_text("{}")
     cases = [(["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "notes.safetensors")],
               "notes.safetensors exists and is not an s3dist export, so it was left alone"),
              (["embed", "--model", str(tmp_path / "run"), "--out", str(notes)],
@@ -181,14 +186,17 @@ def test_commands_replace_only_their_own_outputs_and_name_a_destination_under_a_
              (["eval", "--model", str(notes)], "notes.txt' is not an s3dist export"),
              (["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path)],
               f"--out {tmp_path} exists and is not an s3dist export folder, so it was left alone"),
-             (["export", "--run", str(tmp_path / "run"), "--out", str(notes)], f"--out {notes} is a file, not a folder")]
+             (["export", "--run", str(tmp_path / "run"), "--out", str(notes)], f"--out {notes} is a file, not a folder"),
+             (["sweep", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "run_b"), "--keep-fractions", "0.5"],
+              "is another run's directory, and its eval.json is that run's evaluation")]
     (tmp_path / "notes.safetensors").write_bytes(b"user data")
     for argv, needle in cases:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert needle in err and "Traceback" not in err, (argv, err)
     assert notes.read_text() == "keep me" and (tmp_path / "notes.safetensors").read_bytes() == b"user data"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.safetensors", "notes.txt", "run"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.safetensors", "notes.txt", "run", "run_b"]
+    assert (tmp_path / "run_b" / "eval.json").read_text() == "{}"
     for output_dir in (notes, notes / "run"):
         with pytest.raises(ConfigError, match=rf"output_dir {output_dir} (is|cannot be written: '{notes}' is) a file, "
                                               r"not a folder; choose another output_dir"):
