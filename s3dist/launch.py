@@ -101,10 +101,33 @@ def launcher_pid() -> int | None:
     ACCELERATE_USE_CPU; a plain `python -m s3dist.train` (under nohup, say) must not die with its shell.
     """
     if os.environ.get(LAUNCHER_PID_ENV, "").isdigit():
-        return int(os.environ[LAUNCHER_PID_ENV])
-    if "TORCHELASTIC_RUN_ID" in os.environ or "ACCELERATE_USE_CPU" in os.environ:
+        pid = int(os.environ[LAUNCHER_PID_ENV])
+        # Our parent, or gone (it died before we looked: exit_with_launcher then stops us). A live process that
+        # is not our parent set the variable for other processes, and it came down to us by inheritance.
+        return pid if os.getppid() == pid or not _alive(pid) else None
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        return os.getppid()
+    if "ACCELERATE_USE_CPU" in os.environ and _parent_runs("accelerate"):  # not a value exported in a shell
         return os.getppid()
     return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
+def _parent_runs(name: str) -> bool:
+    """Whether the parent's command line mentions `name` (Linux's /proc; elsewhere assumed, as before)."""
+    try:
+        return name in Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return not sys.platform.startswith("linux")
 
 
 def _watch_parent(expected: int, interval_s: float) -> None:
@@ -137,6 +160,8 @@ def exit_with_launcher(poll_s: float = 1.0) -> int | None:
         threading.Thread(target=_watch_parent, args=(expected, poll_s), name="s3dist-launcher-watch",
                          daemon=True).start()
     if os.getppid() != expected:  # the launcher died before the signal was armed
+        print(f"s3dist: the launcher (pid {expected}) that started this process is gone; stopping", file=sys.stderr,
+              flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
     return expected
 

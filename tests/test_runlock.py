@@ -296,12 +296,15 @@ def test_worker_in_its_own_session_dies_with_its_launcher(how):
 
 
 def test_without_a_launcher_nothing_is_armed():
-    """`python -m s3dist.train` started by hand (under nohup, say) must not die with its shell."""
+    """`python -m s3dist.train` started by hand (under nohup, say) must not die with its shell, also where the
+    shell's environment has a launcher's variables in it: ACCELERATE_USE_CPU exported by the user, or an
+    S3DIST_LAUNCHER_PID inherited from a launcher that is alive but not this process's parent (pid 1 here)."""
     env = {k: v for k, v in launching.env().items()
            if k not in ("TORCHELASTIC_RUN_ID", "ACCELERATE_USE_CPU", "S3DIST_LAUNCHER_PID")}
-    p = subprocess.run([sys.executable, "-c", "from s3dist.launch import exit_with_launcher as e; print(e())"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
-    assert p.stdout.strip() == "None", p.stderr
+    for extra in ({}, {"ACCELERATE_USE_CPU": "true"}, {"S3DIST_LAUNCHER_PID": "1"}):
+        p = subprocess.run([sys.executable, "-c", "from s3dist.launch import exit_with_launcher as e; print(e())"],
+                           cwd=ROOT, env={**env, **extra}, capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0 and p.stdout.strip() == "None", (extra, p.returncode, p.stderr)
 
 
 # ---------------------------------------------------------------------------------------------
