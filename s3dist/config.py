@@ -34,6 +34,9 @@ def _f(default: Any, doc: str, *, choices: tuple | None = None, ge: float | None
     return field(default=default, metadata=meta)
 
 
+# Seeds are non-negative and below 2**32: what numpy's legacy generators and every torch generator take.
+SEED_BOUND = 2 ** 32
+
 # --------------------------------------------------------------------------------------------
 # Components
 # --------------------------------------------------------------------------------------------
@@ -71,7 +74,7 @@ class SynthConfig:
                                ge=0.0)
     noise_std: float = _f(0.3, "Std of i.i.d. Gaussian observation noise.", ge=0.0)
     rows_per_shard: int = _f(1024, "Rows per Parquet shard written by the generator.", ge=1)
-    seed: int = _f(0, "Seed of the generator (mixing weights, samples, splits).")
+    seed: int = _f(0, "Seed of the generator (mixing weights, samples, splits).", ge=0, lt=SEED_BOUND)
 
 
 @dataclass
@@ -165,7 +168,7 @@ class MoEConfig:
                                 ge=0.0)
     z_loss_weight: float = _f(0.0, "Weight of the router z-loss (mean squared logsumexp of router logits).", ge=0.0)
     init_seed: int = _f(1234, "Seed for expert weights; expert e's weights depend only on it and e, never on "
-                              "ep_size.")
+                              "ep_size.", ge=0, lt=SEED_BOUND)
 
     def resolved_num_experts(self) -> int:
         return self.num_experts or self.granularity * self.expansion
@@ -328,7 +331,7 @@ class DistConfig:
 class RunConfig:
     name: str = _f("s3", "Run name, used in the default output directory runs/<name>-<timestamp>.")
     output_dir: str = _f("", "Run directory. Empty: runs/<name>-<timestamp>.")
-    seed: int = _f(0, "Global seed (data order, augmentations, non-expert init).")
+    seed: int = _f(0, "Global seed (data order, augmentations, non-expert init).", ge=0, lt=SEED_BOUND)
     resume: str = _f("", "'' (fresh run), 'auto' (continue from the newest complete checkpoint in output_dir, "
                          "if any) or a checkpoint directory.")
     overwrite: bool = _f(False, "Allow starting a fresh run in an output_dir that already holds a run.")
