@@ -71,6 +71,21 @@ def test_plan_command_writes_record(tmp_path, capsys, monkeypatch):
     assert "predicted all-to-all share" in capsys.readouterr().out
 
 
+def test_json_replaces_a_record_refuses_other_files_and_makes_its_folder(tmp_path, capsys, monkeypatch):
+    """`--json FILE` is checked before the benchmark runs: an earlier record is replaced, any other file left
+    alone with a one-line error; a new folder for it is made."""
+    notes = tmp_path / "BENCHMARKS.md"
+    notes.write_text("# figures\n")
+    monkeypatch.setattr(sys, "argv", ["s3dist", "bench", "plan", "--json", str(notes)])
+    assert main(["bench", "plan", "--json", str(notes)]) == 2
+    assert "--json " + str(notes) + " exists and is not an s3dist benchmark record" in capsys.readouterr().err
+    assert notes.read_text() == "# figures\n"
+    out = tmp_path / "new" / "plan.json"
+    for _ in range(2):  # written, then replaced
+        _bench(monkeypatch, ["bench", "plan", "--json", str(out)])
+        assert _record(out, "plan")["prediction"]["comm_ms"] > 0
+
+
 # ---------------------------------------------------------------------------------------------
 # moe and train (2 real gloo ranks)
 # ---------------------------------------------------------------------------------------------

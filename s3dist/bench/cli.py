@@ -1,13 +1,17 @@
 """`s3dist bench ...`: one subcommand per benchmark module.
 
 Each benchmark lives in `s3dist/bench/<name>.py` and exposes `add_arguments(parser)` and
-`run(args) -> int`. Modules are imported lazily here; one that does not exist yet is skipped, so
-adding a benchmark never touches this file or another benchmark's code.
+`run(args) -> int`; adding one is a line in BENCHMARKS. Every benchmark takes `--json FILE` (its record:
+command, versions, machine, figures), checked here before the benchmark runs, so a typed-wrong path costs
+no minutes of timing and an existing file that is not a benchmark record is left alone.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
+import json
+from pathlib import Path
 
 # (subcommand, module, one-line help)
 BENCHMARKS = [
@@ -28,4 +32,23 @@ def add_subcommands(subparsers, name: str, help_text: str) -> None:
         summary = " ".join((mod.__doc__ or cmd_help).split("\n\n")[0].split())
         bp = sub.add_parser(cmd, help=cmd_help, description=summary)
         mod.add_arguments(bp)
-        bp.set_defaults(func=mod.run)
+        bp.add_argument("--json", default="", help="write the record (command, versions, machine, figures) here; "
+                                                    "an earlier record there is replaced, any other file refused")
+        bp.set_defaults(func=functools.partial(_run, mod.run))
+
+
+def _run(run, args) -> int:
+    if args.json:
+        from s3dist.outputs import check_output_file
+
+        check_output_file(Path(args.json), "--json", ours=_is_record, kind="an s3dist benchmark record",
+                          example="bench.json")
+    return run(args)
+
+
+def _is_record(path: Path) -> bool:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(doc, dict) and {"benchmark", "figures"} <= doc.keys()

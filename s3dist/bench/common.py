@@ -11,6 +11,7 @@ import sys
 import time
 from contextlib import contextmanager
 from importlib import metadata
+from pathlib import Path
 
 
 def versions() -> dict[str, str]:
@@ -87,6 +88,7 @@ def record(name: str, figures: dict, *, command: list[str] | None = None, out: s
            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
            "versions": versions(), "figures": figures}
     if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
         with open(out, "w") as f:
             json.dump(doc, f, indent=2)
             f.write("\n")

@@ -38,7 +38,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "spends this long per batch (a GPU step: the CPU is free meanwhile), with and "
                         "without reading the next epoch ahead; 0: skip")
     p.add_argument("--epochs", type=int, default=5, help="epochs for --step-ms")
-    p.add_argument("--json", default="", help="write the record (command, versions, machine, figures) here")
 
 
 def make_mosi_like(url: str, rows: int, rows_per_shard: int = 1024, seed: int = 0) -> None:

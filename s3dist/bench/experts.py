@@ -29,7 +29,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=12)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--json", default="", help="write the record (command, versions, machine, figures) here")
 
 
 def time_shape(e: int, rows: int, d: int, hidden: int, ep: int, warmup: int, repeats: int) -> dict:

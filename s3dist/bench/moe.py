@@ -143,7 +143,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=20, help="timed steps per variant (median reported)")
     p.add_argument("--profile-steps", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch threads per rank (0: cores / ranks)")
-    p.add_argument("--json", default="", help="write the record (command, versions, machine, figures) here")
 
 
 def _build_variants(spec: LayerSpec, ep: int, ep_rank: int):

@@ -186,7 +186,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compute-ms", type=float, default=0.0, help="measured compute per step (overrides FLOPs)")
     p.add_argument("--zero-stage", type=int, default=d.zero_stage)
     p.add_argument("--dataset-samples", type=int, default=0, help="training samples, for per-epoch figures")
-    p.add_argument("--json", default="", help="write the record (command, versions, machine, figures) here")
 
 
 def spec_from_args(args: argparse.Namespace) -> PlanSpec:

@@ -43,7 +43,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile-steps", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch threads per rank (0: cores / ranks)")
     p.add_argument("--no-compare", action="store_true", help="time only the S3 layout at --ep")
-    p.add_argument("--json", default="", help="write the record (command, versions, machine, figures) here")
     p.add_argument("--peak-tflops", type=float, default=0.0,
                    help="per-device dense peak for MFU (0: the GPU's bf16 peak where known, none on CPU)")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.batch_size=32")
