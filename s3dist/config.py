@@ -526,6 +526,9 @@ def validate(cfg: RunConfig) -> None:
     """Field ranges plus the cross-field rules that do not need a process group."""
     for key, f, value in iter_fields(cfg):
         _check_range(key, value, f.metadata)
+    twice = sorted({m for m in cfg.data.modalities if cfg.data.modalities.count(m) > 1})
+    if twice:
+        raise ConfigError(f"config key 'data.modalities' names {twice} more than once; list each modality once")
     for s in cfg.stages.run:
         if s not in STAGE_NAMES:
             raise ConfigError(f"config key 'stages.run' names unknown stage {s!r}; allowed: {list(STAGE_NAMES)}")

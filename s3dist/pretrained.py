@@ -97,6 +97,14 @@ class S3Encoder(encoder.S3Encoder, PyTorchModelHubMixin, library_name="s3dist", 
                 return cls.from_run(path).to(device)
             raise FileNotFoundError(f"'{path}' is neither an s3dist export (config.json + model.safetensors, from "
                                     f"`s3dist export --run RUN --out DIR`) nor a run directory (checkpoints/)")
+        if path.is_dir():  # the mixin would fail on a damaged config.json with a bare JSONDecodeError
+            from s3dist.checkpoint import CheckpointError
+
+            try:
+                json.loads((path / "config.json").read_text())
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise CheckpointError(f"'{path / 'config.json'}' is not valid JSON ({e}); export the run again "
+                                      f"(s3dist export --run RUN --out {path})") from e
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @classmethod

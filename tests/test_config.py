@@ -48,6 +48,7 @@ def test_yaml_then_cli_precedence(tmp_path):
     (["name=../../etc"], "name = '../../etc' is not a safe name"),
     (["moe.kind=dense"], "moe.kind='dense' has no routers"),
     (["moe"], "override 'moe' is not of the form key=value"),
+    (["data.modalities=[text, audio, text]"], "'data.modalities' names ['text'] more than once"),
     (["seed=-1"], "'seed' = -1 is out of range; allowed: >= 0 and < 4294967296"),
     (["data.synth.seed=18446744073709551616"], "'data.synth.seed' = 18446744073709551616 is out of range"),
     (["moe.init_seed=-5"], "'moe.init_seed' = -5 is out of range"),

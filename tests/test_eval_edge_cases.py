@@ -6,6 +6,7 @@ Stage-3 thresholds, whose representations do not depend on the batch)."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -153,6 +154,12 @@ def test_embed_refuses_a_folder_as_out_a_batch_below_one_and_a_model_that_is_not
         assert main(["embed", *argv]) == 2, argv
         err = capsys.readouterr().err
         assert needle in err and "Traceback" not in err, err
+    (tmp_path / "damaged").mkdir()
+    (tmp_path / "damaged" / "config.json").write_text('{"modalities": [')
+    assert main(["embed", "--model", str(tmp_path / "damaged"), "--out", str(tmp_path / "e.parquet")]) == 2
+    err = capsys.readouterr().err
+    assert f"'{tmp_path / 'damaged' / 'config.json'}' is not valid JSON" in err and "Traceback" not in err, err
+    shutil.rmtree(tmp_path / "damaged")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["not-an-export", "outdir"]
 
 
