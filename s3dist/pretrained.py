@@ -236,6 +236,9 @@ class S3Encoder(encoder.S3Encoder, PyTorchModelHubMixin, library_name="s3dist", 
         from s3dist.data.stream import evaluation_stream
         from s3dist.sparsify import calibrate
 
+        if not 0.0 < float(keep_fraction) < 1.0:  # before any data is read; 1 keeps every path and needs none
+            raise ValueError(f"keep_fraction = {keep_fraction} must be in (0, 1): the fraction of routing paths "
+                             f"Stage 3 keeps (1 keeps all and needs no thresholds)")
         stream = evaluation_stream(data_url, "train", self.run_config.data, self.run_config.seed,
                                    batch_size=batch_size, modalities=list(self.modalities))
         self.check_manifest(stream.manifest, data_url)

@@ -9,6 +9,10 @@
 #   S3DIST_PROCS_PER_NODE  training processes per node   [$SLURM_GPUS_ON_NODE, else 1]
 #   S3DIST_PORT            rendezvous port on the head node [20000 + job id % 20000]
 
+if [[ -z ${SLURM_JOB_ID:-} ]]; then
+  echo "s3dist: SLURM_JOB_ID is not set: this is a batch script, submit it with sbatch (README: Running on a cluster)" >&2
+  exit 2
+fi
 S3DIST_ROOT=${S3DIST_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}
 if [[ -z ${S3DIST_PYTHON:-} ]]; then
   if [[ -x $S3DIST_ROOT/.venv/bin/python ]]; then S3DIST_PYTHON=$S3DIST_ROOT/.venv/bin/python
@@ -18,6 +22,10 @@ S3DIST_ACCEL_CONFIG=${S3DIST_ACCEL_CONFIG:-$S3DIST_ROOT/launch_configs/multinode
 S3DIST_PROCS_PER_NODE=${S3DIST_PROCS_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}
 S3DIST_PORT=${S3DIST_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
 S3DIST_RESTART=${SLURM_RESTART_COUNT:-0}
+if ! [[ $S3DIST_PROCS_PER_NODE =~ ^[1-9][0-9]*$ ]]; then
+  echo "s3dist: S3DIST_PROCS_PER_NODE='$S3DIST_PROCS_PER_NODE' must be a whole number >= 1 (training processes per node)" >&2
+  exit 2
+fi
 export PYTHONUNBUFFERED=1
 
 # s3dist_find_output_dir ARGS... : print the run directory the training arguments name, with

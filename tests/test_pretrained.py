@@ -138,6 +138,9 @@ def test_calibrate_embed_split_data_order_and_what_a_missing_p_needs(tmp_path):
         enc.embed({"seq": torch.zeros(1, 4, 5), "vec": torch.zeros(1, 3)}, keep_fraction=0.4)
     with pytest.raises(ValueError, match=r"features\['vec'\] has shape \(1, 4\); expected \[B, T, 3\]"):
         enc.embed({"seq": torch.zeros(1, 4, 5), "vec": torch.zeros(1, 4)})
+    for p in (1.7, -3, 1.0):
+        with pytest.raises(ValueError, match=rf"keep_fraction = {p} must be in \(0, 1\)"):
+            enc.calibrate(url, p)
     fixed = enc.calibrate(url, 0.4, batch_size=8)
     assert set(fixed) == {0, 1} and all(set(per) == {"seq", "vec"} for per in fixed.values())
     enc.save_pretrained(tmp_path / "enc")

@@ -60,3 +60,19 @@ def test_a_requeued_job_resumes_from_the_newest_checkpoint_whatever_the_submissi
     argv = (tmp_path / "args").read_text().splitlines()
     args, cfg = parse_args(argv)
     assert cfg.resume == "auto" and cfg.seed == 3 and cfg.output_dir == str(run_dir), argv
+
+
+def test_the_job_environment_is_checked_by_name():
+    """Outside a SLURM job, or with a process count that is not a whole number >= 1, the scripts stop with a
+    line naming the variable, not an 'unbound variable' or an AssertionError deep in the launcher."""
+    def source(env):
+        return subprocess.run(["bash", "-c", 'set -euo pipefail; source "$0"; echo sourced',
+                               str(ROOT / "slurm" / "common.sh")], capture_output=True, text=True,
+                              env={"PATH": "/usr/bin:/bin", **env}, timeout=60)
+
+    p = source({})
+    assert p.returncode == 2 and "SLURM_JOB_ID is not set: this is a batch script, submit it with sbatch" in p.stderr
+    for bad in ("0", "abc", "-1"):
+        p = source({"SLURM_JOB_ID": "7", "S3DIST_PROCS_PER_NODE": bad})
+        assert p.returncode == 2 and f"S3DIST_PROCS_PER_NODE='{bad}' must be a whole number >= 1" in p.stderr, p.stderr
+    assert source({"SLURM_JOB_ID": "7", "S3DIST_PROCS_PER_NODE": "2"}).stdout == "sourced\n"
