@@ -198,3 +198,21 @@ def test_bench_moe_refuses_no_profiled_or_timed_step(monkeypatch, flag):
     ZeroDivisionError after the timing)."""
     with pytest.raises(SystemExit, match=f"bench moe: {flag} 0 must be >= 1"):
         _bench(monkeypatch, ["bench", "moe", "--ranks", "1", flag, "0"])
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["plan", "--experts", "0"], "argument --experts: 0 must be >= 1"),
+    (["plan", "--mfu", "0"], "argument --mfu: 0.0 must be a finite number > 0"),
+    (["plan", "--bandwidth-gbps", "nan"], "argument --bandwidth-gbps: nan must be a finite number > 0"),
+    (["moe", "--batch", "0"], "argument --batch: 0 must be >= 1"),
+    (["moe", "--ranks", "x"], "argument --ranks: 'x' is not an integer"),
+    (["experts", "--repeats", "0"], "argument --repeats: 0 must be >= 1"),
+    (["data", "--repeats", "0"], "argument --repeats: 0 must be >= 1"),
+    (["train", "--repeats", "0"], "argument --repeats: 0 must be >= 1"),
+])
+def test_bench_counts_and_rates_out_of_range_are_refused_by_name(capsys, argv, needle):
+    """A count below its minimum or a rate that is not > 0 exits 2 naming the flag, before any rank starts
+    (they were ZeroDivisionErrors and assertions inside the benchmark)."""
+    with pytest.raises(SystemExit) as e:
+        main(["bench", *argv])
+    assert e.value.code == 2 and needle in capsys.readouterr().err

@@ -3,8 +3,10 @@ every `s3dist bench ...` subcommand writes (command, versions, machine, date, fi
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
+import math
 import os
 import platform
 import sys
@@ -12,6 +14,31 @@ import time
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
+
+
+def at_least(minimum: int):
+    """An argparse type: an integer >= `minimum`, refused by argparse (exit 2, the flag named) otherwise, before
+    any rank starts rather than as a ZeroDivisionError or an assertion inside one."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} must be >= {minimum}")
+        return value
+    return parse
+
+
+def positive(text: str) -> float:
+    """An argparse type: a finite float > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"{value} must be a finite number > 0")
+    return value
 
 
 def versions() -> dict[str, str]:

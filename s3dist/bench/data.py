@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from s3dist.bench.common import print_table, record, timer
+from s3dist.bench.common import at_least, print_table, record, timer
 
 MOSI_SHAPES = {"text": (50, 300), "audio": (50, 74), "vision": (50, 35)}
 
@@ -27,17 +27,17 @@ MOSI_SHAPES = {"text": (50, 300), "audio": (50, 74), "vision": (50, 35)}
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--path", default="", help="URL of a data set; default: MOSI-shaped rows in a temp dir")
     p.add_argument("--split", default="train")
-    p.add_argument("--rows", type=int, default=8192, help="rows of the generated data set (no --path)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--shuffle-buffer", type=int, default=1024, help="the stream's shuffle buffer (0: off)")
-    p.add_argument("--prefetch", type=int, default=2, help="the stream's read-ahead in batches (data.prefetch)")
-    p.add_argument("--read-threads", type=int, default=2, help="the stream's parallel shard readers (data.read_threads)")
-    p.add_argument("--repeats", type=int, default=3, help="timed passes per reader")
+    p.add_argument("--rows", type=at_least(1), default=8192, help="rows of the generated data set (no --path)")
+    p.add_argument("--batch-size", type=at_least(1), default=256)
+    p.add_argument("--shuffle-buffer", type=at_least(0), default=1024, help="the stream's shuffle buffer (0: off)")
+    p.add_argument("--prefetch", type=at_least(0), default=2, help="the stream's read-ahead in batches (data.prefetch)")
+    p.add_argument("--read-threads", type=at_least(1), default=2, help="the stream's parallel shard readers (data.read_threads)")
+    p.add_argument("--repeats", type=at_least(1), default=3, help="timed passes per reader")
     p.add_argument("--step-ms", type=float, default=0.0,
                    help="also time the epoch-start stall of a training stream (drop_last) whose consumer "
                         "spends this long per batch (a GPU step: the CPU is free meanwhile), with and "
                         "without reading the next epoch ahead; 0: skip")
-    p.add_argument("--epochs", type=int, default=5, help="epochs for --step-ms")
+    p.add_argument("--epochs", type=at_least(1), default=5, help="epochs for --step-ms")
 
 
 def make_mosi_like(url: str, rows: int, rows_per_shard: int = 1024, seed: int = 0) -> None:

@@ -14,7 +14,7 @@ import os
 import statistics
 import time
 
-from s3dist.bench.common import print_table, record
+from s3dist.bench.common import at_least, print_table, record
 
 # (local experts E, rows per expert = ep x C, d_model, hidden, ep): small shapes where dispatch dominates,
 # the embedded default at ep=2 (6 local experts x 2,560 rows), chi=8 layers and the s3_mosei recipe's.
@@ -26,9 +26,9 @@ DEFAULT_SHAPES = [(2, 64, 8, 4, 1), (16, 64, 8, 4, 1), (32, 64, 8, 4, 2), (16, 3
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shape", action="append", default=[],
                    help="E,rows,d_model,hidden,ep (repeatable; default: a built-in grid)")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=12)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--warmup", type=at_least(0), default=2)
+    p.add_argument("--repeats", type=at_least(1), default=12)
+    p.add_argument("--threads", type=at_least(1), default=1)
 
 
 def time_shape(e: int, rows: int, d: int, hidden: int, ep: int, warmup: int, repeats: int) -> dict:

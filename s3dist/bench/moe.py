@@ -36,7 +36,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 
-from s3dist.bench.common import interleaved_times, print_table, record
+from s3dist.bench.common import at_least, interleaved_times, positive, print_table, record
 from s3dist.bench.ranks import count_collective_bytes, spawn_ranks
 
 MODALITIES = ("text", "audio", "vision")
@@ -122,27 +122,27 @@ class LayerSpec:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     # Defaults are the embedded default run: d_model 64, N = 4 experts per modality, k = 2, expert
     # hidden 128, batch 64 x 2 augmented views, 16 steps, three modalities.
-    p.add_argument("--ranks", type=int, default=2)
-    p.add_argument("--ep", type=int, default=0, help="expert-parallel size (0: --ranks)")
+    p.add_argument("--ranks", type=at_least(1), default=2)
+    p.add_argument("--ep", type=at_least(0), default=0, help="expert-parallel size (0: --ranks)")
     p.add_argument("--case", choices=("fused", "single", "both"), default="both",
                    help="fused: three modalities in one expert pool; single: one modality")
-    p.add_argument("--batch", type=int, default=128, help="samples per rank per modality")
-    p.add_argument("--steps", type=int, default=16, help="time steps (tokens) per sample")
-    p.add_argument("--d-model", type=int, default=64)
-    p.add_argument("--experts", type=int, default=4, help="experts per modality")
-    p.add_argument("--topk", type=int, default=2)
-    p.add_argument("--hidden", type=int, default=0, help="expert MLP hidden width (0: 128, or with "
+    p.add_argument("--batch", type=at_least(1), default=128, help="samples per rank per modality")
+    p.add_argument("--steps", type=at_least(1), default=16, help="time steps (tokens) per sample")
+    p.add_argument("--d-model", type=at_least(1), default=64)
+    p.add_argument("--experts", type=at_least(1), default=4, help="experts per modality")
+    p.add_argument("--topk", type=at_least(1), default=2)
+    p.add_argument("--hidden", type=at_least(0), default=0, help="expert MLP hidden width (0: 128, or with "
                    "--granularity the default's active width 2 x 128 split over k = G experts)")
-    p.add_argument("--granularity", type=int, default=0,
+    p.add_argument("--granularity", type=at_least(0), default=0,
                    help="chi = G: N = G x --expansion experts per modality and k = G (overrides --experts, --topk)")
-    p.add_argument("--expansion", type=int, default=2, help="rho, with --granularity")
-    p.add_argument("--capacity-factor", type=float, default=1.25)
+    p.add_argument("--expansion", type=at_least(1), default=2, help="rho, with --granularity")
+    p.add_argument("--capacity-factor", type=positive, default=1.25)
     p.add_argument("--expert-compute", choices=("auto", "loop", "grouped"), default="auto",
                    help="moe.expert_compute of the s3dist layers")
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--warmup", type=at_least(0), default=3)
     p.add_argument("--repeats", type=int, default=20, help="timed steps per variant (median reported)")
     p.add_argument("--profile-steps", type=int, default=5)
-    p.add_argument("--threads", type=int, default=0, help="torch threads per rank (0: cores / ranks)")
+    p.add_argument("--threads", type=at_least(0), default=0, help="torch threads per rank (0: cores / ranks)")
 
 
 def _build_variants(spec: LayerSpec, ep: int, ep_rank: int):

@@ -29,7 +29,7 @@ import argparse
 import math
 from dataclasses import asdict, dataclass
 
-from s3dist.bench.common import print_table, record
+from s3dist.bench.common import at_least, positive, print_table, record
 
 
 @dataclass
@@ -160,32 +160,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nodes", type=int, default=d.nodes)
     p.add_argument("--gpus-per-node", type=int, default=d.gpus_per_node)
     p.add_argument("--ep", type=int, default=d.ep, help="expert-parallel size (consecutive ranks)")
-    p.add_argument("--modalities", type=int, default=d.modalities)
-    p.add_argument("--batch-per-gpu", type=int, default=d.batch_per_gpu, help="samples per GPU per step")
-    p.add_argument("--views", type=int, default=d.views, help="encoder passes per sample (Stage 1: 2)")
-    p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per sample and modality")
-    p.add_argument("--tokens-per-gpu", type=int, default=0,
+    p.add_argument("--modalities", type=at_least(1), default=d.modalities)
+    p.add_argument("--batch-per-gpu", type=at_least(1), default=d.batch_per_gpu, help="samples per GPU per step")
+    p.add_argument("--views", type=at_least(1), default=d.views, help="encoder passes per sample (Stage 1: 2)")
+    p.add_argument("--seq-len", type=at_least(1), default=d.seq_len, help="tokens per sample and modality")
+    p.add_argument("--tokens-per-gpu", type=at_least(0), default=0,
                    help="MoE tokens per GPU per layer call over all modalities (overrides batch x views x seq-len)")
-    p.add_argument("--d-model", type=int, default=d.d_model)
-    p.add_argument("--experts", type=int, default=d.experts, help="experts per modality (N)")
-    p.add_argument("--topk", type=int, default=d.topk)
-    p.add_argument("--expert-hidden", type=int, default=d.expert_hidden)
-    p.add_argument("--layers", type=int, default=d.layers, help="MoE layers")
-    p.add_argument("--capacity-factor", type=float, default=d.capacity_factor)
-    p.add_argument("--min-capacity", type=int, default=d.min_capacity)
+    p.add_argument("--d-model", type=at_least(1), default=d.d_model)
+    p.add_argument("--experts", type=at_least(1), default=d.experts, help="experts per modality (N)")
+    p.add_argument("--topk", type=at_least(1), default=d.topk)
+    p.add_argument("--expert-hidden", type=at_least(1), default=d.expert_hidden)
+    p.add_argument("--layers", type=at_least(1), default=d.layers, help="MoE layers")
+    p.add_argument("--capacity-factor", type=positive, default=d.capacity_factor)
+    p.add_argument("--min-capacity", type=at_least(0), default=d.min_capacity)
     p.add_argument("--kind", choices=("s3", "topk"), default=d.kind)
     p.add_argument("--shared-experts", action="store_true")
     p.add_argument("--bytes-per-element", type=int, choices=(2, 4), default=d.bytes_per_element)
     p.add_argument("--input-dims", default=",".join(map(str, d.input_dims)), help="feature widths, e.g. 300,74,35")
-    p.add_argument("--nvlink-gbps", type=float, default=d.nvlink_gbps, help="intra-node, per GPU, Gbit/s")
-    p.add_argument("--bandwidth-gbps", type=float, default=d.bandwidth_gbps, help="inter-node, per GPU, Gbit/s")
+    p.add_argument("--nvlink-gbps", type=positive, default=d.nvlink_gbps, help="intra-node, per GPU, Gbit/s")
+    p.add_argument("--bandwidth-gbps", type=positive, default=d.bandwidth_gbps, help="inter-node, per GPU, Gbit/s")
     p.add_argument("--nvlink-latency-us", type=float, default=d.nvlink_latency_us)
     p.add_argument("--network-latency-us", type=float, default=d.network_latency_us)
-    p.add_argument("--peak-tflops", type=float, default=d.peak_tflops)
-    p.add_argument("--mfu", type=float, default=d.mfu)
+    p.add_argument("--peak-tflops", type=positive, default=d.peak_tflops)
+    p.add_argument("--mfu", type=positive, default=d.mfu)
     p.add_argument("--compute-ms", type=float, default=0.0, help="measured compute per step (overrides FLOPs)")
     p.add_argument("--zero-stage", type=int, default=d.zero_stage)
-    p.add_argument("--dataset-samples", type=int, default=0, help="training samples, for per-epoch figures")
+    p.add_argument("--dataset-samples", type=at_least(0), default=0, help="training samples, for per-epoch figures")
 
 
 def spec_from_args(args: argparse.Namespace) -> PlanSpec:

@@ -28,18 +28,18 @@ import os
 import statistics
 from dataclasses import asdict
 
-from s3dist.bench.common import interleaved_times, print_table, record
+from s3dist.bench.common import at_least, interleaved_times, print_table, record
 from s3dist.bench.ranks import count_collective_bytes, spawn_ranks
 
 PHASES = ("data", "forward", "all_to_all", "backward", "optimizer")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ranks", type=int, default=2)
-    p.add_argument("--ep", type=int, default=0, help="expert-parallel size of the S3 layout (0: --ranks)")
+    p.add_argument("--ranks", type=at_least(1), default=2)
+    p.add_argument("--ep", type=at_least(0), default=0, help="expert-parallel size of the S3 layout (0: --ranks)")
     p.add_argument("--config", default=None, help="run recipe (YAML); default: the embedded defaults")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=10, help="timed steps per layout (median reported)")
+    p.add_argument("--warmup", type=at_least(0), default=3)
+    p.add_argument("--repeats", type=at_least(1), default=10, help="timed steps per layout (median reported)")
     p.add_argument("--profile-steps", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch threads per rank (0: cores / ranks)")
     p.add_argument("--no-compare", action="store_true", help="time only the S3 layout at --ep")
