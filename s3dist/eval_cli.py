@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from s3dist import rundir
-from s3dist.config import RunConfig
+from s3dist.config import ConfigError, RunConfig
 from s3dist.evaluate import evaluate_run
 from s3dist.outputs import check_folder
 
@@ -24,7 +24,7 @@ EVAL_OVERRIDE_PREFIXES = ("data.eval_batch_size", "data.prefetch", "data.read_th
 
 def apply_eval_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
     """`KEY=VALUE` evaluation settings on top of the run's config; other keys are refused by name."""
-    from s3dist.config import ConfigError, _apply, _nest, parse_overrides, validate
+    from s3dist.config import _apply, _nest, parse_overrides, validate
 
     dotted = parse_overrides(overrides)
     bad = [k for k in dotted if not k.startswith(EVAL_OVERRIDE_PREFIXES)]
@@ -41,7 +41,7 @@ def load_for_eval(run: Path | None, model_file: Path | None, data_path: str | No
     file; step is the checkpoint's global step (0 for an export, which does not record it)."""
     from s3dist import checkpoint as ckpt_io
     from s3dist.export import load_export
-    from s3dist.config import ConfigError, from_dict, to_dict
+    from s3dist.config import from_dict, to_dict
     from s3dist.data.manifest import read_manifest
     from s3dist.model.encoder import S3Encoder
 
@@ -86,8 +86,6 @@ def _cli_eval(args) -> int:
     if out is not None:
         check_folder(out, "--out")
         if rundir.holds_run(out) and (args.run is None or out.resolve() != Path(args.run).resolve()):
-            from s3dist.config import ConfigError
-
             # its eval.json is that run's evaluation, which export and the model card read as the run's own
             raise ConfigError(f"--out {out} is another run's directory, and its eval.json is that run's evaluation: "
                               f"write this one elsewhere (--out DIR)")
@@ -137,8 +135,6 @@ def _evaluate_into(out_dir: Path, cfg: RunConfig, dims, model, data_url: str, st
 
 def _keep_fractions_arg(args) -> list[float] | None:
     """--keep-fraction P / --keep-fractions P,P,... as floats in [0, 1] (None: the run's configured sweep)."""
-    from s3dist.config import ConfigError
-
     flag, text = "--keep-fractions", getattr(args, "keep_fractions", None)
     if text is None and getattr(args, "keep_fraction", None) is not None:
         flag, text = "--keep-fraction", str(args.keep_fraction)
@@ -162,11 +158,8 @@ def _cli_sweep(args) -> int:
     args.overrides = list(args.overrides) + [str(r) for r in args.run if "=" in str(r)]
     args.run = [r for r in args.run if "=" not in str(r)]
     if len(args.run) > 1:
-        from s3dist.config import ConfigError
-
         if args.out is not None:
             check_folder(args.out, "--out")
-
         if args.keep_fractions or args.overrides:
             raise ConfigError("several runs are aggregated from their own eval.json, so --keep-fractions and "
                               "KEY=VALUE settings do not apply: sweep each run first (s3dist sweep --run RUN ...)")

@@ -193,7 +193,8 @@ def test_commands_replace_only_their_own_outputs_and_name_a_destination_under_a_
              (["eval", "--model", str(notes)], "notes.txt' is not an s3dist export"),
              (["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path)],
               f"--out {tmp_path} exists and is not an s3dist export folder, so it was left alone"),
-             (["export", "--run", str(tmp_path / "run"), "--out", str(notes)], f"--out {notes} is a file, not a folder"),
+             (["export", "--run", str(tmp_path / "run"), "--out", str(notes)],
+              f"--out {notes} is a file, not a folder"),
              (["sweep", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "run_b"), "--keep-fractions", "0.5"],
               "is another run's directory, and its eval.json is that run's evaluation")]
     (tmp_path / "notes.safetensors").write_bytes(b"user data")

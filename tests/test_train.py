@@ -177,7 +177,8 @@ def test_a_resume_names_a_data_set_that_moved_and_goes_on_where_it_is_now(tmp_pa
     assert main(args + ["--resume", "auto", "stages.select_steps=3"]) == 2
     err = capsys.readouterr().err
     assert (f"checkpoint '{run}/checkpoints/step-00000003-select' trained on the data set at '{tmp_path / 'ds'}', "
-            f"which is no longer there. If it has moved, pass its new place with data.path=URL --force-config") in err, err
+            f"which is no longer there. If it has moved, pass its new place with data.path=URL --force-config"
+            ) in err, err
     with caplog.at_level(logging.WARNING, logger="s3dist"):
         assert main(args + ["--resume", "auto", "stages.select_steps=3", f"data.path={tmp_path / 'moved'}",
                             "--force-config"]) == 0

@@ -31,7 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=at_least(1), default=256)
     p.add_argument("--shuffle-buffer", type=at_least(0), default=1024, help="the stream's shuffle buffer (0: off)")
     p.add_argument("--prefetch", type=at_least(0), default=2, help="the stream's read-ahead in batches (data.prefetch)")
-    p.add_argument("--read-threads", type=at_least(1), default=2, help="the stream's parallel shard readers (data.read_threads)")
+    p.add_argument("--read-threads", type=at_least(1), default=2,
+                   help="the stream's parallel shard readers (data.read_threads)")
     p.add_argument("--repeats", type=at_least(1), default=3, help="timed passes per reader")
     p.add_argument("--step-ms", type=float, default=0.0,
                    help="also time the epoch-start stall of a training stream (drop_last) whose consumer "

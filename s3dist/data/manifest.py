@@ -212,10 +212,10 @@ def read_manifest(url: str, recorded_by: str | None = None, new_place: str = "--
     fs, root = dataset_fs(url)
     path = f"{root}/{MANIFEST_FILE}"
     where = f"{url.rstrip('/')}/{MANIFEST_FILE}"
-    if not fs.exists(path) and recorded_by:
-        raise DataError(f"{where} not found: {recorded_by} trained on the data set at '{url}', which is no longer "
-                        f"there. If it has moved, pass its new place with {new_place}")
-    if not fs.exists(path):
+    if not fs.exists(path):  # one existence check: on an object store it is a request
+        if recorded_by:
+            raise DataError(f"{where} not found: {recorded_by} trained on the data set at '{url}', which is no "
+                            f"longer there. If it has moved, pass its new place with {new_place}")
         raise DataError(f"{where} not found: '{url}' is not an s3dist data set. Create one with "
                         f"`s3dist data import-multibench`, `import-arrays` or `synth`")
     try:

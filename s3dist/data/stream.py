@@ -343,7 +343,8 @@ class ShardStream:
                 bad = ~torch.isfinite(x)
                 count = int(bad.sum())
                 if self.nonfinite == "error":
-                    raise nonfinite_error(self.url, self.split, name, count, ids[bad.flatten(1).any(1)][:SHOWN_IDS + 1].tolist())
+                    rows = ids[bad.flatten(1).any(1)][:SHOWN_IDS + 1].tolist()
+                    raise nonfinite_error(self.url, self.split, name, count, rows)
                 if count:
                     x.masked_fill_(bad, 0.0)
             features[name] = x
